@@ -1,0 +1,61 @@
+# Koding Caravan enrolment pipeline. `make` alone lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PSQL_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help install run-workers test lint format migrate psql db-stop schema clean
+
+help: ## list the targets
+	@echo "Koding Caravan enrolment pipeline"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
+		awk -F'\t' '{ printf "  make %-12s %s\n", $$1, $$2 }'
+	@echo
+	@echo "Database: DATABASE_URL, or (unset) the embedded PostgreSQL in .pgdata/."
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the project with its dev tools
+
+run-workers: $(STAMP) ## migrate and run the pipeline in the foreground (Ctrl-C stops)
+	$(PY) -m workers run
+
+test: $(STAMP) ## run the whole test suite against a real PostgreSQL
+	@url="$${TEST_DATABASE_URL:-}"; \
+	if [ -z "$$url" ]; then url="$$($(PY) -m workers db-url --for-tests)" || exit 1; fi; \
+	echo "tests use the server at $$url"; \
+	TEST_DATABASE_URL="$$url" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff (lint + format check) and mypy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+migrate: $(STAMP) ## apply the migrations to the pipeline's database
+	$(PY) -m workers migrate
+
+psql: $(STAMP) ## psql on the pipeline's database (extra arguments: PSQL_ARGS=...)
+	@$(PY) -m workers psql -- $(PSQL_ARGS)
+
+db-stop: $(STAMP) ## stop the embedded PostgreSQL
+	$(PY) -m workers db-stop
+
+schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review the diff)
+	$(PY) -m workers schema
+
+clean: ## remove caches (keeps .venv and the embedded database)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

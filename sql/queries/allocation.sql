@@ -1,0 +1,119 @@
+-- Allocation stage: choose a trainer for a purchase, or record why it must wait.
+
+-- name: lock_purchase_for_allocation
+-- Locks the purchase: two jobs for one purchase never allocate at once.
+SELECT pu.id, pu.student_id, pu.course_id, pu.purchase_tier, pu.start_date,
+       pu.preferred_time_slot, pu.schedule_mode, pu.session_duration_minutes, pu.is_active,
+       s.timezone, s.gender AS student_gender, c.title AS course_title,
+       live.id AS live_allocation_id, live.status AS live_allocation_status
+FROM student_course_purchases pu
+JOIN students s ON s.id = pu.student_id
+JOIN courses c ON c.id = pu.course_id
+LEFT JOIN trainer_allocations live
+       ON live.purchase_id = pu.id AND live.status IN ('pending', 'approved')
+WHERE pu.id = %(purchase_id)s::uuid
+FOR UPDATE OF pu;
+
+-- name: count_active_trainers
+SELECT count(*) AS active FROM trainers WHERE status = 'active';
+
+-- name: candidate_facts
+-- One row per active trainer who teaches the course (category or subcategory), with every
+-- fact the matching rules need. The new sessions arrive as two parallel arrays.
+WITH purchase AS (
+    SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
+           lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
+    FROM student_course_purchases pu
+    JOIN students s ON s.id = pu.student_id
+    JOIN courses c ON c.id = pu.course_id
+    WHERE pu.id = %(purchase_id)s::uuid
+), new_sessions AS (
+    SELECT tstzrange(t.starts_at, t.ends_at) AS span
+    FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[]) AS t(starts_at, ends_at)
+), window_bounds AS (
+    SELECT min(lower(span)) AS first_start, max(upper(span)) AS last_end FROM new_sessions
+)
+SELECT t.id AS trainer_id,
+       CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
+            ELSE 'subcategory' END AS specialty_match,
+       (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender) AS gender_ok,
+       kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
+       t.service_radius_km::float8 AS service_radius_km,
+       t.rating,
+       (SELECT count(DISTINCT a.weekday)
+          FROM trainer_availability a
+         WHERE a.trainer_id = t.id
+           AND a.weekday = ANY (%(weekdays)s::smallint[])
+           AND a.slot_start <= %(slot_start)s::time
+           AND a.slot_end >= %(slot_end)s::time
+       ) = cardinality(%(weekdays)s::smallint[]) AS available,
+       (SELECT count(*)
+          FROM tutoring_sessions ts, window_bounds w
+         WHERE ts.trainer_id = t.id
+           AND ts.status = 'scheduled'
+           AND ts.starts_at < w.last_end
+           AND ts.ends_at > w.first_start
+           AND EXISTS (SELECT 1 FROM new_sessions n
+                        WHERE n.span && tstzrange(ts.starts_at, ts.ends_at))
+       ) AS overlapping_sessions,
+       (SELECT count(*) FROM trainer_allocations ta
+         WHERE ta.trainer_id = t.id AND ta.status = 'approved') AS live_allocations
+FROM trainers t
+CROSS JOIN purchase p
+WHERE t.status = 'active'
+  AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL);
+
+-- name: lock_and_recheck_trainer
+-- Locks the trainer row (every approval for a trainer is serialised here and in the capacity
+-- trigger) and re-reads, after the lock, what may have changed since the search.
+WITH locked AS (
+    SELECT id, rating, status FROM trainers WHERE id = %(trainer_id)s::uuid FOR NO KEY UPDATE
+)
+SELECT l.status,
+       l.rating,
+       (SELECT count(*) FROM trainer_allocations ta
+         WHERE ta.trainer_id = l.id AND ta.status = 'approved') AS live_allocations,
+       (SELECT count(*)
+          FROM tutoring_sessions ts
+          JOIN unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[]) AS n(starts_at, ends_at)
+            ON ts.starts_at < n.ends_at AND ts.ends_at > n.starts_at
+         WHERE ts.trainer_id = l.id AND ts.status = 'scheduled') AS overlapping_sessions
+FROM locked l;
+
+-- name: trainer_unscheduled_allocations
+-- Approved allocations of a trainer whose sessions are not written yet: their time is
+-- already promised, so a new purchase must not take it.
+SELECT ta.id, ta.first_session_date, pu.purchase_tier, pu.schedule_mode,
+       pu.preferred_time_slot, pu.session_duration_minutes, s.timezone
+FROM trainer_allocations ta
+JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+JOIN students s ON s.id = ta.student_id
+WHERE ta.trainer_id = %(trainer_id)s::uuid
+  AND ta.status = 'approved'
+  AND ta.purchase_id <> %(purchase_id)s::uuid
+  AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id);
+
+-- name: insert_allocation
+INSERT INTO trainer_allocations (
+    purchase_id, student_id, course_id, trainer_id, status, reason, reason_detail, metadata,
+    first_session_date, allocated_at)
+VALUES (%(purchase_id)s::uuid, %(student_id)s::uuid, %(course_id)s::uuid,
+        %(trainer_id)s::uuid, %(status)s::text, %(reason)s::text, %(reason_detail)s::text,
+        %(metadata)s::jsonb, %(first_session_date)s::date,
+        CASE WHEN %(status)s::text = 'approved' THEN now() END)
+RETURNING id;
+
+-- name: update_pending_allocation
+-- A retry updates the one pending row in place; it never adds another.
+UPDATE trainer_allocations
+SET trainer_id = %(trainer_id)s::uuid,
+    status = %(status)s::text,
+    reason = %(reason)s::text,
+    reason_detail = %(reason_detail)s::text,
+    metadata = %(metadata)s::jsonb,
+    first_session_date = %(first_session_date)s::date,
+    allocated_at = CASE WHEN %(status)s::text = 'approved' THEN now() END,
+    attempts = attempts + 1,
+    updated_at = now()
+WHERE id = %(allocation_id)s::uuid AND status = 'pending'
+RETURNING id;

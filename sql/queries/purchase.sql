@@ -1,0 +1,44 @@
+-- Purchase stage: a succeeded payment becomes one student_course_purchases row.
+
+-- name: lock_payment
+-- Locks the payment so duplicate jobs for it run one after the other.
+SELECT p.id, p.status, p.metadata, p.student_id, p.course_id, s.timezone,
+       (SELECT pu.id FROM student_course_purchases pu WHERE pu.payment_id = p.id) AS purchase_id
+FROM payments p
+JOIN students s ON s.id = p.student_id
+WHERE p.id = %(payment_id)s::uuid
+FOR UPDATE OF p;
+
+-- name: holidays_from
+SELECT day FROM holidays WHERE day >= %(from_day)s::date ORDER BY day;
+
+-- name: insert_purchase
+-- DO NOTHING on any unique conflict: the caller tells "already active" from the result.
+INSERT INTO student_course_purchases (
+    payment_id, student_id, course_id, purchase_tier, start_date, preferred_time_slot,
+    schedule_mode, session_duration_minutes, defaults_applied)
+VALUES (%(payment_id)s::uuid, %(student_id)s::uuid, %(course_id)s::uuid, %(tier)s::smallint,
+        %(start_date)s::date, %(time_slot)s::time, %(schedule_mode)s::text,
+        %(duration)s::smallint, %(defaults_applied)s::text[])
+ON CONFLICT DO NOTHING
+RETURNING id;
+
+-- name: active_purchase_for
+SELECT id, payment_id, purchase_tier
+FROM student_course_purchases
+WHERE student_id = %(student_id)s::uuid AND course_id = %(course_id)s::uuid AND is_active;
+
+-- name: record_rejection
+INSERT INTO payment_rejections (payment_id, reason, errors, metadata)
+VALUES (%(payment_id)s::uuid, %(reason)s::text, %(errors)s::jsonb, %(metadata)s::jsonb)
+ON CONFLICT (payment_id) DO UPDATE
+SET reason = EXCLUDED.reason,
+    errors = EXCLUDED.errors,
+    metadata = EXCLUDED.metadata,
+    rejections = payment_rejections.rejections + 1,
+    rejected_at = now(),
+    resolved_at = NULL;
+
+-- name: resolve_rejection
+UPDATE payment_rejections SET resolved_at = now()
+WHERE payment_id = %(payment_id)s::uuid AND resolved_at IS NULL;

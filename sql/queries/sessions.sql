@@ -1,0 +1,26 @@
+-- Sessions stage: an approved allocation gets its whole schedule, in one transaction.
+
+-- name: lock_allocation_for_sessions
+SELECT ta.id, ta.status, ta.trainer_id, ta.student_id, ta.course_id, ta.first_session_date,
+       pu.purchase_tier, pu.schedule_mode, pu.preferred_time_slot,
+       pu.session_duration_minutes, s.timezone,
+       (SELECT count(*) FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id) AS existing
+FROM trainer_allocations ta
+JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+JOIN students s ON s.id = ta.student_id
+WHERE ta.id = %(allocation_id)s::uuid
+FOR UPDATE OF ta;
+
+-- name: insert_sessions
+-- Set-based: the whole schedule in one statement. Existing numbers are left alone, so a
+-- replay writes nothing twice.
+INSERT INTO tutoring_sessions (
+    allocation_id, session_number, student_id, trainer_id, course_id, scheduled_date,
+    scheduled_time, starts_at, ends_at, duration_minutes)
+SELECT %(allocation_id)s::uuid, n.session_number, %(student_id)s::uuid, %(trainer_id)s::uuid,
+       %(course_id)s::uuid, n.scheduled_date, n.scheduled_time, n.starts_at, n.ends_at,
+       %(duration)s::smallint
+FROM unnest(%(numbers)s::smallint[], %(dates)s::date[], %(times)s::time[],
+            %(starts)s::timestamptz[], %(ends)s::timestamptz[])
+     AS n(session_number, scheduled_date, scheduled_time, starts_at, ends_at)
+ON CONFLICT (allocation_id, session_number) DO NOTHING;

@@ -1,0 +1,129 @@
+"""Command line: `python -m workers <command>` (also installed as `kc`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from workers import database, migrate
+from workers.errors import PipelineError
+from workers.settings import REPO_ROOT, Settings, load_settings
+
+log = logging.getLogger("workers")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(process)d %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.runtime import run_worker
+
+    url = database.pipeline_url(settings)
+    if not args.no_migrate:
+        migrate.upgrade(url)
+    asyncio.run(run_worker(url, settings, drain=args.drain))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    migrate.upgrade(database.pipeline_url(settings), args.revision)
+    return 0
+
+
+def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
+    url = database.test_admin_url(settings) if args.for_tests else database.pipeline_url(settings)
+    print(url)
+    return 0
+
+
+def cmd_db_stop(args: argparse.Namespace, settings: Settings) -> int:
+    stopped = database.embedded(settings).stop()
+    print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.schema_dump import dump_schema
+
+    text = dump_schema(database.pipeline_url(settings) if args.url is None else args.url)
+    target = REPO_ROOT / "sql" / "schema.sql"
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    return 0
+
+
+def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import shutil
+
+    from workers.embedded import binaries_dir
+
+    url = database.pipeline_url(settings)
+    psql = shutil.which("psql") or str(binaries_dir() / "psql")
+    extra = [a for a in args.psql_args if a != "--"]
+    sys.stdout.flush()
+    os.execv(psql, [psql, url, *extra])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers",
+        description="Koding Caravan enrolment pipeline. The database is DATABASE_URL, or the "
+                    "embedded PostgreSQL in .pgdata/ when it is unset.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="migrate, then process jobs until Ctrl-C / SIGTERM")
+    run.add_argument("--drain", action="store_true",
+                     help="exit once the queue is empty instead of waiting for more")
+    run.add_argument("--no-migrate", action="store_true",
+                     help="do not migrate first (for a worker role without DDL rights)")
+    run.set_defaults(func=cmd_run)
+
+    mig = sub.add_parser("migrate", help="apply alembic migrations (default: to head)")
+    mig.add_argument("revision", nargs="?", default="head")
+    mig.set_defaults(func=cmd_migrate)
+
+    url = sub.add_parser("db-url", help="print the database URL (starts the embedded server "
+                                        "when DATABASE_URL is unset)")
+    url.add_argument("--for-tests", action="store_true",
+                     help="the admin URL tests use: 127.0.0.1:5432 if it answers, else embedded")
+    url.set_defaults(func=cmd_db_url)
+
+    stop = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
+    stop.set_defaults(func=cmd_db_stop)
+
+    psql = sub.add_parser("psql", help="exec psql on the pipeline's database",
+                          description="Arguments after -- go to psql.")
+    psql.add_argument("psql_args", nargs=argparse.REMAINDER)
+    psql.set_defaults(func=cmd_psql)
+
+    schema = sub.add_parser("schema", help="rewrite sql/schema.sql from a migrated database")
+    schema.add_argument("--url", help="database to read (default: the pipeline's)")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except Exception as exc:  # pydantic's ValidationError: a bad environment variable
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings)
+    try:
+        return int(args.func(args, settings))
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

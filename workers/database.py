@@ -1,0 +1,40 @@
+"""Which database to use: DATABASE_URL when set, otherwise the embedded local server."""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from workers.embedded import EmbeddedServer
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def embedded(settings: Settings) -> EmbeddedServer:
+    return EmbeddedServer(settings.embedded_dir)
+
+
+def pipeline_url(settings: Settings) -> str:
+    """The database `run-workers`, `migrate` and `psql` use."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded(settings).ensure_running()
+
+
+def test_admin_url(settings: Settings) -> str:
+    """A server on which tests may create and drop databases (they never touch the
+    pipeline's own database): the local server on 127.0.0.1:5432 when one answers,
+    otherwise the embedded one."""
+    try:
+        with psycopg.connect(LOCAL_SERVER_URL, connect_timeout=3):
+            return LOCAL_SERVER_URL
+    except psycopg.OperationalError as exc:
+        log.info("no PostgreSQL on 127.0.0.1:5432 (%s); using the embedded server",
+                 str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+    server = embedded(settings)
+    server.ensure_running()
+    return server.url("postgres")

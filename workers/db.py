@@ -1,0 +1,54 @@
+"""Everything psycopg: connections, the pool, row access. Stage code asks for a transaction."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, LiteralString
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from workers.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.AsyncConnection[DictRow]
+Params = Mapping[str, Any]
+
+
+async def connect(url: str, *, autocommit: bool = False) -> Conn:
+    try:
+        return await psycopg.AsyncConnection.connect(
+            url, autocommit=autocommit, row_factory=dict_row,
+            application_name="koding-caravan-worker",
+        )
+    except psycopg.OperationalError as exc:
+        raise ConfigurationError(f"cannot connect to the database: {exc}".strip()) from exc
+
+
+def make_pool(url: str, size: int) -> AsyncConnectionPool[Conn]:
+    return AsyncConnectionPool(
+        url, min_size=1, max_size=size, open=False, name="stages",
+        kwargs={"row_factory": dict_row, "application_name": "koding-caravan-stage"},
+        connection_class=psycopg.AsyncConnection[DictRow],
+    )
+
+
+@contextlib.asynccontextmanager
+async def transaction(pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
+    """A connection inside a transaction: committed on exit, rolled back on error."""
+    async with pool.connection() as conn, conn.transaction():
+        yield conn
+
+
+async def fetch_one(conn: Conn, query: LiteralString, params: Params) -> DictRow | None:
+    cursor = await conn.execute(query, params)
+    return await cursor.fetchone()
+
+
+async def fetch_all(conn: Conn, query: LiteralString, params: Params) -> list[DictRow]:
+    cursor = await conn.execute(query, params)
+    return await cursor.fetchall()

@@ -1,0 +1,36 @@
+"""The project's exceptions: one base, specific subclasses with messages a person can act on."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigurationError(PipelineError):
+    """The environment does not describe a usable setup (bad variable, missing tool)."""
+
+
+class EmbeddedDatabaseError(PipelineError):
+    """The embedded PostgreSQL could not be initialised, started or stopped."""
+
+
+class InvalidPurchaseError(PipelineError):
+    """A payment cannot become a purchase; the payment is rejected, not retried.
+
+    `reason` is a short machine-readable code; `errors` lists one entry per problem
+    (field and message) so the person fixing the row sees every problem at once.
+    """
+
+    def __init__(self, reason: str, errors: list[dict[str, str]]) -> None:
+        self.reason = reason
+        self.errors = errors
+        super().__init__(f"{reason}: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors))
+
+
+class ScheduleError(PipelineError):
+    """No schedule can be built from the given rules (for example every day is a holiday)."""
+
+
+class StageNotFoundError(PipelineError):
+    """A job names a stage or a row that does not exist."""

@@ -1,0 +1,180 @@
+"""Trainer matching: facts about candidates in, a decision and its explanation out. Pure.
+
+The SQL candidate search (sql/queries/allocation.sql) measures every fact; this module
+applies the business rules in a fixed order, so each rejected trainer has exactly one reason
+(the first rule it fails), and ranks the eligible ones deterministically.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Literal
+from uuid import UUID
+
+
+class Reason(StrEnum):
+    """Why a trainer (or, for a pending allocation, every trainer) was not chosen.
+
+    The order is the order in which rules are applied; it must match the CHECK constraint on
+    trainer_allocations.reason (a test keeps them in step).
+    """
+
+    NO_TRAINER = "no_trainer"
+    NO_SPECIALTY = "no_specialty"
+    GENDER_MISMATCH = "gender_mismatch"
+    OUT_OF_RANGE = "out_of_range"
+    NO_FREE_SLOT = "no_free_slot"
+    TOO_FAR_BETWEEN_SESSIONS = "too_far_between_sessions"
+    AT_CAPACITY = "at_capacity"
+    REFUNDED = "refunded"
+    REASSIGNED = "reassigned"
+
+
+# The rules a candidate can fail, in the order they are checked.
+RULE_ORDER: tuple[Reason, ...] = (
+    Reason.GENDER_MISMATCH,
+    Reason.OUT_OF_RANGE,
+    Reason.NO_FREE_SLOT,
+    Reason.AT_CAPACITY,
+)
+
+_SENTENCES: dict[Reason, str] = {
+    Reason.NO_TRAINER: "There is no active trainer at all.",
+    Reason.NO_SPECIALTY: "No active trainer teaches {course}.",
+    Reason.GENDER_MISMATCH: "{n} trainer(s) teach {course}, but none matches the student's "
+                            "gender preference.",
+    Reason.OUT_OF_RANGE: "{n} trainer(s) teach {course}, but the student's home is outside "
+                         "the service radius of every one that qualified so far.",
+    Reason.NO_FREE_SLOT: "{n} trainer(s) teach {course} and cover the area, but none is free "
+                         "on every session day at {slot}.",
+    Reason.AT_CAPACITY: "{n} trainer(s) could teach {course} at {slot}, but all are at "
+                        "capacity.",
+}
+
+SpecialtyMatch = Literal["category", "subcategory"]
+
+
+def capacity_for(rating: Decimal | float | None) -> int:
+    """Live allocations a trainer may hold, by rating (same table as kc_trainer_capacity)."""
+    if rating is None:
+        return 4
+    value = Decimal(str(rating))
+    for threshold, capacity in ((Decimal("4.6"), 8), (Decimal("4.1"), 7), (Decimal("3.6"), 6),
+                                (Decimal("3.1"), 5)):
+        if value >= threshold:
+            return capacity
+    return 4
+
+
+@dataclass(frozen=True)
+class CandidateFacts:
+    """What the database measured about one active trainer who teaches the course."""
+
+    trainer_id: UUID
+    specialty_match: SpecialtyMatch
+    gender_ok: bool
+    distance_km: float
+    service_radius_km: float
+    available: bool  # availability covers the slot on every weekday of the schedule
+    overlapping_sessions: int
+    live_allocations: int
+    rating: Decimal | None
+
+    @property
+    def capacity(self) -> int:
+        return capacity_for(self.rating)
+
+    def first_failed_rule(self) -> Reason | None:
+        if not self.gender_ok:
+            return Reason.GENDER_MISMATCH
+        if self.distance_km > self.service_radius_km:
+            return Reason.OUT_OF_RANGE
+        if not self.available or self.overlapping_sessions > 0:
+            return Reason.NO_FREE_SLOT
+        if self.live_allocations >= self.capacity:
+            return Reason.AT_CAPACITY
+        return None
+
+    def rank_key(self) -> tuple[int, int, Decimal, float, str]:
+        return (
+            0 if self.specialty_match == "category" else 1,
+            self.live_allocations,
+            -(self.rating if self.rating is not None else Decimal(0)),
+            self.distance_km,
+            str(self.trainer_id),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "trainerId": str(self.trainer_id),
+            "specialtyMatch": self.specialty_match,
+            "distanceKm": round(self.distance_km, 3),
+            "serviceRadiusKm": self.service_radius_km,
+            "liveAllocations": self.live_allocations,
+            "capacity": self.capacity,
+            "rating": None if self.rating is None else float(self.rating),
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The ranked eligible trainers (best first) or, when there are none, why."""
+
+    ranked: tuple[CandidateFacts, ...]
+    reason: Reason | None
+    sentence: str
+    eliminated: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def chosen(self) -> CandidateFacts | None:
+        return self.ranked[0] if self.ranked else None
+
+    def explain(self, chosen: CandidateFacts | None = None) -> dict[str, Any]:
+        chosen = chosen if chosen is not None else self.chosen
+        out: dict[str, Any] = {
+            "rules": ["active", "specialty", *[r.value for r in RULE_ORDER]],
+            "eligible": len(self.ranked),
+            "eliminated": self.eliminated,
+            "ranking": [c.summary() | {"rank": i + 1} for i, c in enumerate(self.ranked[:5])],
+        }
+        if chosen is not None:
+            out["chosen"] = chosen.summary() | {"rank": self.ranked.index(chosen) + 1}
+        else:
+            out["reason"] = self.reason.value if self.reason else None
+            out["sentence"] = self.sentence
+        return out
+
+
+def decide(candidates: Sequence[CandidateFacts], *, active_trainers: int, course: str,
+           slot: str) -> Decision:
+    """Apply every rule to every candidate; rank the eligible ones.
+
+    With nobody eligible, the reason is the furthest rule any candidate reached: if some
+    trainers were only at capacity, the purchase waits for capacity, not for a specialty.
+    """
+    eliminated: Counter[Reason] = Counter()
+    eligible: list[CandidateFacts] = []
+    for candidate in candidates:
+        failed = candidate.first_failed_rule()
+        if failed is None:
+            eligible.append(candidate)
+        else:
+            eliminated[failed] += 1
+    eliminated_json = {reason.value: eliminated[reason] for reason in RULE_ORDER
+                       if eliminated[reason]}
+    if eligible:
+        ranked = tuple(sorted(eligible, key=CandidateFacts.rank_key))
+        return Decision(ranked, None, "", eliminated_json)
+
+    if active_trainers == 0:
+        reason = Reason.NO_TRAINER
+    elif not candidates:
+        reason = Reason.NO_SPECIALTY
+    else:
+        reason = max(eliminated, key=RULE_ORDER.index)
+    sentence = _SENTENCES[reason].format(n=len(candidates), course=course, slot=slot)
+    return Decision((), reason, sentence, eliminated_json)

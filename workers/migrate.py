@@ -1,0 +1,60 @@
+"""Schema migrations: alembic, run from Python with the URL from the environment.
+
+Each revision executes a SQL file from `sql/` so the schema is written and reviewed as SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from workers.settings import REPO_ROOT
+from workers.sql import SQL_DIR
+
+log = logging.getLogger(__name__)
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(str(REPO_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+def sqlalchemy_url(database_url: str) -> str:
+    """SQLAlchemy wants its driver named in the scheme; libpq URLs do not name one."""
+    for prefix in ("postgresql://", "postgres://"):
+        if database_url.startswith(prefix):
+            return "postgresql+psycopg://" + database_url[len(prefix):]
+    return database_url
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    log.info("migrating database to %s", revision)
+    command.upgrade(alembic_config(database_url), revision)
+
+
+def head_revision() -> str | None:
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+    return script.get_current_head()
+
+
+def current_revision(connection: Any) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def run_sql_file(bind: Any, relative_path: str) -> None:
+    """Execute one SQL file from `sql/` as-is (several statements, no parameters).
+
+    The raw psycopg cursor is used so that neither SQLAlchemy nor psycopg interpret
+    colons or percent signs inside the SQL.
+    """
+    text = (SQL_DIR / relative_path).read_text(encoding="utf-8")
+    dbapi_connection = bind.connection.dbapi_connection
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(text)

@@ -1,0 +1,90 @@
+"""The worker process: pgqueuer's QueueManager with the three stage entrypoints.
+
+Queue traffic (dequeue, heartbeats, job log) uses one autocommit connection owned by
+pgqueuer's driver; stage work runs in transactions on a small pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+from uuid import UUID
+
+from pgqueuer.db import PsycopgDriver
+from pgqueuer.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
+from pgqueuer.models import Job
+from pgqueuer.qm import QueueManager
+from pgqueuer.queries import Queries
+from pgqueuer.types import QueueExecutionMode
+from psycopg_pool import AsyncConnectionPool
+
+from workers import allocation, purchase, sessions
+from workers.db import Conn, connect, make_pool
+from workers.errors import StageNotFoundError
+from workers.settings import Settings
+from workers.stages import Handler, Stage, StageContext, run_stage
+
+log = logging.getLogger(__name__)
+
+HANDLERS: dict[Stage, Handler] = {
+    Stage.PURCHASE: purchase.handle,
+    Stage.ALLOCATION: allocation.handle,
+    Stage.SESSIONS: sessions.handle,
+}
+
+
+def job_ref(job: Job) -> UUID:
+    """The row id a job carries (enqueue_stage writes it as UTF-8 text)."""
+    try:
+        return UUID((job.payload or b"").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise StageNotFoundError(
+            f"job {job.id} ({job.entrypoint}) carries {job.payload!r}, not a row id"
+        ) from None
+
+
+def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn],
+                    settings: Settings) -> None:
+    def retrying(parameters: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
+        return DatabaseRetryEntrypointExecutor(
+            parameters=parameters, max_attempts=settings.max_attempts,
+            initial_delay=timedelta(seconds=1), max_delay=timedelta(minutes=5),
+        )
+
+    for stage, handler in HANDLERS.items():
+        def bind(stage: Stage = stage, handler: Handler = handler) -> None:
+            @qm.entrypoint(stage.value, on_failure="hold", executor_factory=retrying)
+            async def entry(job: Job) -> None:
+                ctx = StageContext(settings=settings, job_id=int(job.id))
+                await run_stage(pool, stage, handler, job_ref(job), ctx)
+
+        bind()
+
+
+async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> None:
+    """Process jobs until SIGINT/SIGTERM (or, with drain, until the queue is empty)."""
+    queue_conn = await connect(url, autocommit=True)
+    pool = make_pool(url, settings.pool_size)
+    await pool.open(wait=True)
+    qm = QueueManager(Queries(PsycopgDriver(queue_conn)))
+    register_stages(qm, pool, settings)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, qm.shutdown.set)
+    log.info("worker %s started (stages: %s, batch %d, pool %d)", qm.queue_manager_id,
+             ", ".join(HANDLERS), settings.batch_size, settings.pool_size)
+    try:
+        await qm.run(
+            batch_size=settings.batch_size,
+            dequeue_timeout=timedelta(seconds=5),
+            mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
+        )
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await pool.close()
+        await queue_conn.close()
+        log.info("worker %s stopped", qm.queue_manager_id)

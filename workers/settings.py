@@ -1,0 +1,64 @@
+"""Configuration, read only from the environment (pydantic-settings)."""
+
+from __future__ import annotations
+
+from datetime import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Every knob of the pipeline. Each field names the environment variable it reads."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=False, frozen=True)
+
+    database_url: str | None = Field(
+        default=None,
+        validation_alias="DATABASE_URL",
+        description="libpq URL of the database; unset means the embedded local PostgreSQL.",
+    )
+    default_time_slot: time = Field(
+        default=time(16, 0),
+        validation_alias="KC_DEFAULT_TIME_SLOT",
+        description="Session start used when a payment's metadata has no timeSlot.",
+    )
+    max_sequential_distance_km: float = Field(
+        default=5.0,
+        gt=0,
+        validation_alias="MAX_SEQUENTIAL_DISTANCE_KM",
+        description="Max distance between a trainer's back-to-back students (hour before/after).",
+    )
+    batch_size: int = Field(
+        default=10, ge=1, le=1000, validation_alias="KC_BATCH_SIZE",
+        description="Jobs a worker claims per dequeue.",
+    )
+    pool_size: int = Field(
+        default=8, ge=1, le=200, validation_alias="KC_POOL_SIZE",
+        description="Database connections a worker process uses for stage work.",
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, le=100, validation_alias="KC_MAX_ATTEMPTS",
+        description="Attempts of a job that keeps raising before it is held as failed.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", validation_alias="KC_LOG_LEVEL",
+    )
+    embedded_dir: Path = Field(
+        default=REPO_ROOT / ".pgdata",
+        validation_alias="KC_EMBEDDED_DIR",
+        description="Folder of the embedded PostgreSQL (data, socket, log).",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+def load_settings() -> Settings:
+    return Settings()
