@@ -28,8 +28,9 @@ def database_url() -> str:
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=sqlalchemy_url(database_url()), literal_binds=True,
-                      transaction_per_migration=True)
+    context.configure(
+        url=sqlalchemy_url(database_url()), literal_binds=True, transaction_per_migration=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

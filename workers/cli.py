@@ -77,32 +77,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers",
         description="Koding Caravan enrolment pipeline. The database is DATABASE_URL, or the "
-                    "embedded PostgreSQL in .pgdata/ when it is unset.",
+        "embedded PostgreSQL in .pgdata/ when it is unset.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="migrate, then process jobs until Ctrl-C / SIGTERM")
-    run.add_argument("--drain", action="store_true",
-                     help="exit once the queue is empty instead of waiting for more")
-    run.add_argument("--no-migrate", action="store_true",
-                     help="do not migrate first (for a worker role without DDL rights)")
+    run.add_argument(
+        "--drain",
+        action="store_true",
+        help="exit once the queue is empty instead of waiting for more",
+    )
+    run.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="do not migrate first (for a worker role without DDL rights)",
+    )
     run.set_defaults(func=cmd_run)
 
     mig = sub.add_parser("migrate", help="apply alembic migrations (default: to head)")
     mig.add_argument("revision", nargs="?", default="head")
     mig.set_defaults(func=cmd_migrate)
 
-    url = sub.add_parser("db-url", help="print the database URL (starts the embedded server "
-                                        "when DATABASE_URL is unset)")
-    url.add_argument("--for-tests", action="store_true",
-                     help="the admin URL tests use: 127.0.0.1:5432 if it answers, else embedded")
+    url = sub.add_parser(
+        "db-url",
+        help="print the database URL (starts the embedded server when DATABASE_URL is unset)",
+    )
+    url.add_argument(
+        "--for-tests",
+        action="store_true",
+        help="the admin URL tests use: 127.0.0.1:5432 if it answers, else embedded",
+    )
     url.set_defaults(func=cmd_db_url)
 
     stop = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
     stop.set_defaults(func=cmd_db_stop)
 
-    psql = sub.add_parser("psql", help="exec psql on the pipeline's database",
-                          description="Arguments after -- go to psql.")
+    psql = sub.add_parser(
+        "psql",
+        help="exec psql on the pipeline's database",
+        description="Arguments after -- go to psql.",
+    )
     psql.add_argument("psql_args", nargs=argparse.REMAINDER)
     psql.set_defaults(func=cmd_psql)
 

@@ -33,8 +33,10 @@ def test_admin_url(settings: Settings) -> str:
         with psycopg.connect(LOCAL_SERVER_URL, connect_timeout=3):
             return LOCAL_SERVER_URL
     except psycopg.OperationalError as exc:
-        log.info("no PostgreSQL on 127.0.0.1:5432 (%s); using the embedded server",
-                 str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+        log.info(
+            "no PostgreSQL on 127.0.0.1:5432 (%s); using the embedded server",
+            str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
+        )
     server = embedded(settings)
     server.ensure_running()
     return server.url("postgres")

@@ -22,7 +22,9 @@ Params = Mapping[str, Any]
 async def connect(url: str, *, autocommit: bool = False) -> Conn:
     try:
         return await psycopg.AsyncConnection.connect(
-            url, autocommit=autocommit, row_factory=dict_row,
+            url,
+            autocommit=autocommit,
+            row_factory=dict_row,
             application_name="koding-caravan-worker",
         )
     except psycopg.OperationalError as exc:
@@ -31,7 +33,11 @@ async def connect(url: str, *, autocommit: bool = False) -> Conn:
 
 def make_pool(url: str, size: int) -> AsyncConnectionPool[Conn]:
     return AsyncConnectionPool(
-        url, min_size=1, max_size=size, open=False, name="stages",
+        url,
+        min_size=1,
+        max_size=size,
+        open=False,
+        name="stages",
         kwargs={"row_factory": dict_row, "application_name": "koding-caravan-stage"},
         connection_class=psycopg.AsyncConnection[DictRow],
     )

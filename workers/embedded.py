@@ -83,8 +83,19 @@ class EmbeddedServer:
         with self._lock():
             if not self.is_running():
                 return False
-            self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w",
-                       "-t", "60", "stop"])
+            self._run(
+                [
+                    self._bin("pg_ctl"),
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "60",
+                    "stop",
+                ]
+            )
             return True
 
     # -- internals ---------------------------------------------------------------------------
@@ -105,8 +116,18 @@ class EmbeddedServer:
             shutil.rmtree(self.data_dir)
         self.data_dir.mkdir(mode=0o700)
         self._hand_over(self.data_dir)
-        self._run([self._bin("initdb"), "-D", str(self.data_dir), "-U", "postgres",
-                   "--auth=trust", "--encoding=UTF8", "--locale=C"])
+        self._run(
+            [
+                self._bin("initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+            ]
+        )
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write(
                 "\n# Written by workers/embedded.py\n"
@@ -122,10 +143,21 @@ class EmbeddedServer:
         self._hand_over(self.socket_dir)
         self.log_file.touch()
         self._hand_over(self.log_file)
-        log.info("starting embedded PostgreSQL (socket %s, log %s)", self.socket_dir,
-                 self.log_file)
-        result = self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-l",
-                            str(self.log_file), "-w", "-t", "60", "start"], check=False)
+        log.info("starting embedded PostgreSQL (socket %s, log %s)", self.socket_dir, self.log_file)
+        result = self._run(
+            [
+                self._bin("pg_ctl"),
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            check=False,
+        )
         if result.returncode != 0:
             tail = self.log_file.read_text(errors="replace")[-2000:]
             raise EmbeddedDatabaseError(
@@ -135,11 +167,19 @@ class EmbeddedServer:
 
     def _ensure_database(self) -> None:
         psql = self._bin("psql")
-        exists = self._run([psql, "-XAtq", self.url("postgres"), "-c",
-                            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}'"])
+        exists = self._run(
+            [
+                psql,
+                "-XAtq",
+                self.url("postgres"),
+                "-c",
+                f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE_NAME}'",
+            ]
+        )
         if exists.stdout.strip() != "1":
-            self._run([psql, "-Xq", self.url("postgres"), "-c",
-                       f'CREATE DATABASE "{DATABASE_NAME}"'])
+            self._run(
+                [psql, "-Xq", self.url("postgres"), "-c", f'CREATE DATABASE "{DATABASE_NAME}"']
+            )
 
     def _bin(self, name: str) -> str:
         return str(binaries_dir() / name)
@@ -162,8 +202,15 @@ class EmbeddedServer:
 
     def _run(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
         user = self._as_server_user()
-        result = subprocess.run(args, capture_output=True, text=True, user=user,
-                                cwd=tempfile.gettempdir(), check=False, timeout=120)
+        result = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            user=user,
+            cwd=tempfile.gettempdir(),
+            check=False,
+            timeout=120,
+        )
         if check and result.returncode != 0:
             raise EmbeddedDatabaseError(
                 f"{Path(args[0]).name} failed (exit {result.returncode}): "
@@ -193,7 +240,9 @@ def ensure_os_user(name: str) -> None:
     log.info("creating system user %r to own the embedded PostgreSQL", name)
     result = subprocess.run(
         ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0 and not _user_exists(name):
         raise EmbeddedDatabaseError(

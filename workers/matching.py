@@ -46,13 +46,12 @@ _SENTENCES: dict[Reason, str] = {
     Reason.NO_TRAINER: "There is no active trainer at all.",
     Reason.NO_SPECIALTY: "No active trainer teaches {course}.",
     Reason.GENDER_MISMATCH: "{n} trainer(s) teach {course}, but none matches the student's "
-                            "gender preference.",
+    "gender preference.",
     Reason.OUT_OF_RANGE: "{n} trainer(s) teach {course}, but the student's home is outside "
-                         "the service radius of every one that qualified so far.",
+    "the service radius of every one that qualified so far.",
     Reason.NO_FREE_SLOT: "{n} trainer(s) teach {course} and cover the area, but none is free "
-                         "on every session day at {slot}.",
-    Reason.AT_CAPACITY: "{n} trainer(s) could teach {course} at {slot}, but all are at "
-                        "capacity.",
+    "on every session day at {slot}.",
+    Reason.AT_CAPACITY: "{n} trainer(s) could teach {course} at {slot}, but all are at capacity.",
 }
 
 SpecialtyMatch = Literal["category", "subcategory"]
@@ -63,8 +62,12 @@ def capacity_for(rating: Decimal | float | None) -> int:
     if rating is None:
         return 4
     value = Decimal(str(rating))
-    for threshold, capacity in ((Decimal("4.6"), 8), (Decimal("4.1"), 7), (Decimal("3.6"), 6),
-                                (Decimal("3.1"), 5)):
+    for threshold, capacity in (
+        (Decimal("4.6"), 8),
+        (Decimal("4.1"), 7),
+        (Decimal("3.6"), 6),
+        (Decimal("3.1"), 5),
+    ):
         if value >= threshold:
             return capacity
     return 4
@@ -149,8 +152,9 @@ class Decision:
         return out
 
 
-def decide(candidates: Sequence[CandidateFacts], *, active_trainers: int, course: str,
-           slot: str) -> Decision:
+def decide(
+    candidates: Sequence[CandidateFacts], *, active_trainers: int, course: str, slot: str
+) -> Decision:
     """Apply every rule to every candidate; rank the eligible ones.
 
     With nobody eligible, the reason is the furthest rule any candidate reached: if some
@@ -164,8 +168,9 @@ def decide(candidates: Sequence[CandidateFacts], *, active_trainers: int, course
             eligible.append(candidate)
         else:
             eliminated[failed] += 1
-    eliminated_json = {reason.value: eliminated[reason] for reason in RULE_ORDER
-                       if eliminated[reason]}
+    eliminated_json = {
+        reason.value: eliminated[reason] for reason in RULE_ORDER if eliminated[reason]
+    }
     if eligible:
         ranked = tuple(sorted(eligible, key=CandidateFacts.rank_key))
         return Decision(ranked, None, "", eliminated_json)

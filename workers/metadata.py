@@ -2,7 +2,8 @@
 
 What the app sends (`payments.metadata`):
   sessionCount     10 | 20 | 30                      required, no default
-  timeSlot         "4:00 PM" | "16:00" | "4 PM" | "7:00 AM - 8:00 AM"   default: KC_DEFAULT_TIME_SLOT
+  timeSlot         "4:00 PM" | "16:00" | "4 PM" | "7:00 AM - 8:00 AM"
+                   default: KC_DEFAULT_TIME_SLOT (16:00)
   startDate        "YYYY-MM-DD"                      default: next valid day (student's zone)
   scheduleMode     daily | weekdays | sunday_only    default: daily
   sessionDuration  minutes, 15..240                  default: slot range, else 60 (80 sunday_only)
@@ -86,7 +87,7 @@ def parse_time_slot(value: object) -> TimeSlot:
         raise ValueError(f"must be a string like '4:00 PM', got {type(value).__name__}")
     if len(value) > MAX_TEXT:
         raise ValueError(f"is {len(value)} characters long; expected a time like '4:00 PM'")
-    parts = re.split(r"\s*(?:-|–|—|\bto\b)\s*", value.strip(), maxsplit=1)
+    parts = re.split(r"\s*(?:-|\u2013|\u2014|\bto\b)\s*", value.strip(), maxsplit=1)
     start = parse_clock(parts[0])
     if len(parts) == 1:
         return TimeSlot(start)
@@ -164,18 +165,23 @@ def _shown(value: object) -> str:
 class PaymentMetadata(BaseModel):
     """The metadata the app attaches to a payment, validated. Unknown keys are ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True,
-                              arbitrary_types_allowed=True)
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", populate_by_name=True, arbitrary_types_allowed=True
+    )
 
     session_count: Annotated[int, BeforeValidator(_session_count)] = Field(alias="sessionCount")
-    time_slot: Annotated[TimeSlot | None, BeforeValidator(
-        lambda v: None if v is None else parse_time_slot(v))] = Field(None, alias="timeSlot")
+    time_slot: Annotated[
+        TimeSlot | None, BeforeValidator(lambda v: None if v is None else parse_time_slot(v))
+    ] = Field(None, alias="timeSlot")
     start_date: Annotated[date | None, BeforeValidator(_start_date)] = Field(
-        None, alias="startDate")
+        None, alias="startDate"
+    )
     schedule_mode: Annotated[ScheduleMode | None, BeforeValidator(_schedule_mode)] = Field(
-        None, alias="scheduleMode")
+        None, alias="scheduleMode"
+    )
     session_duration: Annotated[int | None, BeforeValidator(_duration)] = Field(
-        None, alias="sessionDuration")
+        None, alias="sessionDuration"
+    )
     upgrade: Annotated[bool, BeforeValidator(_strict_bool)] = False
 
 
@@ -195,9 +201,10 @@ class PurchasePlan:
 def parse_metadata(raw: object) -> PaymentMetadata:
     """Validate raw metadata; InvalidPurchaseError lists every problem, field by field."""
     if not isinstance(raw, Mapping):
-        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, [
-            {"field": "metadata",
-             "message": f"must be a JSON object, got {type(raw).__name__}"}])
+        raise InvalidPurchaseError(
+            RejectReason.INVALID_METADATA,
+            [{"field": "metadata", "message": f"must be a JSON object, got {type(raw).__name__}"}],
+        )
     try:
         return PaymentMetadata.model_validate(dict(raw))
     except ValidationError as exc:
@@ -217,8 +224,9 @@ def _errors(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def plan_purchase(raw: object, *, today: date, holidays: Collection[date],
-                  default_time_slot: time) -> PurchasePlan:
+def plan_purchase(
+    raw: object, *, today: date, holidays: Collection[date], default_time_slot: time
+) -> PurchasePlan:
     """Metadata + the student's local today -> PurchasePlan, or InvalidPurchaseError.
 
     The first session is on the first day allowed by the schedule mode, not a holiday, on or
@@ -239,24 +247,36 @@ def plan_purchase(raw: object, *, today: date, holidays: Collection[date],
 
     duration = meta.session_duration
     if slot.minutes is not None and duration is not None and slot.minutes != duration:
-        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, [{
-            "field": "sessionDuration",
-            "message": f"is {duration} minutes but timeSlot spans {slot.minutes} minutes",
-        }])
+        raise InvalidPurchaseError(
+            RejectReason.INVALID_METADATA,
+            [
+                {
+                    "field": "sessionDuration",
+                    "message": f"is {duration} minutes but timeSlot spans {slot.minutes} minutes",
+                }
+            ],
+        )
     if duration is None:
         duration = slot.minutes if slot.minutes is not None else default_duration(mode)
         if slot.minutes is None:
             defaults.append("sessionDuration")
     if not 15 <= duration <= 240:
-        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, [{
-            "field": "timeSlot", "message": f"spans {duration} minutes; expected 15..240"}])
+        raise InvalidPurchaseError(
+            RejectReason.INVALID_METADATA,
+            [{"field": "timeSlot", "message": f"spans {duration} minutes; expected 15..240"}],
+        )
     ends = datetime.combine(date.min, slot.start) + timedelta(minutes=duration)
     if ends.date() != date.min:
-        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, [{
-            "field": "timeSlot",
-            "message": f"a {duration}-minute session at {slot.start:%H:%M} would end after "
-                       "midnight",
-        }])
+        raise InvalidPurchaseError(
+            RejectReason.INVALID_METADATA,
+            [
+                {
+                    "field": "timeSlot",
+                    "message": f"a {duration}-minute session at {slot.start:%H:%M} would end after "
+                    "midnight",
+                }
+            ],
+        )
 
     earliest = today + timedelta(days=1)
     if meta.start_date is None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
+from alembic import command
 from workers.settings import REPO_ROOT
 from workers.sql import SQL_DIR
 
@@ -30,7 +30,7 @@ def sqlalchemy_url(database_url: str) -> str:
     """SQLAlchemy wants its driver named in the scheme; libpq URLs do not name one."""
     for prefix in ("postgresql://", "postgres://"):
         if database_url.startswith(prefix):
-            return "postgresql+psycopg://" + database_url[len(prefix):]
+            return "postgresql+psycopg://" + database_url[len(prefix) :]
     return database_url
 
 

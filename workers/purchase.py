@@ -17,8 +17,8 @@ from psycopg.types.json import Jsonb
 from workers.db import Conn, fetch_all, fetch_one
 from workers.errors import InvalidPurchaseError
 from workers.metadata import RejectReason, plan_purchase
-from workers.stages import Outcome, StageContext
 from workers.sql import q
+from workers.stages import Outcome, StageContext
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,15 @@ def student_zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidPurchaseError(RejectReason.INVALID_TIMEZONE, [{
-            "field": "students.timezone",
-            "message": f"{name[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'",
-        }]) from None
+        raise InvalidPurchaseError(
+            RejectReason.INVALID_TIMEZONE,
+            [
+                {
+                    "field": "students.timezone",
+                    "message": f"{name[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'",
+                }
+            ],
+        ) from None
 
 
 async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
@@ -45,10 +50,15 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
     try:
         purchase_id = await _create(conn, payment, ctx)
     except InvalidPurchaseError as exc:
-        await conn.execute(q("record_rejection"), {
-            "payment_id": payment_id, "reason": exc.reason, "errors": Jsonb(exc.errors),
-            "metadata": Jsonb(payment["metadata"]),
-        })
+        await conn.execute(
+            q("record_rejection"),
+            {
+                "payment_id": payment_id,
+                "reason": exc.reason,
+                "errors": Jsonb(exc.errors),
+                "metadata": Jsonb(payment["metadata"]),
+            },
+        )
         return Outcome("rejected", str(exc)[:2000])
     await conn.execute(q("resolve_rejection"), {"payment_id": payment_id})
     return Outcome("succeeded", f"purchase {purchase_id}")
@@ -57,30 +67,58 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
 async def _create(conn: Conn, payment: dict[str, object], ctx: StageContext) -> UUID:
     zone = student_zone(str(payment["timezone"]))
     today = datetime.now(zone).date()
-    holidays = {row["day"] for row in await fetch_all(conn, q("holidays_from"),
-                                                      {"from_day": today})}
-    plan = plan_purchase(payment["metadata"], today=today, holidays=holidays,
-                         default_time_slot=ctx.settings.default_time_slot)
+    holidays = {
+        row["day"] for row in await fetch_all(conn, q("holidays_from"), {"from_day": today})
+    }
+    plan = plan_purchase(
+        payment["metadata"],
+        today=today,
+        holidays=holidays,
+        default_time_slot=ctx.settings.default_time_slot,
+    )
     if plan.upgrade:
-        raise InvalidPurchaseError(RejectReason.UPGRADE_NOT_SUPPORTED, [{
-            "field": "upgrade",
-            "message": "upgrade payments are not processed by this version of the pipeline; "
-                       "replay this payment after upgrading the workers",
-        }])
-    row = await fetch_one(conn, q("insert_purchase"), {
-        "payment_id": payment["id"], "student_id": payment["student_id"],
-        "course_id": payment["course_id"], "tier": plan.session_count,
-        "start_date": plan.start_date, "time_slot": plan.time_slot,
-        "schedule_mode": plan.schedule_mode.value, "duration": plan.session_duration,
-        "defaults_applied": list(plan.defaults_applied),
-    })
+        raise InvalidPurchaseError(
+            RejectReason.UPGRADE_NOT_SUPPORTED,
+            [
+                {
+                    "field": "upgrade",
+                    "message": "upgrade payments are not processed by this version of the "
+                    "pipeline; "
+                    "replay this payment after upgrading the workers",
+                }
+            ],
+        )
+    row = await fetch_one(
+        conn,
+        q("insert_purchase"),
+        {
+            "payment_id": payment["id"],
+            "student_id": payment["student_id"],
+            "course_id": payment["course_id"],
+            "tier": plan.session_count,
+            "start_date": plan.start_date,
+            "time_slot": plan.time_slot,
+            "schedule_mode": plan.schedule_mode.value,
+            "duration": plan.session_duration,
+            "defaults_applied": list(plan.defaults_applied),
+        },
+    )
     if row is None:
-        active = await fetch_one(conn, q("active_purchase_for"), {
-            "student_id": payment["student_id"], "course_id": payment["course_id"]})
+        active = await fetch_one(
+            conn,
+            q("active_purchase_for"),
+            {"student_id": payment["student_id"], "course_id": payment["course_id"]},
+        )
         detail = f"purchase {active['id']} (payment {active['payment_id']})" if active else "?"
-        raise InvalidPurchaseError(RejectReason.ACTIVE_PURCHASE_EXISTS, [{
-            "field": "payment",
-            "message": f"the student already has an active purchase of this course: {detail}; "
-                       "send upgrade: true to extend it",
-        }])
+        raise InvalidPurchaseError(
+            RejectReason.ACTIVE_PURCHASE_EXISTS,
+            [
+                {
+                    "field": "payment",
+                    "message": "the student already has an active purchase of this course: "
+                    f"{detail}; "
+                    "send upgrade: true to extend it",
+                }
+            ],
+        )
     return UUID(str(row["id"]))

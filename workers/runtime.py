@@ -12,7 +12,6 @@ import signal
 from datetime import timedelta
 from uuid import UUID
 
-from pgqueuer.db import PsycopgDriver
 from pgqueuer.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
 from pgqueuer.models import Job
 from pgqueuer.qm import QueueManager
@@ -21,7 +20,8 @@ from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
 from workers import allocation, purchase, sessions
-from workers.db import Conn, connect, make_pool
+from workers.db import Conn, make_pool
+from workers.driver import ListeningDriver
 from workers.errors import StageNotFoundError
 from workers.settings import Settings
 from workers.stages import Handler, Stage, StageContext, run_stage
@@ -45,15 +45,17 @@ def job_ref(job: Job) -> UUID:
         ) from None
 
 
-def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn],
-                    settings: Settings) -> None:
+def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings: Settings) -> None:
     def retrying(parameters: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
         return DatabaseRetryEntrypointExecutor(
-            parameters=parameters, max_attempts=settings.max_attempts,
-            initial_delay=timedelta(seconds=1), max_delay=timedelta(minutes=5),
+            parameters=parameters,
+            max_attempts=settings.max_attempts,
+            initial_delay=timedelta(seconds=1),
+            max_delay=timedelta(minutes=5),
         )
 
     for stage, handler in HANDLERS.items():
+
         def bind(stage: Stage = stage, handler: Handler = handler) -> None:
             @qm.entrypoint(stage.value, on_failure="hold", executor_factory=retrying)
             async def entry(job: Job) -> None:
@@ -65,26 +67,31 @@ def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn],
 
 async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> None:
     """Process jobs until SIGINT/SIGTERM (or, with drain, until the queue is empty)."""
-    queue_conn = await connect(url, autocommit=True)
+    driver = await ListeningDriver.connect(url)
     pool = make_pool(url, settings.pool_size)
     await pool.open(wait=True)
-    qm = QueueManager(Queries(PsycopgDriver(queue_conn)))
+    qm = QueueManager(Queries(driver))
     register_stages(qm, pool, settings)
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, qm.shutdown.set)
-    log.info("worker %s started (stages: %s, batch %d, pool %d)", qm.queue_manager_id,
-             ", ".join(HANDLERS), settings.batch_size, settings.pool_size)
+    log.info(
+        "worker %s started (stages: %s, batch %d, pool %d)",
+        qm.queue_manager_id,
+        ", ".join(HANDLERS),
+        settings.batch_size,
+        settings.pool_size,
+    )
     try:
         await qm.run(
             batch_size=settings.batch_size,
-            dequeue_timeout=timedelta(seconds=5),
+            dequeue_timeout=timedelta(seconds=settings.idle_poll_seconds),
             mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
         )
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await pool.close()
-        await queue_conn.close()
+        await driver.close()
         log.info("worker %s stopped", qm.queue_manager_id)

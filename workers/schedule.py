@@ -55,12 +55,14 @@ def next_valid_day(start: date, mode: ScheduleMode, holidays: Collection[date]) 
     """The first day on or after `start` that the mode allows and that is not a holiday."""
     for day in _valid_days(start, mode, holidays):
         return day
-    raise ScheduleError(f"no {mode.value} day without a holiday within "
-                        f"{MAX_SCHEDULE_DAYS} days of {start}")
+    raise ScheduleError(
+        f"no {mode.value} day without a holiday within {MAX_SCHEDULE_DAYS} days of {start}"
+    )
 
 
-def session_dates(start: date, count: int, mode: ScheduleMode,
-                  holidays: Collection[date]) -> list[date]:
+def session_dates(
+    start: date, count: int, mode: ScheduleMode, holidays: Collection[date]
+) -> list[date]:
     """The first `count` valid days on or after `start`."""
     if count < 1:
         raise ScheduleError(f"a schedule needs at least one session, got {count}")
@@ -69,8 +71,10 @@ def session_dates(start: date, count: int, mode: ScheduleMode,
         days.append(day)
         if len(days) == count:
             return days
-    raise ScheduleError(f"only {len(days)} of {count} {mode.value} sessions fit within "
-                        f"{MAX_SCHEDULE_DAYS} days of {start} (holidays?)")
+    raise ScheduleError(
+        f"only {len(days)} of {count} {mode.value} sessions fit within "
+        f"{MAX_SCHEDULE_DAYS} days of {start} (holidays?)"
+    )
 
 
 @dataclass(frozen=True)
@@ -90,20 +94,30 @@ def local_instant(day: date, at: time, zone: ZoneInfo) -> datetime:
     return naive.replace(tzinfo=zone).astimezone(UTC)
 
 
-def build_schedule(*, start: date, count: int, mode: ScheduleMode, slot: time,
-                   duration_minutes: int, zone: ZoneInfo, holidays: Collection[date],
-                   first_number: int = 1) -> list[PlannedSession]:
+def build_schedule(
+    *,
+    start: date,
+    count: int,
+    mode: ScheduleMode,
+    slot: time,
+    duration_minutes: int,
+    zone: ZoneInfo,
+    holidays: Collection[date],
+    first_number: int = 1,
+) -> list[PlannedSession]:
     """N sessions numbered from `first_number`, on valid days from `start`, at `slot`."""
     sessions = []
     for offset, day in enumerate(session_dates(start, count, mode, holidays)):
         starts_at = local_instant(day, slot, zone)
         local = starts_at.astimezone(zone)
-        sessions.append(PlannedSession(
-            number=first_number + offset,
-            local_date=local.date(),
-            local_time=local.time().replace(tzinfo=None),
-            starts_at=starts_at,
-            ends_at=starts_at + timedelta(minutes=duration_minutes),
-            duration_minutes=duration_minutes,
-        ))
+        sessions.append(
+            PlannedSession(
+                number=first_number + offset,
+                local_date=local.date(),
+                local_time=local.time().replace(tzinfo=None),
+                starts_at=starts_at,
+                ends_at=starts_at + timedelta(minutes=duration_minutes),
+                duration_minutes=duration_minutes,
+            )
+        )
     return sessions

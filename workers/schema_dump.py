@@ -15,14 +15,19 @@ SCHEMA_FILE_HEADER = (
 )
 
 _SECTIONS: list[tuple[str, str]] = [
-    ("TYPES", """
+    (
+        "TYPES",
+        """
         SELECT 'TYPE ' || t.typname || ' AS ENUM (' ||
                string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder) || ');'
         FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid
         JOIN pg_namespace n ON n.oid = t.typnamespace
         WHERE n.nspname = 'public'
-        GROUP BY t.typname ORDER BY t.typname"""),
-    ("TABLES", """
+        GROUP BY t.typname ORDER BY t.typname""",
+    ),
+    (
+        "TABLES",
+        """
         SELECT 'TABLE ' || c.relname || E' (\\n' || string_agg(
                  '    ' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
                  || CASE WHEN a.attnotnull THEN ' NOT NULL' ELSE '' END
@@ -38,39 +43,55 @@ _SECTIONS: list[tuple[str, str]] = [
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
         WHERE n.nspname = 'public' AND c.relkind = 'r'
-        GROUP BY c.relname ORDER BY c.relname"""),
-    ("CONSTRAINTS", """
+        GROUP BY c.relname ORDER BY c.relname""",
+    ),
+    (
+        "CONSTRAINTS",
+        """
         SELECT 'CONSTRAINT ' || c.relname || '.' || co.conname || ' '
                || pg_get_constraintdef(co.oid) || ';'
         FROM pg_constraint co
         JOIN pg_class c ON c.oid = co.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public'
-        ORDER BY c.relname, co.conname"""),
-    ("INDEXES", """
+        ORDER BY c.relname, co.conname""",
+    ),
+    (
+        "INDEXES",
+        """
         SELECT pg_get_indexdef(i.indexrelid) || ';'
         FROM pg_index i
         JOIN pg_class c ON c.oid = i.indexrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public'
-        ORDER BY c.relname"""),
-    ("VIEWS", """
+        ORDER BY c.relname""",
+    ),
+    (
+        "VIEWS",
+        """
         SELECT 'VIEW ' || c.relname || E' AS\\n' || pg_get_viewdef(c.oid, true)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public' AND c.relkind IN ('v', 'm')
-        ORDER BY c.relname"""),
-    ("FUNCTIONS", """
+        ORDER BY c.relname""",
+    ),
+    (
+        "FUNCTIONS",
+        """
         SELECT pg_get_functiondef(p.oid)
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         WHERE n.nspname = 'public'
-        ORDER BY p.proname, pg_get_function_identity_arguments(p.oid)"""),
-    ("TRIGGERS", """
+        ORDER BY p.proname, pg_get_function_identity_arguments(p.oid)""",
+    ),
+    (
+        "TRIGGERS",
+        """
         SELECT pg_get_triggerdef(t.oid) || ';'
         FROM pg_trigger t
         JOIN pg_class c ON c.oid = t.tgrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = 'public' AND NOT t.tgisinternal
-        ORDER BY c.relname, t.tgname"""),
+        ORDER BY c.relname, t.tgname""",
+    ),
 ]
 
 

@@ -34,19 +34,36 @@ class Settings(BaseSettings):
         description="Max distance between a trainer's back-to-back students (hour before/after).",
     )
     batch_size: int = Field(
-        default=10, ge=1, le=1000, validation_alias="KC_BATCH_SIZE",
+        default=10,
+        ge=1,
+        le=1000,
+        validation_alias="KC_BATCH_SIZE",
         description="Jobs a worker claims per dequeue.",
     )
     pool_size: int = Field(
-        default=8, ge=1, le=200, validation_alias="KC_POOL_SIZE",
+        default=8,
+        ge=1,
+        le=200,
+        validation_alias="KC_POOL_SIZE",
         description="Database connections a worker process uses for stage work.",
     )
     max_attempts: int = Field(
-        default=5, ge=1, le=100, validation_alias="KC_MAX_ATTEMPTS",
+        default=5,
+        ge=1,
+        le=100,
+        validation_alias="KC_MAX_ATTEMPTS",
         description="Attempts of a job that keeps raising before it is held as failed.",
     )
+    idle_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        validation_alias="KC_IDLE_POLL_SECONDS",
+        description="Longest wait for work without a notification before polling the queue.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        default="INFO", validation_alias="KC_LOG_LEVEL",
+        default="INFO",
+        validation_alias="KC_LOG_LEVEL",
     )
     embedded_dir: Path = Field(
         default=REPO_ROOT / ".pgdata",

@@ -11,7 +11,7 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import LiteralString, cast
+from typing import LiteralString
 
 from workers.settings import REPO_ROOT
 
@@ -77,6 +77,7 @@ def q(name: str) -> LiteralString:
     """The text of the named query; KeyError names the missing query."""
     try:
         # The text comes from the repository's own files, never from input.
-        return cast(LiteralString, all_queries()[name].text)
+        text: LiteralString = all_queries()[name].text
+        return text
     except KeyError:
         raise KeyError(f"no query named {name!r} in {QUERIES_DIR}") from None

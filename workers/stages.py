@@ -48,16 +48,24 @@ class StageContext:
 Handler = Callable[[Conn, UUID, StageContext], Awaitable[Outcome]]
 
 
-async def run_stage(pool: AsyncConnectionPool[Conn], stage: Stage, handler: Handler, ref: UUID,
-                    ctx: StageContext) -> Outcome:
+async def run_stage(
+    pool: AsyncConnectionPool[Conn], stage: Stage, handler: Handler, ref: UUID, ctx: StageContext
+) -> Outcome:
     extra = {"stage": stage.value, "ref": str(ref), "job_id": ctx.job_id}
     try:
         async with transaction(pool) as conn:
             outcome = await handler(conn, ref, ctx)
-            await conn.execute(q("record_history"), {
-                "stage": stage.value, "ref_id": ref, "event": outcome.event,
-                "job_id": ctx.job_id, "detail": outcome.detail, "error": None,
-            })
+            await conn.execute(
+                q("record_history"),
+                {
+                    "stage": stage.value,
+                    "ref_id": ref,
+                    "event": outcome.event,
+                    "job_id": ctx.job_id,
+                    "detail": outcome.detail,
+                    "error": None,
+                },
+            )
     except Exception as exc:
         log.exception("%s %s failed: %s", stage.value, ref, exc, extra=extra)
         await record_failure(pool, stage, ref, ctx, exc)
@@ -66,8 +74,9 @@ async def run_stage(pool: AsyncConnectionPool[Conn], stage: Stage, handler: Hand
     return outcome
 
 
-async def record_failure(pool: AsyncConnectionPool[Conn], stage: Stage, ref: UUID,
-                         ctx: StageContext, exc: BaseException) -> None:
+async def record_failure(
+    pool: AsyncConnectionPool[Conn], stage: Stage, ref: UUID, ctx: StageContext, exc: BaseException
+) -> None:
     error = {
         "type": type(exc).__name__,
         "message": str(exc)[:2000],
@@ -75,10 +84,17 @@ async def record_failure(pool: AsyncConnectionPool[Conn], stage: Stage, ref: UUI
     }
     try:
         async with transaction(pool) as conn:
-            await conn.execute(q("record_history"), {
-                "stage": stage.value, "ref_id": ref, "event": "failed", "job_id": ctx.job_id,
-                "detail": error["message"], "error": Jsonb(error),
-            })
+            await conn.execute(
+                q("record_history"),
+                {
+                    "stage": stage.value,
+                    "ref_id": ref,
+                    "event": "failed",
+                    "job_id": ctx.job_id,
+                    "detail": error["message"],
+                    "error": Jsonb(error),
+                },
+            )
     except Exception:
         # The job's own failure is what matters; pgqueuer keeps its traceback either way.
         log.exception("could not record the failure of %s %s", stage.value, ref)

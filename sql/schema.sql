@@ -1,0 +1,499 @@
+-- The whole schema as the migrations leave it: regenerate with `make schema`.
+-- Read-only reference; change the schema with a new migration in sql/migrations/.
+
+-- TYPES
+TYPE pgqueuer_status AS ENUM ('queued', 'picked', 'successful', 'exception', 'canceled', 'deleted', 'failed');
+
+-- TABLES
+TABLE alembic_version (
+    version_num character varying(32) NOT NULL
+);
+TABLE courses (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    title text NOT NULL,
+    category text NOT NULL,
+    subcategory text,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+TABLE holidays (
+    day date NOT NULL,
+    reason text NOT NULL
+);
+TABLE payment_rejections (
+    payment_id uuid NOT NULL,
+    reason text NOT NULL,
+    errors jsonb NOT NULL DEFAULT '[]'::jsonb,
+    metadata jsonb,
+    rejections integer NOT NULL DEFAULT 1,
+    rejected_at timestamp with time zone NOT NULL DEFAULT now(),
+    resolved_at timestamp with time zone
+);
+TABLE payments (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    student_id uuid NOT NULL,
+    course_id uuid NOT NULL,
+    amount_cents bigint NOT NULL,
+    currency text NOT NULL DEFAULT 'INR'::text,
+    status text NOT NULL,
+    metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+    confirmed_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
+TABLE pgqueuer (
+    id bigint NOT NULL DEFAULT nextval('pgqueuer_id_seq'::regclass),
+    priority integer NOT NULL,
+    queue_manager_id uuid,
+    created timestamp with time zone NOT NULL DEFAULT now(),
+    updated timestamp with time zone NOT NULL DEFAULT now(),
+    heartbeat timestamp with time zone NOT NULL DEFAULT now(),
+    execute_after timestamp with time zone NOT NULL DEFAULT now(),
+    status pgqueuer_status NOT NULL,
+    entrypoint text NOT NULL,
+    dedupe_key text,
+    payload bytea,
+    headers jsonb,
+    attempts integer NOT NULL DEFAULT 0,
+    slot bigint
+);
+TABLE pgqueuer_log (
+    id bigint NOT NULL IDENTITY,
+    created timestamp with time zone NOT NULL DEFAULT now(),
+    job_id bigint NOT NULL,
+    status pgqueuer_status NOT NULL,
+    priority integer NOT NULL,
+    entrypoint text NOT NULL,
+    traceback jsonb,
+    aggregated boolean DEFAULT false
+);
+TABLE pgqueuer_schedules (
+    id bigint NOT NULL DEFAULT nextval('pgqueuer_schedules_id_seq'::regclass),
+    expression text NOT NULL,
+    entrypoint text NOT NULL,
+    heartbeat timestamp with time zone NOT NULL DEFAULT now(),
+    created timestamp with time zone NOT NULL DEFAULT now(),
+    updated timestamp with time zone NOT NULL DEFAULT now(),
+    next_run timestamp with time zone NOT NULL DEFAULT now(),
+    last_run timestamp with time zone,
+    status pgqueuer_status DEFAULT 'queued'::pgqueuer_status
+);
+TABLE pgqueuer_statistics (
+    id bigint NOT NULL DEFAULT nextval('pgqueuer_statistics_id_seq'::regclass),
+    created timestamp with time zone NOT NULL DEFAULT date_trunc('sec'::text, now()),
+    count bigint NOT NULL,
+    priority integer NOT NULL,
+    status pgqueuer_status NOT NULL,
+    entrypoint text NOT NULL
+);
+TABLE stage_history (
+    id bigint NOT NULL IDENTITY,
+    stage text NOT NULL,
+    ref_id uuid NOT NULL,
+    event text NOT NULL,
+    job_id bigint,
+    detail text,
+    error jsonb,
+    at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+);
+TABLE student_course_purchases (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    payment_id uuid NOT NULL,
+    student_id uuid NOT NULL,
+    course_id uuid NOT NULL,
+    purchase_tier smallint NOT NULL,
+    start_date date NOT NULL,
+    preferred_time_slot time without time zone NOT NULL,
+    schedule_mode text NOT NULL,
+    session_duration_minutes smallint NOT NULL,
+    defaults_applied text[] NOT NULL DEFAULT '{}'::text[],
+    is_active boolean NOT NULL DEFAULT true,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    deactivated_at timestamp with time zone
+);
+TABLE students (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    full_name text NOT NULL,
+    gender text,
+    home_lat double precision NOT NULL,
+    home_lng double precision NOT NULL,
+    timezone text NOT NULL DEFAULT 'Asia/Kolkata'::text,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+TABLE trainer_allocations (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    purchase_id uuid NOT NULL,
+    student_id uuid NOT NULL,
+    course_id uuid NOT NULL,
+    trainer_id uuid,
+    status text NOT NULL,
+    reason text,
+    reason_detail text,
+    metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+    attempts integer NOT NULL DEFAULT 1,
+    first_session_date date,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    allocated_at timestamp with time zone
+);
+TABLE trainer_availability (
+    trainer_id uuid NOT NULL,
+    weekday smallint NOT NULL,
+    slot_start time without time zone NOT NULL,
+    slot_end time without time zone NOT NULL
+);
+TABLE trainers (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    full_name text NOT NULL,
+    gender text,
+    rating numeric(3,2),
+    specialties text[] NOT NULL DEFAULT '{}'::text[],
+    specialties_norm text[] GENERATED ALWAYS AS (kc_lower_array(specialties)) STORED,
+    base_lat double precision NOT NULL,
+    base_lng double precision NOT NULL,
+    service_radius_km numeric(7,2) NOT NULL,
+    status text NOT NULL DEFAULT 'active'::text,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+TABLE tutoring_sessions (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    allocation_id uuid NOT NULL,
+    session_number smallint NOT NULL,
+    student_id uuid NOT NULL,
+    trainer_id uuid NOT NULL,
+    course_id uuid NOT NULL,
+    scheduled_date date NOT NULL,
+    scheduled_time time without time zone NOT NULL,
+    starts_at timestamp with time zone NOT NULL,
+    ends_at timestamp with time zone NOT NULL,
+    duration_minutes smallint NOT NULL,
+    status text NOT NULL DEFAULT 'scheduled'::text,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    cancelled_at timestamp with time zone
+);
+
+-- CONSTRAINTS
+CONSTRAINT alembic_version.alembic_version_pkc PRIMARY KEY (version_num);
+CONSTRAINT courses.courses_category_check CHECK ((btrim(category) <> ''::text));
+CONSTRAINT courses.courses_pkey PRIMARY KEY (id);
+CONSTRAINT courses.courses_subcategory_check CHECK ((btrim(subcategory) <> ''::text));
+CONSTRAINT courses.courses_title_check CHECK ((btrim(title) <> ''::text));
+CONSTRAINT holidays.holidays_pkey PRIMARY KEY (day);
+CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
+CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
+CONSTRAINT payment_rejections.payment_rejections_pkey PRIMARY KEY (payment_id);
+CONSTRAINT payments.payments_amount_cents_check CHECK ((amount_cents >= 0));
+CONSTRAINT payments.payments_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT payments.payments_currency_check CHECK ((currency ~ '^[A-Z]{3}$'::text));
+CONSTRAINT payments.payments_pkey PRIMARY KEY (id);
+CONSTRAINT payments.payments_status_check CHECK ((status = ANY (ARRAY['initiated'::text, 'succeeded'::text, 'failed'::text, 'refunded'::text])));
+CONSTRAINT payments.payments_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT pgqueuer.pgqueuer_pkey PRIMARY KEY (id);
+CONSTRAINT pgqueuer_log.pgqueuer_log_pkey PRIMARY KEY (id);
+CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_expression_entrypoint_key UNIQUE (expression, entrypoint);
+CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_pkey PRIMARY KEY (id);
+CONSTRAINT pgqueuer_statistics.pgqueuer_statistics_pkey PRIMARY KEY (id);
+CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text])));
+CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
+CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
+CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
+CONSTRAINT student_course_purchases.student_course_purchases_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT student_course_purchases.student_course_purchases_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
+CONSTRAINT student_course_purchases.student_course_purchases_payment_id_key UNIQUE (payment_id);
+CONSTRAINT student_course_purchases.student_course_purchases_pkey PRIMARY KEY (id);
+CONSTRAINT student_course_purchases.student_course_purchases_purchase_tier_check CHECK ((purchase_tier = ANY (ARRAY[10, 20, 30])));
+CONSTRAINT student_course_purchases.student_course_purchases_schedule_mode_check CHECK ((schedule_mode = ANY (ARRAY['daily'::text, 'weekdays'::text, 'sunday_only'::text])));
+CONSTRAINT student_course_purchases.student_course_purchases_session_duration_minutes_check CHECK (((session_duration_minutes >= 15) AND (session_duration_minutes <= 240)));
+CONSTRAINT student_course_purchases.student_course_purchases_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT students.students_full_name_check CHECK ((btrim(full_name) <> ''::text));
+CONSTRAINT students.students_home_lat_check CHECK (((home_lat >= ('-90'::integer)::double precision) AND (home_lat <= (90)::double precision)));
+CONSTRAINT students.students_home_lng_check CHECK (((home_lng >= ('-180'::integer)::double precision) AND (home_lng <= (180)::double precision)));
+CONSTRAINT students.students_pkey PRIMARY KEY (id);
+CONSTRAINT trainer_allocations.trainer_allocations_attempts_check CHECK ((attempts >= 1));
+CONSTRAINT trainer_allocations.trainer_allocations_check CHECK (((status <> 'pending'::text) OR ((reason IS NOT NULL) AND (reason_detail IS NOT NULL) AND (trainer_id IS NULL))));
+CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'approved'::text) OR ((trainer_id IS NOT NULL) AND (allocated_at IS NOT NULL) AND (first_session_date IS NOT NULL))));
+CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT trainer_allocations.trainer_allocations_pkey PRIMARY KEY (id);
+CONSTRAINT trainer_allocations.trainer_allocations_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'refunded'::text, 'reassigned'::text])));
+CONSTRAINT trainer_allocations.trainer_allocations_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'cancelled'::text, 'completed'::text])));
+CONSTRAINT trainer_allocations.trainer_allocations_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT trainer_allocations.trainer_allocations_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CONSTRAINT trainer_availability.trainer_availability_check CHECK ((slot_end > slot_start));
+CONSTRAINT trainer_availability.trainer_availability_pkey PRIMARY KEY (trainer_id, weekday, slot_start);
+CONSTRAINT trainer_availability.trainer_availability_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id) ON DELETE CASCADE;
+CONSTRAINT trainer_availability.trainer_availability_weekday_check CHECK (((weekday >= 1) AND (weekday <= 7)));
+CONSTRAINT trainers.trainers_base_lat_check CHECK (((base_lat >= ('-90'::integer)::double precision) AND (base_lat <= (90)::double precision)));
+CONSTRAINT trainers.trainers_base_lng_check CHECK (((base_lng >= ('-180'::integer)::double precision) AND (base_lng <= (180)::double precision)));
+CONSTRAINT trainers.trainers_full_name_check CHECK ((btrim(full_name) <> ''::text));
+CONSTRAINT trainers.trainers_pkey PRIMARY KEY (id);
+CONSTRAINT trainers.trainers_rating_check CHECK (((rating >= (0)::numeric) AND (rating <= (5)::numeric)));
+CONSTRAINT trainers.trainers_service_radius_km_check CHECK ((service_radius_km > (0)::numeric));
+CONSTRAINT trainers.trainers_status_check CHECK ((status = ANY (ARRAY['active'::text, 'inactive'::text])));
+CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_session_number_key UNIQUE (allocation_id, session_number);
+CONSTRAINT tutoring_sessions.tutoring_sessions_check CHECK ((ends_at = (starts_at + make_interval(mins => (duration_minutes)::integer))));
+CONSTRAINT tutoring_sessions.tutoring_sessions_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_duration_minutes_check CHECK (((duration_minutes >= 15) AND (duration_minutes <= 240)));
+CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
+CONSTRAINT tutoring_sessions.tutoring_sessions_pkey PRIMARY KEY (id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_session_number_check CHECK ((session_number >= 1));
+CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'completed'::text, 'cancelled'::text])));
+CONSTRAINT tutoring_sessions.tutoring_sessions_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+
+-- INDEXES
+CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
+CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
+CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
+CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
+CREATE UNIQUE INDEX payments_pkey ON public.payments USING btree (id);
+CREATE INDEX payments_student_course_idx ON public.payments USING btree (student_id, course_id);
+CREATE INDEX pgqueuer_ep_ea_idx ON public.pgqueuer USING btree (entrypoint, execute_after) WHERE (status = 'queued'::pgqueuer_status);
+CREATE INDEX pgqueuer_ep_prio_id_idx ON public.pgqueuer USING btree (entrypoint, priority DESC, id) WHERE (status = 'queued'::pgqueuer_status);
+CREATE INDEX pgqueuer_log_created ON public.pgqueuer_log USING btree (created);
+CREATE INDEX pgqueuer_log_job_id_status ON public.pgqueuer_log USING btree (job_id, created DESC);
+CREATE INDEX pgqueuer_log_not_aggregated ON public.pgqueuer_log USING btree ((1)) WHERE (NOT aggregated);
+CREATE UNIQUE INDEX pgqueuer_log_pkey ON public.pgqueuer_log USING btree (id);
+CREATE INDEX pgqueuer_log_status ON public.pgqueuer_log USING btree (status);
+CREATE INDEX pgqueuer_picked_heartbeat_idx ON public.pgqueuer USING btree (heartbeat) WHERE (status = 'picked'::pgqueuer_status);
+CREATE UNIQUE INDEX pgqueuer_picked_slot_idx ON public.pgqueuer USING btree (entrypoint, slot) WHERE ((status = 'picked'::pgqueuer_status) AND (slot IS NOT NULL));
+CREATE UNIQUE INDEX pgqueuer_pkey ON public.pgqueuer USING btree (id);
+CREATE INDEX pgqueuer_priority_id_id1_idx ON public.pgqueuer USING btree (priority, id DESC) INCLUDE (id) WHERE (status = 'queued'::pgqueuer_status);
+CREATE INDEX pgqueuer_queue_manager_id_idx ON public.pgqueuer USING btree (queue_manager_id) WHERE (queue_manager_id IS NOT NULL);
+CREATE UNIQUE INDEX pgqueuer_schedules_expression_entrypoint_key ON public.pgqueuer_schedules USING btree (expression, entrypoint);
+CREATE UNIQUE INDEX pgqueuer_schedules_pkey ON public.pgqueuer_schedules USING btree (id);
+CREATE UNIQUE INDEX pgqueuer_statistics_pkey ON public.pgqueuer_statistics USING btree (id);
+CREATE UNIQUE INDEX pgqueuer_statistics_unique_count ON public.pgqueuer_statistics USING btree (priority, date_trunc('sec'::text, timezone('UTC'::text, created)), status, entrypoint);
+CREATE UNIQUE INDEX pgqueuer_unique_dedupe_key ON public.pgqueuer USING btree (dedupe_key) WHERE ((status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND (dedupe_key IS NOT NULL));
+CREATE INDEX pgqueuer_updated_id_id1_idx ON public.pgqueuer USING btree (updated, id DESC) INCLUDE (id) WHERE (status = 'picked'::pgqueuer_status);
+CREATE UNIQUE INDEX stage_history_pkey ON public.stage_history USING btree (id);
+CREATE INDEX stage_history_ref_idx ON public.stage_history USING btree (ref_id, at);
+CREATE INDEX stage_history_stage_at_idx ON public.stage_history USING btree (stage, at);
+CREATE UNIQUE INDEX student_course_purchases_one_active_idx ON public.student_course_purchases USING btree (student_id, course_id) WHERE is_active;
+CREATE UNIQUE INDEX student_course_purchases_payment_id_key ON public.student_course_purchases USING btree (payment_id);
+CREATE UNIQUE INDEX student_course_purchases_pkey ON public.student_course_purchases USING btree (id);
+CREATE UNIQUE INDEX students_pkey ON public.students USING btree (id);
+CREATE UNIQUE INDEX trainer_allocations_one_live_idx ON public.trainer_allocations USING btree (purchase_id) WHERE (status = ANY (ARRAY['pending'::text, 'approved'::text]));
+CREATE INDEX trainer_allocations_pending_idx ON public.trainer_allocations USING btree (created_at) WHERE (status = 'pending'::text);
+CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING btree (id);
+CREATE INDEX trainer_allocations_student_course_idx ON public.trainer_allocations USING btree (student_id, course_id);
+CREATE INDEX trainer_allocations_trainer_live_idx ON public.trainer_allocations USING btree (trainer_id) WHERE (status = 'approved'::text);
+CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USING btree (trainer_id, weekday, slot_start);
+CREATE INDEX trainers_active_specialties_idx ON public.trainers USING gin (specialties_norm) WHERE (status = 'active'::text);
+CREATE UNIQUE INDEX trainers_pkey ON public.trainers USING btree (id);
+CREATE UNIQUE INDEX tutoring_sessions_allocation_id_session_number_key ON public.tutoring_sessions USING btree (allocation_id, session_number);
+CREATE INDEX tutoring_sessions_no_trainer_overlap ON public.tutoring_sessions USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at)) WHERE (status = 'scheduled'::text);
+CREATE UNIQUE INDEX tutoring_sessions_pkey ON public.tutoring_sessions USING btree (id);
+CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btree (student_id, starts_at);
+CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
+
+-- VIEWS
+VIEW rejected_payments AS
+ SELECT r.payment_id,
+    p.student_id,
+    p.course_id,
+    r.reason,
+    r.errors,
+    r.metadata,
+    r.rejections,
+    r.rejected_at
+   FROM payment_rejections r
+     JOIN payments p ON p.id = r.payment_id
+  WHERE r.resolved_at IS NULL;
+
+-- FUNCTIONS
+CREATE OR REPLACE FUNCTION public.enqueue_stage(p_stage text, p_ref uuid, p_event text DEFAULT 'enqueued'::text, p_delay interval DEFAULT '00:00:00'::interval)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_key    text := p_stage || ':' || p_ref;
+    v_job_id bigint;
+BEGIN
+    IF p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
+        RAISE EXCEPTION 'unknown stage %', p_stage
+            USING HINT = 'stages are purchase, allocation and sessions';
+    END IF;
+    IF p_ref IS NULL THEN
+        RAISE EXCEPTION 'enqueue_stage(%): the row id is NULL', p_stage;
+    END IF;
+
+    INSERT INTO pgqueuer (priority, entrypoint, payload, execute_after, dedupe_key, status)
+    VALUES (0, p_stage, convert_to(p_ref::text, 'UTF8'), now() + p_delay, v_key, 'queued')
+    ON CONFLICT (dedupe_key)
+        WHERE status IN ('queued', 'picked') AND dedupe_key IS NOT NULL
+        DO NOTHING
+    RETURNING id INTO v_job_id;
+
+    IF v_job_id IS NOT NULL THEN
+        INSERT INTO pgqueuer_log (job_id, status, entrypoint, priority)
+        VALUES (v_job_id, 'queued', p_stage, 0);
+    ELSE
+        SELECT id INTO v_job_id FROM pgqueuer
+        WHERE dedupe_key = v_key AND status IN ('queued', 'picked');
+    END IF;
+
+    INSERT INTO stage_history (stage, ref_id, event, job_id)
+    VALUES (p_stage, p_ref, p_event, v_job_id);
+    RETURN v_job_id;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.fn_pgqueuer_changed()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    to_emit BOOLEAN := false;  -- Flag to decide whether to emit a notification
+BEGIN
+    -- Check operation type and set the emit flag accordingly
+    IF TG_OP = 'UPDATE' AND OLD IS DISTINCT FROM NEW THEN
+        to_emit := true;
+    ELSIF TG_OP = 'DELETE' THEN
+        to_emit := true;
+    ELSIF TG_OP = 'INSERT' THEN
+        to_emit := true;
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        to_emit := true;
+    END IF;
+
+    -- Perform notification if the emit flag is set
+    IF to_emit THEN
+        PERFORM pg_notify(
+            'ch_pgqueuer',
+            json_build_object(
+                'channel', 'ch_pgqueuer',
+                'operation', lower(TG_OP),
+                'sent_at', NOW(),
+                'table', TG_TABLE_NAME,
+                'type', 'table_changed_event'
+            )::text
+        );
+    END IF;
+
+    -- Return appropriate value based on the operation
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        RETURN NEW;
+    ELSIF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    ELSE
+        RETURN NULL; -- For TRUNCATE and other non-row-specific contexts
+    END IF;
+
+END;
+$function$
+CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
+ RETURNS double precision
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT 2 * 6371.0 * asin(least(1.0, sqrt(
+          sin(radians(lat2 - lat1) / 2) ^ 2
+        + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2))) $function$
+CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
+ RETURNS text[]
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT coalesce(array_agg(lower(btrim(item)) ORDER BY ord), '{}')
+      FROM unnest(items) WITH ORDINALITY AS t(item, ord) WHERE item IS NOT NULL $function$
+CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT CASE WHEN rating >= 4.6 THEN 8
+                  WHEN rating >= 4.1 THEN 7
+                  WHEN rating >= 3.6 THEN 6
+                  WHEN rating >= 3.1 THEN 5
+                  ELSE 4 END $function$
+CREATE OR REPLACE FUNCTION public.kc_trainer_time_box(trainer_id uuid, starts_at timestamp with time zone, ends_at timestamp with time zone)
+ RETURNS box
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT box(
+          point(('x' || substr(md5(trainer_id::text), 1, 13))::bit(52)::bigint::float8,
+                extract(epoch FROM starts_at AT TIME ZONE 'UTC')::float8),
+          point(('x' || substr(md5(trainer_id::text), 1, 13))::bit(52)::bigint::float8,
+                extract(epoch FROM ends_at AT TIME ZONE 'UTC')::float8 - 0.001)) $function$
+CREATE OR REPLACE FUNCTION public.trg_allocations_check_capacity()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_rating numeric;
+    v_status text;
+    v_live   integer;
+BEGIN
+    IF NEW.status <> 'approved' OR NEW.trainer_id IS NULL THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND OLD.status = 'approved'
+       AND OLD.trainer_id IS NOT DISTINCT FROM NEW.trainer_id THEN
+        RETURN NEW;
+    END IF;
+    SELECT rating, status INTO v_rating, v_status
+    FROM trainers WHERE id = NEW.trainer_id FOR NO KEY UPDATE;
+    SELECT count(*) INTO v_live FROM trainer_allocations
+    WHERE trainer_id = NEW.trainer_id AND status = 'approved' AND id <> NEW.id;
+    IF v_live >= kc_trainer_capacity(v_rating) THEN
+        RAISE EXCEPTION 'trainer % is at capacity (% of % live allocations)',
+            NEW.trainer_id, v_live, kc_trainer_capacity(v_rating)
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'trainer_allocations_capacity';
+    END IF;
+    RETURN NEW;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_allocations_enqueue_sessions()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.status = 'approved' AND NEW.trainer_id IS NOT NULL AND (
+           TG_OP = 'INSERT'
+        OR OLD.status IS DISTINCT FROM NEW.status
+        OR OLD.trainer_id IS DISTINCT FROM NEW.trainer_id)
+    THEN
+        PERFORM enqueue_stage('sessions', NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_payments_enqueue_purchase()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.status = 'succeeded' AND (
+           TG_OP = 'INSERT'
+        OR OLD.status IS DISTINCT FROM 'succeeded'
+        OR (OLD.metadata IS DISTINCT FROM NEW.metadata
+            AND NOT EXISTS (SELECT 1 FROM student_course_purchases WHERE payment_id = NEW.id)))
+    THEN
+        PERFORM enqueue_stage('purchase', NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_payments_touch()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_purchases_enqueue_allocation()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM enqueue_stage('allocation', NEW.id);
+    RETURN NULL;
+END
+$function$
+
+-- TRIGGERS
+CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
+CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_touch();
+CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
+CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
+CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
+CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();

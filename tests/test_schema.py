@@ -1,0 +1,81 @@
+"""The schema is what the repository says it is: migrations, schema.sql, named queries, enums."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+import pytest
+from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
+from psycopg.rows import DictRow
+
+from workers.matching import Reason
+from workers.metadata import RejectReason
+from workers.schedule import ScheduleMode
+from workers.schema_dump import dump_schema
+from workers.sql import SQL_DIR, all_queries
+from workers.stages import Stage
+
+Conn = psycopg.Connection[DictRow]
+
+
+def test_migrations_produce_the_checked_in_schema(db_url: str) -> None:
+    expected = (SQL_DIR / "schema.sql").read_text(encoding="utf-8")
+    actual = dump_schema(db_url)
+    assert actual == expected, (
+        "the migrated schema differs from sql/schema.sql: run `make schema` and review the diff"
+    )
+
+
+def test_pgqueuer_schema_file_matches_the_pinned_version() -> None:
+    from importlib.metadata import version
+
+    pinned = version("pgqueuer")
+    rendered = QueryBuilderEnvironment().build_install_query()
+    path = SQL_DIR / "pgqueuer" / f"pgqueuer-{pinned}.sql"
+    assert path.exists(), f"pgqueuer {pinned} has no schema file; generate it"
+    assert path.read_text(encoding="utf-8").strip() == rendered.strip()
+
+
+@pytest.mark.parametrize("name", sorted(all_queries()))
+def test_named_query_prepares(conn: Conn, name: str) -> None:
+    query = all_queries()[name]
+    conn.execute(f"PREPARE checked AS {query.positional()}")
+    conn.execute("DEALLOCATE checked")
+
+
+def test_every_placeholder_has_a_cast() -> None:
+    for query in all_queries().values():
+        bare = re.findall(r"%\(\w+\)s(?!::)", query.text)
+        assert not bare, f"{query.name}: cast every parameter ({bare})"
+
+
+def _check_values(conn: Conn, table: str, column: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint "
+        "WHERE conrelid = %s::regclass AND contype = 'c'",
+        (table,),
+    ).fetchall()
+    for row in rows:
+        if re.search(rf"\b{column}\b", row["def"]) and "ANY" in row["def"]:
+            return set(re.findall(r"'([a-z_]+)'::text", row["def"]))
+    raise AssertionError(f"no CHECK lists the values of {table}.{column}")
+
+
+def test_python_and_sql_enums_agree(conn: Conn) -> None:
+    assert _check_values(conn, "stage_history", "stage") == {s.value for s in Stage}
+    assert _check_values(conn, "trainer_allocations", "reason") == {r.value for r in Reason}
+    assert _check_values(conn, "student_course_purchases", "schedule_mode") == {
+        m.value for m in ScheduleMode
+    }
+
+
+def test_reject_reasons_are_short_codes() -> None:
+    assert all(re.fullmatch(r"[a-z_]+", r.value) for r in RejectReason)
+
+
+def test_entrypoints_match_stages(conn: Conn) -> None:
+    body = conn.execute("SELECT prosrc FROM pg_proc WHERE proname = 'enqueue_stage'").fetchone()
+    assert body is not None
+    listed = set(re.findall(r"'(\w+)'", body["prosrc"].split("THEN")[0]))
+    assert listed == {s.value for s in Stage}
