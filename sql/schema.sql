@@ -8,6 +8,19 @@ TYPE pgqueuer_status AS ENUM ('queued', 'picked', 'successful', 'exception', 'ca
 TABLE alembic_version (
     version_num character varying(32) NOT NULL
 );
+TABLE allocation_requests (
+    id bigint NOT NULL IDENTITY,
+    purchase_id uuid NOT NULL,
+    trainer_id uuid NOT NULL,
+    override boolean NOT NULL DEFAULT false,
+    note text,
+    requested_by text NOT NULL DEFAULT SESSION_USER,
+    requested_at timestamp with time zone NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'open'::text,
+    outcome text,
+    decided_at timestamp with time zone,
+    allocation_id uuid
+);
 TABLE courses (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     title text NOT NULL,
@@ -133,7 +146,8 @@ TABLE trainer_allocations (
     first_session_date date,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     updated_at timestamp with time zone NOT NULL DEFAULT now(),
-    allocated_at timestamp with time zone
+    allocated_at timestamp with time zone,
+    capacity_override boolean NOT NULL DEFAULT false
 );
 TABLE trainer_availability (
     trainer_id uuid NOT NULL,
@@ -173,6 +187,13 @@ TABLE tutoring_sessions (
 
 -- CONSTRAINTS
 CONSTRAINT alembic_version.alembic_version_pkc PRIMARY KEY (version_num);
+CONSTRAINT allocation_requests.allocation_requests_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT allocation_requests.allocation_requests_check CHECK (((NOT override) OR (note IS NOT NULL)));
+CONSTRAINT allocation_requests.allocation_requests_check1 CHECK (((status = 'open'::text) = (decided_at IS NULL)));
+CONSTRAINT allocation_requests.allocation_requests_pkey PRIMARY KEY (id);
+CONSTRAINT allocation_requests.allocation_requests_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text])));
+CONSTRAINT allocation_requests.allocation_requests_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
 CONSTRAINT courses.courses_category_check CHECK ((btrim(category) <> ''::text));
 CONSTRAINT courses.courses_pkey PRIMARY KEY (id);
 CONSTRAINT courses.courses_subcategory_check CHECK ((btrim(subcategory) <> ''::text));
@@ -214,7 +235,7 @@ CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'ap
 CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
 CONSTRAINT trainer_allocations.trainer_allocations_pkey PRIMARY KEY (id);
 CONSTRAINT trainer_allocations.trainer_allocations_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'refunded'::text, 'reassigned'::text])));
+CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'trainer_inactive'::text, 'refunded'::text, 'reassigned'::text])));
 CONSTRAINT trainer_allocations.trainer_allocations_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'cancelled'::text, 'completed'::text])));
 CONSTRAINT trainer_allocations.trainer_allocations_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
 CONSTRAINT trainer_allocations.trainer_allocations_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
@@ -243,6 +264,8 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trai
 
 -- INDEXES
 CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
+CREATE INDEX allocation_requests_open_idx ON public.allocation_requests USING btree (purchase_id, id) WHERE (status = 'open'::text);
+CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
 CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
 CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
 CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
@@ -302,6 +325,31 @@ VIEW rejected_payments AS
   WHERE r.resolved_at IS NULL;
 
 -- FUNCTIONS
+CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_request bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM student_course_purchases WHERE id = p_purchase AND is_active)
+    THEN
+        RAISE EXCEPTION 'no active purchase %', p_purchase USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM trainers WHERE id = p_trainer) THEN
+        RAISE EXCEPTION 'no trainer %', p_trainer USING ERRCODE = 'no_data_found';
+    END IF;
+    IF p_override AND nullif(btrim(p_note), '') IS NULL THEN
+        RAISE EXCEPTION 'an override needs a note saying why'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    INSERT INTO allocation_requests (purchase_id, trainer_id, override, note)
+    VALUES (p_purchase, p_trainer, p_override, p_note)
+    RETURNING id INTO v_request;
+    PERFORM enqueue_stage('allocation', p_purchase);
+    RETURN v_request;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.enqueue_stage(p_stage text, p_ref uuid, p_event text DEFAULT 'enqueued'::text, p_delay interval DEFAULT '00:00:00'::interval)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -412,24 +460,45 @@ AS $function$ SELECT box(
                 extract(epoch FROM starts_at AT TIME ZONE 'UTC')::float8),
           point(('x' || substr(md5(trainer_id::text), 1, 13))::bit(52)::bigint::float8,
                 extract(epoch FROM ends_at AT TIME ZONE 'UTC')::float8 - 0.001)) $function$
+CREATE OR REPLACE FUNCTION public.retry_pending_allocations(p_trainer uuid DEFAULT NULL::uuid)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    SELECT count(enqueue_stage('allocation', ta.purchase_id))::integer
+    FROM trainer_allocations ta
+    JOIN courses c ON c.id = ta.course_id
+    WHERE ta.status = 'pending'
+      AND (p_trainer IS NULL OR EXISTS (
+            SELECT 1 FROM trainers t
+            WHERE t.id = p_trainer AND t.status = 'active'
+              AND t.specialties_norm && array_remove(
+                    ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)))
+$function$
+CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval DEFAULT '00:05:00'::interval)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    SELECT count(enqueue_stage('allocation', purchase_id))::integer
+    FROM trainer_allocations
+    WHERE status = 'pending' AND updated_at < now() - p_min_age
+$function$
 CREATE OR REPLACE FUNCTION public.trg_allocations_check_capacity()
  RETURNS trigger
  LANGUAGE plpgsql
 AS $function$
 DECLARE
     v_rating numeric;
-    v_status text;
     v_live   integer;
 BEGIN
-    IF NEW.status <> 'approved' OR NEW.trainer_id IS NULL THEN
+    IF NEW.status <> 'approved' OR NEW.trainer_id IS NULL OR NEW.capacity_override THEN
         RETURN NEW;
     END IF;
     IF TG_OP = 'UPDATE' AND OLD.status = 'approved'
        AND OLD.trainer_id IS NOT DISTINCT FROM NEW.trainer_id THEN
         RETURN NEW;
     END IF;
-    SELECT rating, status INTO v_rating, v_status
-    FROM trainers WHERE id = NEW.trainer_id FOR NO KEY UPDATE;
+    -- The row lock serialises every approval for this trainer.
+    SELECT rating INTO v_rating FROM trainers WHERE id = NEW.trainer_id FOR NO KEY UPDATE;
     SELECT count(*) INTO v_live FROM trainer_allocations
     WHERE trainer_id = NEW.trainer_id AND status = 'approved' AND id <> NEW.id;
     IF v_live >= kc_trainer_capacity(v_rating) THEN
@@ -452,6 +521,26 @@ BEGIN
     THEN
         PERFORM enqueue_stage('sessions', NEW.id);
     END IF;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_allocations_retry_pending()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF OLD.status = 'approved' AND NEW.status IN ('cancelled', 'completed') THEN
+        PERFORM retry_pending_allocations(OLD.trainer_id);
+    END IF;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_availability_retry_pending()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM retry_pending_allocations(NEW.trainer_id);
     RETURN NULL;
 END
 $function$
@@ -489,6 +578,35 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_sessions_retry_pending()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    PERFORM retry_pending_allocations(t.trainer_id)
+    FROM (SELECT DISTINCT trainer_id FROM updated_sessions WHERE status = 'cancelled') t;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_trainers_retry_pending()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.status = 'active' AND (TG_OP = 'INSERT'
+        OR OLD.status IS DISTINCT FROM NEW.status
+        OR OLD.specialties IS DISTINCT FROM NEW.specialties
+        OR OLD.service_radius_km IS DISTINCT FROM NEW.service_radius_km
+        OR OLD.base_lat IS DISTINCT FROM NEW.base_lat
+        OR OLD.base_lng IS DISTINCT FROM NEW.base_lng
+        OR OLD.rating IS DISTINCT FROM NEW.rating
+        OR OLD.gender IS DISTINCT FROM NEW.gender)
+    THEN
+        PERFORM retry_pending_allocations(NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$function$
 
 -- TRIGGERS
 CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
@@ -497,3 +615,7 @@ CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE 
 CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
 CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
+CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE OF status ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_retry_pending();
+CREATE TRIGGER trainer_availability_retry_pending AFTER INSERT OR UPDATE ON public.trainer_availability FOR EACH ROW EXECUTE FUNCTION trg_availability_retry_pending();
+CREATE TRIGGER trainers_retry_pending AFTER INSERT OR UPDATE ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_retry_pending();
+CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();

@@ -69,7 +69,7 @@ def test_no_candidates_reasons() -> None:
 candidates = st.builds(
     CandidateFacts,
     trainer_id=st.uuids(),
-    specialty_match=st.sampled_from(["category", "subcategory"]),
+    specialty_match=st.sampled_from(["category", "subcategory", None]),
     gender_ok=st.booleans(),
     distance_km=st.floats(min_value=0, max_value=40),
     service_radius_km=st.floats(min_value=1, max_value=30),
@@ -77,6 +77,8 @@ candidates = st.builds(
     overlapping_sessions=st.integers(min_value=0, max_value=2),
     live_allocations=st.integers(min_value=0, max_value=9),
     rating=st.none() | st.decimals(min_value=0, max_value=5, places=1),
+    far_neighbours=st.integers(min_value=0, max_value=2),
+    active=st.booleans(),
 )
 
 
@@ -87,7 +89,9 @@ def test_decision_properties(pool: list[CandidateFacts], rnd: random.Random) -> 
     if chosen is not None:
         # The chosen trainer satisfies every rule, and nobody eligible ranks above it.
         assert chosen.first_failed_rule() is None
+        assert chosen.active and chosen.specialty_match is not None
         assert chosen.gender_ok and chosen.available and chosen.overlapping_sessions == 0
+        assert chosen.far_neighbours == 0
         assert chosen.distance_km <= chosen.service_radius_km
         assert chosen.live_allocations < chosen.capacity
         assert all(chosen.rank_key() <= c.rank_key() for c in decision.ranked)

@@ -1,7 +1,9 @@
 """Allocation stage: a purchase -> one live trainer_allocations row (approved, or pending).
 
-1. Lock the purchase; an approved live allocation ends the job (idempotent).
-2. Plan the schedule the trainer must be free for (the same generator the sessions stage uses).
+1. Lock the purchase. An open admin request is carried out first (same rules unless it is an
+   override; see `carry_out_request`). An approved allocation whose schedule is complete ends
+   the job; one that is short of sessions (an upgrade) keeps its trainer when free.
+2. Plan the remaining schedule (the same generator and rules the sessions stage uses).
 3. Measure every candidate in one set-based query; `matching.decide` applies the rules.
 4. For the best candidate: lock the trainer row and re-check capacity and overlaps (including
    approved allocations whose sessions are not written yet). The first that still fits wins.
@@ -21,7 +23,15 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_all, fetch_one
-from workers.matching import CandidateFacts, Decision, Reason, capacity_for, decide
+from workers.matching import (
+    CandidateFacts,
+    Decision,
+    Reason,
+    capacity_for,
+    decide,
+    furthest,
+    sentence_for,
+)
 from workers.schedule import (
     PlannedSession,
     ScheduleMode,
@@ -34,29 +44,65 @@ from workers.stages import Outcome, StageContext
 
 log = logging.getLogger(__name__)
 
+# Rules an admin override may set aside. Never: an inactive trainer, or a trainer who is
+# elsewhere at that time (the exclusion constraint would refuse it anyway).
+OVERRIDABLE = frozenset(
+    {
+        Reason.NO_SPECIALTY,
+        Reason.GENDER_MISMATCH,
+        Reason.OUT_OF_RANGE,
+        Reason.TOO_FAR_BETWEEN_SESSIONS,
+        Reason.AT_CAPACITY,
+    }
+)
+
 
 async def load_holidays(conn: Conn, from_day: date) -> set[date]:
     return {row["day"] for row in await fetch_all(conn, q("holidays_from"), {"from_day": from_day})}
 
 
-def plan_sessions(row: DictRow, first_day: date, holidays: set[date]) -> list[PlannedSession]:
-    """The schedule of a purchase row (any query that selects the purchase's typed columns)."""
+def local_tomorrow(zone_name: str) -> date:
+    return datetime.now(ZoneInfo(zone_name)).date() + timedelta(days=1)
+
+
+def plan_sessions(
+    row: DictRow, *, earliest: date, count: int, first_number: int, holidays: set[date]
+) -> list[PlannedSession]:
+    """`count` sessions of a purchase (any row with its typed columns and the student's
+    zone), on valid days from `earliest`, numbered from `first_number`."""
+    mode = ScheduleMode(row["schedule_mode"])
     return build_schedule(
-        start=first_day,
-        count=row["purchase_tier"],
-        mode=ScheduleMode(row["schedule_mode"]),
+        start=next_valid_day(earliest, mode, holidays),
+        count=count,
+        mode=mode,
         slot=row["preferred_time_slot"],
         duration_minutes=row["session_duration_minutes"],
         zone=ZoneInfo(row["timezone"]),
         holidays=holidays,
+        first_number=first_number,
     )
 
 
-def first_session_day(row: DictRow, holidays: set[date]) -> date:
-    """The purchase's start date, moved forward when it has passed (never schedule the past)."""
-    tomorrow = datetime.now(ZoneInfo(row["timezone"])).date() + timedelta(days=1)
-    return next_valid_day(
-        max(row["start_date"], tomorrow), ScheduleMode(row["schedule_mode"]), holidays
+async def remaining_plan(
+    conn: Conn, purchase: DictRow, *, replacing: UUID | None, holidays: set[date]
+) -> list[PlannedSession]:
+    """The sessions still owed: after the last standing one, never before tomorrow."""
+    progress = await fetch_one(
+        conn, q("purchase_progress"), {"purchase_id": purchase["id"], "replacing": replacing}
+    )
+    assert progress is not None
+    remaining = purchase["purchase_tier"] - progress["delivered"]
+    if remaining <= 0:
+        return []
+    earliest = max(purchase["start_date"], local_tomorrow(purchase["timezone"]))
+    if progress["last_date"] is not None:
+        earliest = max(earliest, progress["last_date"] + timedelta(days=1))
+    return plan_sessions(
+        purchase,
+        earliest=earliest,
+        count=remaining,
+        first_number=progress["last_number"] + 1,
+        holidays=holidays,
     )
 
 
@@ -71,50 +117,214 @@ async def handle(conn: Conn, purchase_id: UUID, ctx: StageContext) -> Outcome:
     )
     if purchase is None:
         return Outcome("skipped", "purchase does not exist")
+    request = await fetch_one(conn, q("open_request"), {"purchase_id": purchase_id})
     if not purchase["is_active"]:
+        if request is not None:
+            await _close_request(conn, request, "refused", "the purchase is not active", None)
         return Outcome("skipped", "purchase is not active")
-    if purchase["live_allocation_status"] == "approved":
-        return Outcome("skipped", f"allocation {purchase['live_allocation_id']} is approved")
 
     holidays = await load_holidays(conn, purchase["start_date"])
-    first_day = first_session_day(purchase, holidays)
-    sessions = plan_sessions(purchase, first_day, holidays)
-    decision = await search(conn, purchase, sessions)
+    if request is not None:
+        return await carry_out_request(conn, purchase, request, holidays, ctx)
+    if purchase["live_allocation_status"] == "approved":
+        return await extend_if_short(conn, purchase, holidays, ctx)
 
+    sessions = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
+    if not sessions:
+        return Outcome("skipped", "no sessions remain to be scheduled")
+    decision = await search(conn, purchase, sessions, ctx)
+    return await allocate_best(conn, purchase, sessions, decision, replacing=None)
+
+
+async def allocate_best(
+    conn: Conn,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    decision: Decision,
+    *,
+    replacing: UUID | None,
+) -> Outcome:
+    lost: list[Reason] = []
     for candidate in decision.ranked:
-        if await still_fits(conn, candidate.trainer_id, purchase, sessions):
+        if (why := await still_fits(conn, candidate.trainer_id, purchase, sessions)) is None:
+            if replacing is not None:
+                await conn.execute(
+                    q("replace_allocation"),
+                    {
+                        "allocation_id": replacing,
+                        "detail": f"the schedule moved to trainer {candidate.trainer_id}",
+                    },
+                )
             allocation_id = await write_allocation(
                 conn,
                 purchase,
-                first_day,
                 sessions,
                 status="approved",
                 trainer=candidate,
                 decision=decision,
+                live_pending=replacing is None,
             )
             return Outcome(
                 "succeeded", f"allocation {allocation_id} approved: trainer {candidate.trainer_id}"
             )
+        lost.append(why)
         log.info(
-            "trainer %s no longer fits purchase %s; trying the next",
+            "trainer %s no longer fits purchase %s (%s); trying the next",
             candidate.trainer_id,
-            purchase_id,
+            purchase["id"],
+            why.value,
         )
 
-    if decision.ranked:  # every ranked trainer was taken between the search and the lock
-        decision = Decision(
-            (),
-            Reason.AT_CAPACITY,
-            "Every trainer who fitted was taken by another purchase a moment ago; retrying later.",
-            decision.eliminated,
+    if lost:  # every ranked trainer was taken by another purchase after the search
+        reason = furthest(lost)
+        sentence = sentence_for(
+            reason, n=len(lost), course=purchase["course_title"], slot=_slot_text(purchase)
+        )
+        decision = Decision((), reason, sentence, decision.eliminated, decision.candidates)
+    if replacing is not None:
+        return Outcome(
+            "succeeded",
+            f"allocation {replacing} kept; no trainer can take the "
+            f"extra sessions: {decision.reason}",
         )
     allocation_id = await write_allocation(
-        conn, purchase, first_day, sessions, status="pending", trainer=None, decision=decision
+        conn,
+        purchase,
+        sessions,
+        status="pending",
+        trainer=None,
+        decision=decision,
+        live_pending=True,
     )
     return Outcome("succeeded", f"allocation {allocation_id} pending: {decision.reason}")
 
 
-async def search(conn: Conn, purchase: DictRow, sessions: list[PlannedSession]) -> Decision:
+async def extend_if_short(
+    conn: Conn, purchase: DictRow, holidays: set[date], ctx: StageContext
+) -> Outcome:
+    """An approved allocation short of sessions (the tier was raised): the same trainer
+    takes the extra sessions when free; otherwise the remainder moves to the best trainer."""
+    live_id = purchase["live_allocation_id"]
+    extra = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
+    if not extra:
+        return Outcome("skipped", f"allocation {live_id} is approved and fully scheduled")
+    unscheduled = await fetch_one(conn, q("count_allocation_sessions"), {"allocation_id": live_id})
+    if unscheduled is not None and unscheduled["n"] == 0:
+        return Outcome("skipped", f"allocation {live_id} is approved; its sessions are queued")
+    if (
+        await still_fits(conn, purchase["live_trainer_id"], purchase, extra, ignore_capacity=True)
+        is None
+    ):
+        await conn.execute(q("enqueue_sessions"), {"allocation_id": live_id})
+        return Outcome(
+            "succeeded",
+            f"{len(extra)} more sessions for allocation {live_id}, "
+            f"same trainer {purchase['live_trainer_id']}",
+        )
+    remainder = await remaining_plan(conn, purchase, replacing=live_id, holidays=holidays)
+    decision = await search(conn, purchase, remainder, ctx, exclude=purchase["live_trainer_id"])
+    return await allocate_best(conn, purchase, remainder, decision, replacing=live_id)
+
+
+async def carry_out_request(
+    conn: Conn, purchase: DictRow, request: DictRow, holidays: set[date], ctx: StageContext
+) -> Outcome:
+    """An admin's assign_trainer(): the same rules, unless the request is an override (then
+    only the rules in OVERRIDABLE may fail, and the allocation records it)."""
+    trainer_id: UUID = request["trainer_id"]
+    live_id = purchase["live_allocation_id"]
+    approved = purchase["live_allocation_status"] == "approved"
+    if approved and purchase["live_trainer_id"] == trainer_id:
+        await _close_request(conn, request, "done", "already assigned to this trainer", live_id)
+        return Outcome("skipped", f"trainer {trainer_id} is already assigned")
+
+    sessions = await remaining_plan(
+        conn, purchase, replacing=live_id if approved else None, holidays=holidays
+    )
+    if not sessions:
+        await _close_request(conn, request, "refused", "no sessions remain to be scheduled", None)
+        return Outcome("skipped", "no sessions remain to be scheduled")
+    decision = await search(conn, purchase, sessions, ctx, only=trainer_id)
+    [candidate] = [c for c in decision.candidates if c.trainer_id == trainer_id]
+    failed = candidate.first_failed_rule()
+    overriding = failed is not None and bool(request["override"])
+    if failed is not None and not (overriding and failed in OVERRIDABLE):
+        why = (
+            f"{failed.value}: "
+            + decide(
+                [candidate],
+                active_trainers=1,
+                course=purchase["course_title"],
+                slot=_slot_text(purchase),
+            ).sentence
+        )
+        await _close_request(conn, request, "refused", why, None)
+        return Outcome("succeeded", f"assignment request {request['id']} refused: {why}")
+    taken = await still_fits(conn, trainer_id, purchase, sessions, ignore_capacity=overriding)
+    if taken is not None:
+        await _close_request(conn, request, "refused", f"{taken.value}: taken meanwhile", None)
+        return Outcome("succeeded", f"assignment request {request['id']} refused: {taken.value}")
+
+    if approved:
+        await conn.execute(
+            q("replace_allocation"),
+            {
+                "allocation_id": live_id,
+                "detail": f"reassigned by request {request['id']} to trainer {trainer_id}",
+            },
+        )
+    assignment = {
+        "requestId": request["id"],
+        "override": overriding,
+        "overriddenRule": failed.value if failed else None,
+        "note": request["note"],
+    }
+    allocation_id = await write_allocation(
+        conn,
+        purchase,
+        sessions,
+        status="approved",
+        trainer=candidate,
+        decision=Decision((candidate,), None, "", decision.eliminated, decision.candidates),
+        live_pending=not approved,
+        capacity_override=failed is Reason.AT_CAPACITY,
+        assignment=assignment,
+    )
+    await _close_request(conn, request, "done", f"allocation {allocation_id}", allocation_id)
+    return Outcome(
+        "succeeded",
+        f"allocation {allocation_id} approved by request {request['id']}: trainer {trainer_id}",
+    )
+
+
+async def _close_request(
+    conn: Conn, request: DictRow, status: str, outcome: str, allocation_id: UUID | None
+) -> None:
+    await conn.execute(
+        q("close_request"),
+        {
+            "request_id": request["id"],
+            "status": status,
+            "outcome": outcome,
+            "allocation_id": allocation_id,
+        },
+    )
+
+
+def _slot_text(purchase: DictRow) -> str:
+    slot: time = purchase["preferred_time_slot"]
+    return slot.strftime("%H:%M")
+
+
+async def search(
+    conn: Conn,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    ctx: StageContext,
+    *,
+    only: UUID | None = None,
+    exclude: UUID | None = None,
+) -> Decision:
     slot: time = purchase["preferred_time_slot"]
     slot_end = (
         datetime.combine(date.min, slot) + timedelta(minutes=purchase["session_duration_minutes"])
@@ -129,83 +339,109 @@ async def search(conn: Conn, purchase: DictRow, sessions: list[PlannedSession]) 
             "weekdays": sorted(allowed_weekdays(ScheduleMode(purchase["schedule_mode"]))),
             "slot_start": slot,
             "slot_end": slot_end,
+            "max_sequential_km": ctx.settings.max_sequential_distance_km,
+            "only_trainer": only,
         },
     )
     active = await fetch_one(conn, q("count_active_trainers"), {})
     candidates = [
         CandidateFacts(
             trainer_id=row["trainer_id"],
+            active=row["active"],
             specialty_match=row["specialty_match"],
             gender_ok=row["gender_ok"],
             distance_km=row["distance_km"],
             service_radius_km=row["service_radius_km"],
             available=row["available"],
             overlapping_sessions=row["overlapping_sessions"],
+            far_neighbours=row["far_neighbours"],
             live_allocations=row["live_allocations"],
             rating=row["rating"],
         )
         for row in rows
+        if row["trainer_id"] != exclude
     ]
     return decide(
         candidates,
         active_trainers=active["active"] if active else 0,
         course=purchase["course_title"],
-        slot=slot.strftime("%H:%M"),
+        slot=_slot_text(purchase),
     )
 
 
 async def still_fits(
-    conn: Conn, trainer_id: UUID, purchase: DictRow, sessions: list[PlannedSession]
-) -> bool:
-    """Under the trainer's row lock: active, under capacity, and free at every session."""
+    conn: Conn,
+    trainer_id: UUID,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    *,
+    ignore_capacity: bool = False,
+) -> Reason | None:
+    """Under the trainer's row lock: None when the trainer is active, under capacity and free
+    at every session; otherwise the rule that now fails."""
+    await conn.execute(q("lock_trainer"), {"trainer_id": trainer_id})
     row = await fetch_one(
         conn,
-        q("lock_and_recheck_trainer"),
+        q("recheck_trainer"),
         {
             "trainer_id": trainer_id,
             "starts": [s.starts_at for s in sessions],
             "ends": [s.ends_at for s in sessions],
         },
     )
-    if row is None or row["status"] != "active" or row["overlapping_sessions"] > 0:
-        return False
-    if row["live_allocations"] >= capacity_for(row["rating"]):
-        return False
+    if row is None or row["status"] != "active":
+        return Reason.TRAINER_INACTIVE
+    if row["overlapping_sessions"] > 0:
+        return Reason.NO_FREE_SLOT
+    if not ignore_capacity and row["live_allocations"] >= capacity_for(row["rating"]):
+        return Reason.AT_CAPACITY
     promised = await fetch_all(
         conn,
         q("trainer_unscheduled_allocations"),
         {"trainer_id": trainer_id, "purchase_id": purchase["id"]},
     )
     for other in promised:
-        holidays = await load_holidays(conn, other["first_session_date"])
-        theirs = plan_sessions(other, other["first_session_date"], holidays)
+        first_day = other["first_session_date"]
+        theirs = plan_sessions(
+            other,
+            earliest=first_day,
+            count=other["purchase_tier"],
+            first_number=1,
+            holidays=await load_holidays(conn, first_day),
+        )
         if _overlaps(sessions, theirs):
-            return False
-    return True
+            return Reason.NO_FREE_SLOT
+    return None
 
 
 async def write_allocation(
     conn: Conn,
     purchase: DictRow,
-    first_day: date,
     sessions: list[PlannedSession],
     *,
     status: str,
     trainer: CandidateFacts | None,
     decision: Decision,
+    live_pending: bool,
+    capacity_override: bool = False,
+    assignment: dict[str, Any] | None = None,
 ) -> UUID:
+    first_day = sessions[0].local_date
     metadata: dict[str, Any] = {
         # Older readers look for these two keys.
         "startDate": first_day.isoformat(),
         "schedule": {
-            "timeSlot": purchase["preferred_time_slot"].strftime("%H:%M"),
+            "timeSlot": _slot_text(purchase),
             "mode": purchase["schedule_mode"],
             "durationMinutes": purchase["session_duration_minutes"],
             "sessionCount": purchase["purchase_tier"],
+            "firstNumber": sessions[0].number,
             "lastDate": sessions[-1].local_date.isoformat(),
         },
         "match": decision.explain(trainer),
     }
+    if assignment is not None:
+        metadata["assignment"] = assignment
     params = {
         "purchase_id": purchase["id"],
         "student_id": purchase["student_id"],
@@ -216,9 +452,11 @@ async def write_allocation(
         "reason_detail": None if trainer else decision.sentence,
         "metadata": Jsonb(metadata),
         "first_session_date": first_day if trainer else None,
+        "capacity_override": capacity_override,
         "allocation_id": purchase["live_allocation_id"],
     }
-    if purchase["live_allocation_id"] is not None:
+    pending_id = purchase["live_allocation_id"]
+    if live_pending and pending_id is not None and purchase["live_allocation_status"] == "pending":
         row = await fetch_one(conn, q("update_pending_allocation"), params)
     else:
         row = await fetch_one(conn, q("insert_allocation"), params)

@@ -73,6 +73,48 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     os.execv(psql, [psql, url, *extra])
 
 
+def cmd_assign(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+    from uuid import UUID
+
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from workers.sql import q
+
+    url = database.pipeline_url(settings)
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        try:
+            row = conn.execute(
+                q("request_assignment"),
+                {
+                    "purchase_id": UUID(args.purchase),
+                    "trainer_id": UUID(args.trainer),
+                    "override": args.override,
+                    "note": args.note,
+                },
+            ).fetchone()
+        except psycopg.Error as exc:
+            print(f"refused: {exc.diag.message_primary or exc}", file=sys.stderr)
+            return 1
+        assert row is not None
+        request_id = row["request_id"]
+        print(f"request {request_id} recorded; the allocation stage carries it out")
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            status = conn.execute(q("request_status"), {"request_id": request_id}).fetchone()
+            if status is not None and status["status"] != "open":
+                print(f"request {request_id} {status['status']}: {status['outcome']}")
+                return 0 if status["status"] == "done" else 1
+            time.sleep(0.2)
+    print(
+        f"request {request_id} is still open after {args.wait}s: is a worker running "
+        "(make run-workers)?",
+        file=sys.stderr,
+    )
+    return 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers",
@@ -111,6 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
     stop.set_defaults(func=cmd_db_stop)
+
+    assign = sub.add_parser(
+        "assign",
+        help="assign or re-assign a trainer to a purchase (same rules unless --override)",
+        description="Records the request (SQL: assign_trainer) and waits for the allocation "
+        "stage to carry it out. Exit 0: done; 1: refused; 3: not processed in time.",
+    )
+    assign.add_argument("purchase", help="student_course_purchases.id")
+    assign.add_argument("trainer", help="trainers.id")
+    assign.add_argument(
+        "--override",
+        action="store_true",
+        help="allow specialty, gender, range, distance and capacity rules to "
+        "fail (never an overlap or an inactive trainer); needs --note",
+    )
+    assign.add_argument("--note", help="why (recorded with the request)")
+    assign.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the outcome (default 30)",
+    )
+    assign.set_defaults(func=cmd_assign)
 
     psql = sub.add_parser(
         "psql",

@@ -30,15 +30,19 @@ class Reason(StrEnum):
     NO_FREE_SLOT = "no_free_slot"
     TOO_FAR_BETWEEN_SESSIONS = "too_far_between_sessions"
     AT_CAPACITY = "at_capacity"
+    TRAINER_INACTIVE = "trainer_inactive"
     REFUNDED = "refunded"
     REASSIGNED = "reassigned"
 
 
 # The rules a candidate can fail, in the order they are checked.
 RULE_ORDER: tuple[Reason, ...] = (
+    Reason.TRAINER_INACTIVE,
+    Reason.NO_SPECIALTY,
     Reason.GENDER_MISMATCH,
     Reason.OUT_OF_RANGE,
     Reason.NO_FREE_SLOT,
+    Reason.TOO_FAR_BETWEEN_SESSIONS,
     Reason.AT_CAPACITY,
 )
 
@@ -51,7 +55,10 @@ _SENTENCES: dict[Reason, str] = {
     "the service radius of every one that qualified so far.",
     Reason.NO_FREE_SLOT: "{n} trainer(s) teach {course} and cover the area, but none is free "
     "on every session day at {slot}.",
+    Reason.TOO_FAR_BETWEEN_SESSIONS: "{n} trainer(s) are free at {slot}, but each has a "
+    "session in the hour before or after at another student's home too far from this one.",
     Reason.AT_CAPACITY: "{n} trainer(s) could teach {course} at {slot}, but all are at capacity.",
+    Reason.TRAINER_INACTIVE: "The requested trainer is not active.",
 }
 
 SpecialtyMatch = Literal["category", "subcategory"]
@@ -78,7 +85,7 @@ class CandidateFacts:
     """What the database measured about one active trainer who teaches the course."""
 
     trainer_id: UUID
-    specialty_match: SpecialtyMatch
+    specialty_match: SpecialtyMatch | None
     gender_ok: bool
     distance_km: float
     service_radius_km: float
@@ -86,18 +93,26 @@ class CandidateFacts:
     overlapping_sessions: int
     live_allocations: int
     rating: Decimal | None
+    far_neighbours: int = 0  # sessions in the hour before/after, too far from this home
+    active: bool = True
 
     @property
     def capacity(self) -> int:
         return capacity_for(self.rating)
 
     def first_failed_rule(self) -> Reason | None:
+        if not self.active:
+            return Reason.TRAINER_INACTIVE
+        if self.specialty_match is None:
+            return Reason.NO_SPECIALTY
         if not self.gender_ok:
             return Reason.GENDER_MISMATCH
         if self.distance_km > self.service_radius_km:
             return Reason.OUT_OF_RANGE
         if not self.available or self.overlapping_sessions > 0:
             return Reason.NO_FREE_SLOT
+        if self.far_neighbours > 0:
+            return Reason.TOO_FAR_BETWEEN_SESSIONS
         if self.live_allocations >= self.capacity:
             return Reason.AT_CAPACITY
         return None
@@ -118,6 +133,7 @@ class CandidateFacts:
             "distanceKm": round(self.distance_km, 3),
             "serviceRadiusKm": self.service_radius_km,
             "liveAllocations": self.live_allocations,
+            "farNeighbours": self.far_neighbours,
             "capacity": self.capacity,
             "rating": None if self.rating is None else float(self.rating),
         }
@@ -131,6 +147,7 @@ class Decision:
     reason: Reason | None
     sentence: str
     eliminated: dict[str, int] = field(default_factory=dict)
+    candidates: tuple[CandidateFacts, ...] = ()
 
     @property
     def chosen(self) -> CandidateFacts | None:
@@ -139,7 +156,7 @@ class Decision:
     def explain(self, chosen: CandidateFacts | None = None) -> dict[str, Any]:
         chosen = chosen if chosen is not None else self.chosen
         out: dict[str, Any] = {
-            "rules": ["active", "specialty", *[r.value for r in RULE_ORDER]],
+            "rules": [r.value for r in RULE_ORDER],
             "eligible": len(self.ranked),
             "eliminated": self.eliminated,
             "ranking": [c.summary() | {"rank": i + 1} for i, c in enumerate(self.ranked[:5])],
@@ -173,13 +190,22 @@ def decide(
     }
     if eligible:
         ranked = tuple(sorted(eligible, key=CandidateFacts.rank_key))
-        return Decision(ranked, None, "", eliminated_json)
+        return Decision(ranked, None, "", eliminated_json, tuple(candidates))
 
     if active_trainers == 0:
         reason = Reason.NO_TRAINER
     elif not candidates:
         reason = Reason.NO_SPECIALTY
     else:
-        reason = max(eliminated, key=RULE_ORDER.index)
-    sentence = _SENTENCES[reason].format(n=len(candidates), course=course, slot=slot)
-    return Decision((), reason, sentence, eliminated_json)
+        reason = furthest(list(eliminated))
+    sentence = sentence_for(reason, n=len(candidates), course=course, slot=slot)
+    return Decision((), reason, sentence, eliminated_json, tuple(candidates))
+
+
+def sentence_for(reason: Reason, *, n: int, course: str, slot: str) -> str:
+    return _SENTENCES[reason].format(n=n, course=course, slot=slot)
+
+
+def furthest(reasons: list[Reason]) -> Reason:
+    """The rule reached by the candidate that got furthest (see `decide`)."""
+    return max(reasons, key=RULE_ORDER.index)

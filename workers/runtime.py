@@ -13,17 +13,19 @@ from datetime import timedelta
 from uuid import UUID
 
 from pgqueuer.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
-from pgqueuer.models import Job
+from pgqueuer.models import Job, Schedule
 from pgqueuer.qm import QueueManager
 from pgqueuer.queries import Queries
+from pgqueuer.sm import SchedulerManager
 from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
 from workers import allocation, purchase, sessions
-from workers.db import Conn, make_pool
+from workers.db import Conn, fetch_one, make_pool, transaction
 from workers.driver import ListeningDriver
 from workers.errors import StageNotFoundError
 from workers.settings import Settings
+from workers.sql import q
 from workers.stages import Handler, Stage, StageContext, run_stage
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,23 @@ def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings:
         bind()
 
 
+def register_schedules(
+    sm: SchedulerManager, pool: AsyncConnectionPool[Conn], settings: Settings
+) -> None:
+    """Periodic jobs (pgqueuer cron: every worker registers them, one runs each tick)."""
+
+    @sm.schedule("sweep_pending_allocations", "* * * * *")
+    async def sweep(schedule: Schedule) -> None:
+        async with transaction(pool) as conn:
+            row = await fetch_one(
+                conn,
+                q("sweep_pending"),
+                {"min_age": timedelta(seconds=settings.pending_retry_seconds)},
+            )
+        if row and row["enqueued"]:
+            log.info("sweep: %d pending allocation(s) enqueued for another try", row["enqueued"])
+
+
 async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> None:
     """Process jobs until SIGINT/SIGTERM (or, with drain, until the queue is empty)."""
     driver = await ListeningDriver.connect(url)
@@ -72,6 +91,9 @@ async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> No
     await pool.open(wait=True)
     qm = QueueManager(Queries(driver))
     register_stages(qm, pool, settings)
+    sm = SchedulerManager(Queries(driver))
+    sm.shutdown = qm.shutdown
+    register_schedules(sm, pool, settings)
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -84,11 +106,15 @@ async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> No
         settings.pool_size,
     )
     try:
-        await qm.run(
+        queue = qm.run(
             batch_size=settings.batch_size,
             dequeue_timeout=timedelta(seconds=settings.idle_poll_seconds),
             mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
         )
+        if drain:  # a one-off run to empty the queue: no periodic jobs
+            await queue
+        else:
+            await asyncio.gather(queue, sm.run())
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)

@@ -1,14 +1,18 @@
-"""Sessions stage: an approved allocation -> its purchase_tier sessions, numbered 1..N.
+"""Sessions stage: an approved allocation -> the purchase's remaining sessions, numbered on.
 
 One statement writes the whole schedule inside the stage's transaction; numbers that exist
-already are left alone, so running the stage twice writes nothing twice.
+already are left alone, so running the stage twice writes nothing twice. The schedule starts
+where the allocation stage checked the trainer (first_session_date), or right after this
+allocation's last session when the tier was raised, and continues the purchase's numbering
+after any sessions that stand from an earlier allocation.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from uuid import UUID
 
-from workers.allocation import load_holidays, plan_sessions
+from workers.allocation import load_holidays, local_tomorrow, plan_sessions
 from workers.db import Conn, fetch_one
 from workers.sql import q
 from workers.stages import Outcome, StageContext
@@ -23,11 +27,23 @@ async def handle(conn: Conn, allocation_id: UUID, ctx: StageContext) -> Outcome:
     if allocation["status"] != "approved":
         return Outcome("skipped", f"allocation is {allocation['status']}, not approved")
     tier = allocation["purchase_tier"]
-    if allocation["existing"] >= tier:
+    remaining = tier - allocation["delivered"]
+    if remaining <= 0:
         return Outcome("skipped", f"all {tier} sessions exist")
 
-    first_day = allocation["first_session_date"]
-    sessions = plan_sessions(allocation, first_day, await load_holidays(conn, first_day))
+    earliest = allocation["first_session_date"]
+    if allocation["own_last_date"] is not None:
+        earliest = allocation["own_last_date"] + timedelta(days=1)
+    if allocation["last_date"] is not None:
+        earliest = max(earliest, allocation["last_date"] + timedelta(days=1))
+    earliest = max(earliest, local_tomorrow(allocation["timezone"]))
+    sessions = plan_sessions(
+        allocation,
+        earliest=earliest,
+        count=remaining,
+        first_number=allocation["last_number"] + 1,
+        holidays=await load_holidays(conn, earliest),
+    )
     cursor = await conn.execute(
         q("insert_sessions"),
         {
@@ -43,4 +59,8 @@ async def handle(conn: Conn, allocation_id: UUID, ctx: StageContext) -> Outcome:
             "ends": [s.ends_at for s in sessions],
         },
     )
-    return Outcome("succeeded", f"{cursor.rowcount} of {tier} sessions written")
+    return Outcome(
+        "succeeded",
+        f"{cursor.rowcount} sessions written "
+        f"({sessions[0].number}..{sessions[-1].number} of {tier})",
+    )

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         validation_alias="KC_IDLE_POLL_SECONDS",
         description="Longest wait for work without a notification before polling the queue.",
     )
+    pending_retry_seconds: int = Field(
+        default=300,
+        ge=1,
+        validation_alias="KC_PENDING_RETRY_SECONDS",
+        description="The minute-by-minute sweep retries pending allocations older than this.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         validation_alias="KC_LOG_LEVEL",

@@ -20,6 +20,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError(
-        "0001 creates the whole schema; to undo it, drop the database (make db-reset)."
-    )
+    raise NotImplementedError("0001 creates the whole schema; to undo it, drop the database.")

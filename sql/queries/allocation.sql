@@ -5,7 +5,8 @@
 SELECT pu.id, pu.student_id, pu.course_id, pu.purchase_tier, pu.start_date,
        pu.preferred_time_slot, pu.schedule_mode, pu.session_duration_minutes, pu.is_active,
        s.timezone, s.gender AS student_gender, c.title AS course_title,
-       live.id AS live_allocation_id, live.status AS live_allocation_status
+       live.id AS live_allocation_id, live.status AS live_allocation_status,
+       live.trainer_id AS live_trainer_id
 FROM student_course_purchases pu
 JOIN students s ON s.id = pu.student_id
 JOIN courses c ON c.id = pu.course_id
@@ -18,8 +19,9 @@ FOR UPDATE OF pu;
 SELECT count(*) AS active FROM trainers WHERE status = 'active';
 
 -- name: candidate_facts
--- One row per active trainer who teaches the course (category or subcategory), with every
--- fact the matching rules need. The new sessions arrive as two parallel arrays.
+-- One row per active trainer who teaches the course (category or subcategory), or only the
+-- trainer named by only_trainer (an admin request: then whatever their status or specialty),
+-- with every fact the matching rules need. The new sessions arrive as two parallel arrays.
 WITH purchase AS (
     SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
            lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
@@ -34,8 +36,10 @@ WITH purchase AS (
     SELECT min(lower(span)) AS first_start, max(upper(span)) AS last_end FROM new_sessions
 )
 SELECT t.id AS trainer_id,
+       t.status = 'active' AS active,
        CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
-            ELSE 'subcategory' END AS specialty_match,
+            WHEN p.subcategory = ANY (t.specialties_norm) THEN 'subcategory' END
+           AS specialty_match,
        (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender) AS gender_ok,
        kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
        t.service_radius_km::float8 AS service_radius_km,
@@ -56,18 +60,41 @@ SELECT t.id AS trainer_id,
            AND EXISTS (SELECT 1 FROM new_sessions n
                         WHERE n.span && tstzrange(ts.starts_at, ts.ends_at))
        ) AS overlapping_sessions,
+       -- Sequential distance: the trainer's sessions ending in the hour before a new session
+       -- or starting in the hour after one must be near this student's home.
+       (SELECT count(*)
+          FROM tutoring_sessions ts
+          JOIN students other ON other.id = ts.student_id, window_bounds w
+         WHERE ts.trainer_id = t.id
+           AND ts.status = 'scheduled'
+           AND ts.starts_at < w.last_end + interval '1 hour'
+           AND ts.ends_at > w.first_start - interval '1 hour'
+           AND EXISTS (SELECT 1 FROM new_sessions n
+                        WHERE tstzrange(lower(n.span) - interval '1 hour',
+                                        upper(n.span) + interval '1 hour')
+                              && tstzrange(ts.starts_at, ts.ends_at))
+           AND kc_haversine_km(other.home_lat, other.home_lng, p.home_lat, p.home_lng)
+               > %(max_sequential_km)s::float8
+       ) AS far_neighbours,
        (SELECT count(*) FROM trainer_allocations ta
          WHERE ta.trainer_id = t.id AND ta.status = 'approved') AS live_allocations
 FROM trainers t
 CROSS JOIN purchase p
-WHERE t.status = 'active'
-  AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL);
+WHERE CASE WHEN %(only_trainer)s::uuid IS NULL
+           THEN t.status = 'active'
+                AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL)
+           ELSE t.id = %(only_trainer)s::uuid END;
 
--- name: lock_and_recheck_trainer
--- Locks the trainer row (every approval for a trainer is serialised here and in the capacity
--- trigger) and re-reads, after the lock, what may have changed since the search.
+-- name: lock_trainer
+-- Every approval for a trainer is serialised on this row lock (here and in the capacity
+-- trigger). The re-check must be a separate statement: in READ COMMITTED a statement reads
+-- the snapshot taken when it started, before it waited for the lock.
+SELECT id FROM trainers WHERE id = %(trainer_id)s::uuid FOR NO KEY UPDATE;
+
+-- name: recheck_trainer
+-- Re-reads, after lock_trainer, what may have changed since the search.
 WITH locked AS (
-    SELECT id, rating, status FROM trainers WHERE id = %(trainer_id)s::uuid FOR NO KEY UPDATE
+    SELECT id, rating, status FROM trainers WHERE id = %(trainer_id)s::uuid
 )
 SELECT l.status,
        l.rating,
@@ -96,10 +123,10 @@ WHERE ta.trainer_id = %(trainer_id)s::uuid
 -- name: insert_allocation
 INSERT INTO trainer_allocations (
     purchase_id, student_id, course_id, trainer_id, status, reason, reason_detail, metadata,
-    first_session_date, allocated_at)
+    first_session_date, capacity_override, allocated_at)
 VALUES (%(purchase_id)s::uuid, %(student_id)s::uuid, %(course_id)s::uuid,
         %(trainer_id)s::uuid, %(status)s::text, %(reason)s::text, %(reason_detail)s::text,
-        %(metadata)s::jsonb, %(first_session_date)s::date,
+        %(metadata)s::jsonb, %(first_session_date)s::date, %(capacity_override)s::boolean,
         CASE WHEN %(status)s::text = 'approved' THEN now() END)
 RETURNING id;
 
@@ -113,7 +140,55 @@ SET trainer_id = %(trainer_id)s::uuid,
     metadata = %(metadata)s::jsonb,
     first_session_date = %(first_session_date)s::date,
     allocated_at = CASE WHEN %(status)s::text = 'approved' THEN now() END,
+    capacity_override = %(capacity_override)s::boolean,
     attempts = attempts + 1,
     updated_at = now()
 WHERE id = %(allocation_id)s::uuid AND status = 'pending'
 RETURNING id;
+
+-- name: purchase_progress
+-- Sessions of a purchase that stand: not cancelled, and (when reassigning) not in the future
+-- of the allocation being replaced. The remaining schedule continues after them.
+SELECT count(*) AS delivered,
+       coalesce(max(ts.session_number), 0) AS last_number,
+       max(ts.scheduled_date) AS last_date
+FROM tutoring_sessions ts
+JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+WHERE ta.purchase_id = %(purchase_id)s::uuid
+  AND ts.status <> 'cancelled'
+  AND (ts.allocation_id IS DISTINCT FROM %(replacing)s::uuid OR ts.starts_at <= now());
+
+-- name: open_request
+SELECT id, trainer_id, override, note
+FROM allocation_requests
+WHERE purchase_id = %(purchase_id)s::uuid AND status = 'open'
+ORDER BY id
+LIMIT 1
+FOR UPDATE;
+
+-- name: close_request
+UPDATE allocation_requests
+SET status = %(status)s::text, outcome = %(outcome)s::text, decided_at = now(),
+    allocation_id = %(allocation_id)s::uuid
+WHERE id = %(request_id)s::bigint;
+
+-- name: replace_allocation
+-- Reassignment: the old allocation ends and its future sessions are cancelled; the past stays.
+WITH ended AS (
+    UPDATE trainer_allocations
+    SET status = 'cancelled', reason = 'reassigned', reason_detail = %(detail)s::text,
+        updated_at = now()
+    WHERE id = %(allocation_id)s::uuid AND status IN ('pending', 'approved')
+    RETURNING id
+)
+UPDATE tutoring_sessions ts
+SET status = 'cancelled', cancelled_at = now()
+FROM ended
+WHERE ts.allocation_id = ended.id AND ts.status = 'scheduled' AND ts.starts_at > now();
+
+-- name: enqueue_sessions
+SELECT enqueue_stage('sessions', %(allocation_id)s::uuid) AS job_id;
+
+-- name: count_allocation_sessions
+SELECT count(*) AS n FROM tutoring_sessions
+WHERE allocation_id = %(allocation_id)s::uuid AND status <> 'cancelled';

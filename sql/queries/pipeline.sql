@@ -7,3 +7,14 @@ VALUES (%(stage)s::text, %(ref_id)s::uuid, %(event)s::text, %(job_id)s::bigint,
 
 -- name: enqueue_stage
 SELECT enqueue_stage(%(stage)s::text, %(ref_id)s::uuid) AS job_id;
+
+-- name: sweep_pending
+SELECT sweep_pending_allocations(%(min_age)s::interval) AS enqueued;
+
+-- name: request_assignment
+SELECT assign_trainer(%(purchase_id)s::uuid, %(trainer_id)s::uuid, %(override)s::boolean,
+                      %(note)s::text) AS request_id;
+
+-- name: request_status
+SELECT id, status, outcome, allocation_id FROM allocation_requests
+WHERE id = %(request_id)s::bigint;

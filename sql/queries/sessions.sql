@@ -1,13 +1,25 @@
 -- Sessions stage: an approved allocation gets its whole schedule, in one transaction.
 
 -- name: lock_allocation_for_sessions
+-- Locks the allocation and reads where the purchase's schedule stands: sessions that are not
+-- cancelled, over every allocation of the purchase (delivered, last number, last date), and
+-- this allocation's own last date.
 SELECT ta.id, ta.status, ta.trainer_id, ta.student_id, ta.course_id, ta.first_session_date,
        pu.purchase_tier, pu.schedule_mode, pu.preferred_time_slot,
        pu.session_duration_minutes, s.timezone,
-       (SELECT count(*) FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id) AS existing
+       standing.delivered, standing.last_number, standing.last_date, standing.own_last_date
 FROM trainer_allocations ta
 JOIN student_course_purchases pu ON pu.id = ta.purchase_id
 JOIN students s ON s.id = ta.student_id
+CROSS JOIN LATERAL (
+    SELECT count(*) AS delivered,
+           coalesce(max(ts.session_number), 0) AS last_number,
+           max(ts.scheduled_date) AS last_date,
+           max(ts.scheduled_date) FILTER (WHERE ts.allocation_id = ta.id) AS own_last_date
+    FROM tutoring_sessions ts
+    JOIN trainer_allocations other ON other.id = ts.allocation_id
+    WHERE other.purchase_id = ta.purchase_id AND ts.status <> 'cancelled'
+) standing
 WHERE ta.id = %(allocation_id)s::uuid
 FOR UPDATE OF ta;
 
