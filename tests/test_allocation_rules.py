@@ -221,16 +221,22 @@ def test_candidate_search_uses_its_indexes(conn: Conn) -> None:
         student,
         course,
     )["id"]
-    query = all_queries()["candidate_facts"].positional()
+    query = all_queries()["candidate_facts"]
     conn.execute("SET enable_seqscan = off")
-    conn.execute(f"PREPARE candidate_facts AS {query}")
+    conn.execute(f"PREPARE candidate_facts AS {query.positional()}")
     # Untyped literals take the statement's parameter types.
-    plan = one(
-        conn,
-        f"EXPLAIN (FORMAT JSON) EXECUTE candidate_facts('{UUID(str(purchase))}', "
-        "'{2030-01-01 10:30+00}', '{2030-01-01 11:30+00}', '{1,2,3,4,5,6,7}', "
-        "'16:00', '17:00', 5.0, NULL)",
-    )
+    literals = {
+        "purchase_id": f"'{UUID(str(purchase))}'",
+        "starts": "'{2030-01-01 10:30+00}'",
+        "ends": "'{2030-01-01 11:30+00}'",
+        "weekdays": "'{1,2,3,4,5,6,7}'",
+        "slot_start": "'16:00'",
+        "slot_end": "'17:00'",
+        "max_sequential_km": "5.0",
+        "only_trainer": "NULL",
+    }
+    args = ", ".join(literals[name] for name in query.parameter_names())
+    plan = one(conn, f"EXPLAIN (FORMAT JSON) EXECUTE candidate_facts({args})")
     text = json.dumps(plan)
     for index in (
         "trainers_active_specialties_idx",

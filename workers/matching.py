@@ -90,10 +90,12 @@ class CandidateFacts:
     distance_km: float
     service_radius_km: float
     available: bool  # availability covers the slot on every weekday of the schedule
-    overlapping_sessions: int
+    # The costly facts are measured only for trainers who passed every earlier rule; None
+    # means "not measured" (an earlier rule already failed, so no rule reads it).
+    overlapping_sessions: int | None
     live_allocations: int
     rating: Decimal | None
-    far_neighbours: int = 0  # sessions in the hour before/after, too far from this home
+    far_neighbours: int | None = 0  # sessions in the hour before/after, too far from home
     active: bool = True
 
     @property
@@ -109,13 +111,21 @@ class CandidateFacts:
             return Reason.GENDER_MISMATCH
         if self.distance_km > self.service_radius_km:
             return Reason.OUT_OF_RANGE
-        if not self.available or self.overlapping_sessions > 0:
+        if not self.available or self._measured(self.overlapping_sessions) > 0:
             return Reason.NO_FREE_SLOT
-        if self.far_neighbours > 0:
+        if self._measured(self.far_neighbours) > 0:
             return Reason.TOO_FAR_BETWEEN_SESSIONS
         if self.live_allocations >= self.capacity:
             return Reason.AT_CAPACITY
         return None
+
+    def _measured(self, fact: int | None) -> int:
+        if fact is None:
+            raise ValueError(
+                f"trainer {self.trainer_id}: a rule needs a fact that was not "
+                "measured; the candidate query and RULE_ORDER disagree"
+            )
+        return fact
 
     def rank_key(self) -> tuple[int, int, Decimal, float, str]:
         return (

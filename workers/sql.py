@@ -28,6 +28,10 @@ class NamedQuery:
     text: str
     source: Path
 
+    def parameter_names(self) -> list[str]:
+        """Named parameters in the order `positional()` numbers them."""
+        return list(dict.fromkeys(_PLACEHOLDER.findall(self.text)))
+
     def positional(self) -> str:
         """The query with `$1, $2 ...` in place of named placeholders (for PREPARE)."""
         order: dict[str, int] = {}

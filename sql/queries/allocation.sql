@@ -21,7 +21,10 @@ SELECT count(*) AS active FROM trainers WHERE status = 'active';
 -- name: candidate_facts
 -- One row per active trainer who teaches the course (category or subcategory), or only the
 -- trainer named by only_trainer (an admin request: then whatever their status or specialty),
--- with every fact the matching rules need. The new sessions arrive as two parallel arrays.
+-- with the facts the matching rules need. The new sessions arrive as two parallel arrays.
+-- Rules are checked in a fixed order (workers/matching.py), so the costly facts (overlaps,
+-- sequential distance) are only measured for trainers who passed every earlier rule; for the
+-- others they are NULL, "not measured".
 WITH purchase AS (
     SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
            lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
@@ -29,61 +32,73 @@ WITH purchase AS (
     JOIN students s ON s.id = pu.student_id
     JOIN courses c ON c.id = pu.course_id
     WHERE pu.id = %(purchase_id)s::uuid
-), new_sessions AS (
-    SELECT tstzrange(t.starts_at, t.ends_at) AS span
+), bounds AS MATERIALIZED (
+    -- The new sessions as one multirange (and widened by an hour for the neighbour rule):
+    -- one && per existing session instead of a join against every new session.
+    SELECT min(t.starts_at) AS first_start, max(t.ends_at) AS last_end,
+           range_agg(tstzrange(t.starts_at, t.ends_at)) AS busy,
+           range_agg(tstzrange(t.starts_at - interval '1 hour', t.ends_at + interval '1 hour'))
+               AS near
     FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[]) AS t(starts_at, ends_at)
-), window_bounds AS (
-    SELECT min(lower(span)) AS first_start, max(upper(span)) AS last_end FROM new_sessions
+), cheap AS MATERIALIZED (
+    SELECT t.id AS trainer_id,
+           t.status = 'active' AS active,
+           CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
+                WHEN p.subcategory = ANY (t.specialties_norm) THEN 'subcategory' END
+               AS specialty_match,
+           (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender)
+               AS gender_ok,
+           kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
+           t.service_radius_km::float8 AS service_radius_km,
+           t.rating,
+           (SELECT count(DISTINCT a.weekday)
+              FROM trainer_availability a
+             WHERE a.trainer_id = t.id
+               AND a.weekday = ANY (%(weekdays)s::smallint[])
+               AND a.slot_start <= %(slot_start)s::time
+               AND a.slot_end >= %(slot_end)s::time
+           ) = cardinality(%(weekdays)s::smallint[]) AS available,
+           p.home_lat, p.home_lng
+    FROM trainers t
+    CROSS JOIN purchase p
+    WHERE CASE WHEN %(only_trainer)s::uuid IS NULL
+               THEN t.status = 'active'
+                    AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory],
+                                                           NULL)
+               ELSE t.id = %(only_trainer)s::uuid END
+), timed AS MATERIALIZED (
+    SELECT c.*,
+           CASE WHEN c.active AND c.specialty_match IS NOT NULL AND c.gender_ok
+                     AND c.distance_km <= c.service_radius_km AND c.available
+           THEN (SELECT count(*)
+                   FROM tutoring_sessions ts, bounds b
+                  WHERE ts.trainer_id = c.trainer_id
+                    AND ts.status = 'scheduled'
+                    AND ts.starts_at < b.last_end
+                    AND ts.ends_at > b.first_start
+                    AND tstzrange(ts.starts_at, ts.ends_at) && b.busy)
+           END AS overlapping_sessions
+    FROM cheap c
 )
-SELECT t.id AS trainer_id,
-       t.status = 'active' AS active,
-       CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
-            WHEN p.subcategory = ANY (t.specialties_norm) THEN 'subcategory' END
-           AS specialty_match,
-       (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender) AS gender_ok,
-       kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
-       t.service_radius_km::float8 AS service_radius_km,
-       t.rating,
-       (SELECT count(DISTINCT a.weekday)
-          FROM trainer_availability a
-         WHERE a.trainer_id = t.id
-           AND a.weekday = ANY (%(weekdays)s::smallint[])
-           AND a.slot_start <= %(slot_start)s::time
-           AND a.slot_end >= %(slot_end)s::time
-       ) = cardinality(%(weekdays)s::smallint[]) AS available,
-       (SELECT count(*)
-          FROM tutoring_sessions ts, window_bounds w
-         WHERE ts.trainer_id = t.id
-           AND ts.status = 'scheduled'
-           AND ts.starts_at < w.last_end
-           AND ts.ends_at > w.first_start
-           AND EXISTS (SELECT 1 FROM new_sessions n
-                        WHERE n.span && tstzrange(ts.starts_at, ts.ends_at))
-       ) AS overlapping_sessions,
+SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
+       t.service_radius_km, t.rating, t.available, t.overlapping_sessions,
        -- Sequential distance: the trainer's sessions ending in the hour before a new session
        -- or starting in the hour after one must be near this student's home.
-       (SELECT count(*)
-          FROM tutoring_sessions ts
-          JOIN students other ON other.id = ts.student_id, window_bounds w
-         WHERE ts.trainer_id = t.id
-           AND ts.status = 'scheduled'
-           AND ts.starts_at < w.last_end + interval '1 hour'
-           AND ts.ends_at > w.first_start - interval '1 hour'
-           AND EXISTS (SELECT 1 FROM new_sessions n
-                        WHERE tstzrange(lower(n.span) - interval '1 hour',
-                                        upper(n.span) + interval '1 hour')
-                              && tstzrange(ts.starts_at, ts.ends_at))
-           AND kc_haversine_km(other.home_lat, other.home_lng, p.home_lat, p.home_lng)
-               > %(max_sequential_km)s::float8
-       ) AS far_neighbours,
+       CASE WHEN t.overlapping_sessions = 0
+       THEN (SELECT count(*)
+               FROM tutoring_sessions ts
+               JOIN students other ON other.id = ts.student_id, bounds b
+              WHERE ts.trainer_id = t.trainer_id
+                AND ts.status = 'scheduled'
+                AND ts.starts_at < b.last_end + interval '1 hour'
+                AND ts.ends_at > b.first_start - interval '1 hour'
+                AND tstzrange(ts.starts_at, ts.ends_at) && b.near
+                AND kc_haversine_km(other.home_lat, other.home_lng, t.home_lat, t.home_lng)
+                    > %(max_sequential_km)s::float8)
+       END AS far_neighbours,
        (SELECT count(*) FROM trainer_allocations ta
-         WHERE ta.trainer_id = t.id AND ta.status = 'approved') AS live_allocations
-FROM trainers t
-CROSS JOIN purchase p
-WHERE CASE WHEN %(only_trainer)s::uuid IS NULL
-           THEN t.status = 'active'
-                AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL)
-           ELSE t.id = %(only_trainer)s::uuid END;
+         WHERE ta.trainer_id = t.trainer_id AND ta.status = 'approved') AS live_allocations
+FROM timed t;
 
 -- name: lock_trainer
 -- Every approval for a trainer is serialised on this row lock (here and in the capacity
