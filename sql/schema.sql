@@ -98,6 +98,14 @@ TABLE pgqueuer_statistics (
     status pgqueuer_status NOT NULL,
     entrypoint text NOT NULL
 );
+TABLE purchase_upgrades (
+    payment_id uuid NOT NULL,
+    purchase_id uuid NOT NULL,
+    from_tier smallint NOT NULL,
+    to_tier smallint NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    reverted_at timestamp with time zone
+);
 TABLE stage_history (
     id bigint NOT NULL IDENTITY,
     stage text NOT NULL,
@@ -213,7 +221,11 @@ CONSTRAINT pgqueuer_log.pgqueuer_log_pkey PRIMARY KEY (id);
 CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_expression_entrypoint_key UNIQUE (expression, entrypoint);
 CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_pkey PRIMARY KEY (id);
 CONSTRAINT pgqueuer_statistics.pgqueuer_statistics_pkey PRIMARY KEY (id);
-CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text])));
+CONSTRAINT purchase_upgrades.purchase_upgrades_check CHECK ((to_tier > from_tier));
+CONSTRAINT purchase_upgrades.purchase_upgrades_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
+CONSTRAINT purchase_upgrades.purchase_upgrades_pkey PRIMARY KEY (payment_id);
+CONSTRAINT purchase_upgrades.purchase_upgrades_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text])));
 CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
 CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
@@ -289,6 +301,8 @@ CREATE UNIQUE INDEX pgqueuer_statistics_pkey ON public.pgqueuer_statistics USING
 CREATE UNIQUE INDEX pgqueuer_statistics_unique_count ON public.pgqueuer_statistics USING btree (priority, date_trunc('sec'::text, timezone('UTC'::text, created)), status, entrypoint);
 CREATE UNIQUE INDEX pgqueuer_unique_dedupe_key ON public.pgqueuer USING btree (dedupe_key) WHERE ((status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND (dedupe_key IS NOT NULL));
 CREATE INDEX pgqueuer_updated_id_id1_idx ON public.pgqueuer USING btree (updated, id DESC) INCLUDE (id) WHERE (status = 'picked'::pgqueuer_status);
+CREATE UNIQUE INDEX purchase_upgrades_pkey ON public.purchase_upgrades USING btree (payment_id);
+CREATE INDEX purchase_upgrades_purchase_idx ON public.purchase_upgrades USING btree (purchase_id);
 CREATE UNIQUE INDEX stage_history_pkey ON public.stage_history USING btree (id);
 CREATE INDEX stage_history_ref_idx ON public.stage_history USING btree (ref_id, at);
 CREATE INDEX stage_history_stage_at_idx ON public.stage_history USING btree (stage, at);
@@ -311,6 +325,21 @@ CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btr
 CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
 
 -- VIEWS
+VIEW healed_rows AS
+ SELECT stage_history.stage,
+    stage_history.ref_id,
+    stage_history.job_id,
+    stage_history.at
+   FROM stage_history
+  WHERE stage_history.event = 'healed'::text;
+VIEW live_jobs AS
+ SELECT pgqueuer.id AS job_id,
+    pgqueuer.entrypoint AS stage,
+    substr(pgqueuer.dedupe_key, length(pgqueuer.entrypoint) + 2)::uuid AS ref_id,
+    pgqueuer.status,
+    pgqueuer.attempts
+   FROM pgqueuer
+  WHERE (pgqueuer.status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND pgqueuer.dedupe_key IS NOT NULL;
 VIEW rejected_payments AS
  SELECT r.payment_id,
     p.student_id,
@@ -325,6 +354,57 @@ VIEW rejected_payments AS
   WHERE r.resolved_at IS NULL;
 
 -- FUNCTIONS
+CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
+ RETURNS text
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_purchase uuid;
+    v_upgrade  purchase_upgrades%ROWTYPE;
+    v_detail   text;
+BEGIN
+    SELECT id INTO v_purchase FROM student_course_purchases
+    WHERE payment_id = p_payment AND is_active FOR UPDATE;
+    IF FOUND THEN
+        UPDATE student_course_purchases SET is_active = false, deactivated_at = now()
+        WHERE id = v_purchase;
+        UPDATE trainer_allocations
+        SET status = 'cancelled', reason = 'refunded', updated_at = now(),
+            reason_detail = 'the payment was refunded'
+        WHERE purchase_id = v_purchase AND status IN ('pending', 'approved');
+        UPDATE tutoring_sessions ts SET status = 'cancelled', cancelled_at = now()
+        FROM trainer_allocations ta
+        WHERE ta.id = ts.allocation_id AND ta.purchase_id = v_purchase
+          AND ts.status = 'scheduled' AND ts.starts_at > now();
+        UPDATE allocation_requests SET status = 'refused', outcome = 'the payment was refunded',
+                                       decided_at = now()
+        WHERE purchase_id = v_purchase AND status = 'open';
+        v_detail := 'purchase ' || v_purchase || ' deactivated';
+    ELSE
+        SELECT * INTO v_upgrade FROM purchase_upgrades
+        WHERE payment_id = p_payment AND reverted_at IS NULL FOR UPDATE;
+        IF NOT FOUND THEN
+            v_detail := 'nothing to undo: no active purchase or upgrade for this payment';
+        ELSE
+            UPDATE purchase_upgrades SET reverted_at = now() WHERE payment_id = p_payment;
+            UPDATE student_course_purchases
+            SET purchase_tier = purchase_tier - (v_upgrade.to_tier - v_upgrade.from_tier)
+            WHERE id = v_upgrade.purchase_id;
+            UPDATE tutoring_sessions ts SET status = 'cancelled', cancelled_at = now()
+            FROM trainer_allocations ta
+            WHERE ta.id = ts.allocation_id AND ta.purchase_id = v_upgrade.purchase_id
+              AND ts.status = 'scheduled' AND ts.starts_at > now()
+              AND ts.session_number > (SELECT purchase_tier FROM student_course_purchases
+                                       WHERE id = v_upgrade.purchase_id);
+            v_detail := 'upgrade of purchase ' || v_upgrade.purchase_id || ' reverted to '
+                        || v_upgrade.from_tier || ' sessions';
+        END IF;
+    END IF;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    VALUES ('purchase', p_payment, 'refunded', v_detail);
+    RETURN v_detail;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -428,6 +508,54 @@ BEGIN
     END IF;
 
 END;
+$function$
+CREATE OR REPLACE FUNCTION public.heal_pipeline(p_min_age interval DEFAULT '00:02:00'::interval)
+ RETURNS TABLE(stage text, ref_id uuid)
+ LANGUAGE sql
+AS $function$
+    WITH held AS (
+        SELECT entrypoint AS stage, substr(dedupe_key, length(entrypoint) + 2)::uuid AS ref_id
+        FROM pgqueuer WHERE dedupe_key IS NOT NULL
+    ), missing AS (
+        -- a succeeded payment with no purchase, no open rejection and no upgrade record
+        SELECT 'purchase' AS stage, p.id AS ref_id
+        FROM payments p
+        WHERE p.status = 'succeeded' AND p.updated_at < now() - p_min_age
+          AND NOT EXISTS (SELECT 1 FROM student_course_purchases pu WHERE pu.payment_id = p.id)
+          AND NOT EXISTS (SELECT 1 FROM purchase_upgrades u WHERE u.payment_id = p.id)
+          AND NOT EXISTS (SELECT 1 FROM payment_rejections r
+                          WHERE r.payment_id = p.id AND r.resolved_at IS NULL)
+        UNION ALL
+        -- an active purchase with no live allocation, or approved but short of sessions
+        SELECT 'allocation', pu.id
+        FROM student_course_purchases pu
+        WHERE pu.is_active AND pu.created_at < now() - p_min_age
+          AND (NOT EXISTS (SELECT 1 FROM trainer_allocations ta
+                           WHERE ta.purchase_id = pu.id AND ta.status IN ('pending', 'approved'))
+               OR EXISTS (SELECT 1 FROM trainer_allocations ta
+                          WHERE ta.purchase_id = pu.id AND ta.status = 'approved'
+                            AND ta.allocated_at < now() - p_min_age
+                            AND EXISTS (SELECT 1 FROM tutoring_sessions ts
+                                        WHERE ts.allocation_id = ta.id)
+                            AND (SELECT count(*) FROM tutoring_sessions ts
+                                 JOIN trainer_allocations a2 ON a2.id = ts.allocation_id
+                                 WHERE a2.purchase_id = pu.id AND ts.status <> 'cancelled')
+                                < pu.purchase_tier))
+        UNION ALL
+        -- an approved allocation without any session
+        SELECT 'sessions', ta.id
+        FROM trainer_allocations ta
+        WHERE ta.status = 'approved' AND ta.allocated_at < now() - p_min_age
+          AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id)
+    )
+    , todo AS MATERIALIZED (
+        SELECT m.stage, m.ref_id
+        FROM missing m
+        WHERE NOT EXISTS (SELECT 1 FROM held h WHERE h.stage = m.stage AND h.ref_id = m.ref_id)
+    )
+    SELECT t.stage, t.ref_id
+    FROM todo t
+    CROSS JOIN LATERAL (SELECT enqueue_stage(t.stage, t.ref_id, 'healed')) AS enqueued
 $function$
 CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
  RETURNS double precision
@@ -560,6 +688,17 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_payments_refunded()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.status = 'refunded' AND OLD.status IS DISTINCT FROM 'refunded' THEN
+        PERFORM apply_refund(NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_payments_touch()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -575,6 +714,17 @@ CREATE OR REPLACE FUNCTION public.trg_purchases_enqueue_allocation()
 AS $function$
 BEGIN
     PERFORM enqueue_stage('allocation', NEW.id);
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_purchases_tier_raised()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.is_active AND NEW.purchase_tier > OLD.purchase_tier THEN
+        PERFORM enqueue_stage('allocation', NEW.id);
+    END IF;
     RETURN NULL;
 END
 $function$
@@ -610,9 +760,11 @@ $function$
 
 -- TRIGGERS
 CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
+CREATE TRIGGER payments_refunded AFTER UPDATE OF status ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_refunded();
 CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_touch();
 CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
 CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
+CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
 CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
 CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE OF status ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_retry_pending();

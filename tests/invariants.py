@@ -6,10 +6,11 @@ import psycopg
 from psycopg.rows import DictRow
 
 CHECKS: dict[str, str] = {
-    "succeeded payment without exactly one purchase or rejection": """
+    "succeeded payment without exactly one purchase, upgrade or rejection": """
         SELECT p.id FROM payments p
         WHERE p.status = 'succeeded'
           AND (SELECT count(*) FROM student_course_purchases pu WHERE pu.payment_id = p.id)
+            + (SELECT count(*) FROM purchase_upgrades u WHERE u.payment_id = p.id)
             + (SELECT count(*) FROM payment_rejections r
                WHERE r.payment_id = p.id AND r.resolved_at IS NULL) <> 1""",
     "active purchase without exactly one live allocation": """

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID
 
 import psycopg
@@ -37,23 +38,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def start_workers(db_url: str, count: int) -> list[subprocess.Popen[bytes]]:
+def start_workers(db_url: str, count: int, log: Path) -> list[subprocess.Popen[bytes]]:
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
         "KC_BATCH_SIZE": "1",
         "KC_IDLE_POLL_SECONDS": "0.5",
-        "KC_LOG_LEVEL": "WARNING",
+        "KC_LOG_LEVEL": "INFO",
     }
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "workers", "run", "--no-migrate"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(count)
-    ]
+    with open(log, "ab") as sink:
+        return [
+            subprocess.Popen(
+                [sys.executable, "-m", "workers", "run", "--no-migrate"],
+                env=env,
+                stdout=sink,
+                stderr=sink,
+            )
+            for _ in range(count)
+        ]
 
 
 def stop_workers(procs: list[subprocess.Popen[bytes]]) -> list[int]:
@@ -70,7 +72,9 @@ def queue_empty(conn: Conn) -> bool:
     return row is not None and row["n"] == 0
 
 
-def test_concurrent_workers_never_oversell_a_trainer(conn: Conn, db_url: str) -> None:
+def test_concurrent_workers_never_oversell_a_trainer(
+    conn: Conn, db_url: str, tmp_path: Path
+) -> None:
     scarce_course = f.course(conn, category="AI", subcategory=None, title="AI")
     scarce = f.trainer(conn, specialties=["AI"], rating=None, slot=("06:00", "23:00"))
     slot_course = f.course(conn, category="Coding", subcategory=None, title="Coding")
@@ -93,7 +97,8 @@ def test_concurrent_workers_never_oversell_a_trainer(conn: Conn, db_url: str) ->
                 {"sessionCount": 20, "timeSlot": "4 PM", "scheduleMode": "weekdays"},
             )
 
-    procs = start_workers(db_url, WORKERS)
+    log = tmp_path / "workers.log"
+    procs = start_workers(db_url, WORKERS, log)
     try:
 
         def settled() -> bool:
@@ -107,7 +112,7 @@ def test_concurrent_workers_never_oversell_a_trainer(conn: Conn, db_url: str) ->
         codes = stop_workers(procs)
     assert codes == [0] * WORKERS
 
-    assert violations(conn) == {}
+    assert violations(conn) == {}, log.read_text()[-20000:]
     approved = conn.execute("""SELECT trainer_id, count(*) AS n FROM trainer_allocations
         WHERE status = 'approved' GROUP BY trainer_id""").fetchall()
     by_trainer = {row["trainer_id"]: row["n"] for row in approved}

@@ -119,4 +119,7 @@ def test_assign_cli_reassigns_through_the_running_worker(
     assert no_note.returncode == 1
     assert "needs a note" in no_note.stderr
     schedules = conn.execute("SELECT entrypoint FROM pgqueuer_schedules").fetchall()
-    assert [s["entrypoint"] for s in schedules] == ["sweep_pending_allocations"]
+    assert sorted(s["entrypoint"] for s in schedules) == [
+        "heal_pipeline",
+        "sweep_pending_allocations",
+    ]

@@ -378,8 +378,18 @@ async def still_fits(
     ignore_capacity: bool = False,
 ) -> Reason | None:
     """Under the trainer's row lock: None when the trainer is active, under capacity and free
-    at every session; otherwise the rule that now fails."""
+    at every session; otherwise the rule that now fails.
+
+    Time promised to approved allocations whose sessions are not written yet is read before
+    the written sessions: a sessions stage committing between the two reads then shows up in
+    the second, never in neither.
+    """
     await conn.execute(q("lock_trainer"), {"trainer_id": trainer_id})
+    promised = await fetch_all(
+        conn,
+        q("trainer_unscheduled_allocations"),
+        {"trainer_id": trainer_id, "purchase_id": purchase["id"]},
+    )
     row = await fetch_one(
         conn,
         q("recheck_trainer"),
@@ -395,11 +405,6 @@ async def still_fits(
         return Reason.NO_FREE_SLOT
     if not ignore_capacity and row["live_allocations"] >= capacity_for(row["rating"]):
         return Reason.AT_CAPACITY
-    promised = await fetch_all(
-        conn,
-        q("trainer_unscheduled_allocations"),
-        {"trainer_id": trainer_id, "purchase_id": purchase["id"]},
-    )
     for other in promised:
         first_day = other["first_session_date"]
         theirs = plan_sessions(

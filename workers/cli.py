@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -23,9 +24,16 @@ def _setup_logging(settings: Settings) -> None:
     )
 
 
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from workers.runtime import run_worker
 
+    # A stop request while starting up (connecting, migrating) is a clean exit too; once the
+    # worker runs, its own handler finishes the jobs in flight first.
+    signal.signal(signal.SIGTERM, _exit_quietly)
     url = database.pipeline_url(settings)
     if not args.no_migrate:
         migrate.upgrade(url)

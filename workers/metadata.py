@@ -36,7 +36,6 @@ class RejectReason(StrEnum):
     ACTIVE_PURCHASE_EXISTS = "active_purchase_exists"
     NO_PURCHASE_TO_UPGRADE = "no_purchase_to_upgrade"
     UPGRADE_NOT_LARGER = "upgrade_not_larger"
-    UPGRADE_NOT_SUPPORTED = "upgrade_not_supported"
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import sqlalchemy.exc
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from alembic import command
+from workers.errors import ConfigurationError
 from workers.settings import REPO_ROOT
 from workers.sql import SQL_DIR
 
@@ -36,7 +38,11 @@ def sqlalchemy_url(database_url: str) -> str:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     log.info("migrating database to %s", revision)
-    command.upgrade(alembic_config(database_url), revision)
+    try:
+        command.upgrade(alembic_config(database_url), revision)
+    except sqlalchemy.exc.OperationalError as exc:
+        reason = str(exc.orig).strip() if exc.orig is not None else str(exc)
+        raise ConfigurationError(f"cannot migrate: {reason}") from None
 
 
 def head_revision() -> str | None:

@@ -1,8 +1,13 @@
 """Purchase stage: a succeeded payment -> exactly one student_course_purchases row.
 
-Idempotent: the payment row is locked and an existing purchase ends the job. Metadata that
-cannot make a purchase is recorded in payment_rejections (visible in rejected_payments) and
-the job ends there: no retry loop, nothing lost. Correcting payments.metadata re-enqueues it.
+Idempotent: the payment row is locked and an existing purchase (or upgrade) ends the job.
+Metadata that cannot make a purchase is recorded in payment_rejections (visible in
+rejected_payments) and the job ends there: no retry loop, nothing lost. Correcting
+payments.metadata re-enqueues it (the payments trigger).
+
+An upgrade payment (`upgrade: true`, larger sessionCount) raises the tier of the student's
+active purchase of the course; the tier trigger asks the allocation stage for the extra
+sessions.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from datetime import datetime
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_all, fetch_one
@@ -44,11 +50,13 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
         return Outcome("skipped", "payment does not exist")
     if payment["purchase_id"] is not None:
         return Outcome("skipped", f"purchase {payment['purchase_id']} already exists")
+    if payment["upgraded_purchase_id"] is not None:
+        return Outcome("skipped", f"purchase {payment['upgraded_purchase_id']} already upgraded")
     if payment["status"] != "succeeded":
         return Outcome("skipped", f"payment is {payment['status']}, not succeeded")
 
     try:
-        purchase_id = await _create(conn, payment, ctx)
+        outcome = await _create(conn, payment, ctx)
     except InvalidPurchaseError as exc:
         await conn.execute(
             q("record_rejection"),
@@ -61,10 +69,10 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
         )
         return Outcome("rejected", str(exc)[:2000])
     await conn.execute(q("resolve_rejection"), {"payment_id": payment_id})
-    return Outcome("succeeded", f"purchase {purchase_id}")
+    return outcome
 
 
-async def _create(conn: Conn, payment: dict[str, object], ctx: StageContext) -> UUID:
+async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
     zone = student_zone(str(payment["timezone"]))
     today = datetime.now(zone).date()
     holidays = {
@@ -77,17 +85,7 @@ async def _create(conn: Conn, payment: dict[str, object], ctx: StageContext) -> 
         default_time_slot=ctx.settings.default_time_slot,
     )
     if plan.upgrade:
-        raise InvalidPurchaseError(
-            RejectReason.UPGRADE_NOT_SUPPORTED,
-            [
-                {
-                    "field": "upgrade",
-                    "message": "upgrade payments are not processed by this version of the "
-                    "pipeline; "
-                    "replay this payment after upgrading the workers",
-                }
-            ],
-        )
+        return await _upgrade(conn, payment, plan.session_count)
     row = await fetch_one(
         conn,
         q("insert_purchase"),
@@ -116,9 +114,51 @@ async def _create(conn: Conn, payment: dict[str, object], ctx: StageContext) -> 
                 {
                     "field": "payment",
                     "message": "the student already has an active purchase of this course: "
-                    f"{detail}; "
-                    "send upgrade: true to extend it",
+                    f"{detail}; send upgrade: true to extend it",
                 }
             ],
         )
-    return UUID(str(row["id"]))
+    return Outcome("succeeded", f"purchase {row['id']}")
+
+
+async def _upgrade(conn: Conn, payment: DictRow, to_tier: int) -> Outcome:
+    active = await fetch_one(
+        conn,
+        q("lock_active_purchase"),
+        {"student_id": payment["student_id"], "course_id": payment["course_id"]},
+    )
+    if active is None:
+        raise InvalidPurchaseError(
+            RejectReason.NO_PURCHASE_TO_UPGRADE,
+            [
+                {
+                    "field": "upgrade",
+                    "message": "the student has no active purchase of this course to upgrade; "
+                    "send it without upgrade: true",
+                }
+            ],
+        )
+    if to_tier <= active["purchase_tier"]:
+        raise InvalidPurchaseError(
+            RejectReason.UPGRADE_NOT_LARGER,
+            [
+                {
+                    "field": "sessionCount",
+                    "message": "an upgrade must be larger than the current "
+                    f"{active['purchase_tier']} sessions, got {to_tier}",
+                }
+            ],
+        )
+    await conn.execute(
+        q("apply_upgrade"),
+        {
+            "payment_id": payment["id"],
+            "purchase_id": active["id"],
+            "from_tier": active["purchase_tier"],
+            "to_tier": to_tier,
+        },
+    )
+    return Outcome(
+        "succeeded",
+        f"purchase {active['id']} upgraded from {active['purchase_tier']} to {to_tier} sessions",
+    )

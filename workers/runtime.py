@@ -21,7 +21,7 @@ from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
 from workers import allocation, purchase, sessions
-from workers.db import Conn, fetch_one, make_pool, transaction
+from workers.db import Conn, fetch_all, fetch_one, make_pool, transaction
 from workers.driver import ListeningDriver
 from workers.errors import StageNotFoundError
 from workers.settings import Settings
@@ -82,6 +82,21 @@ def register_schedules(
             )
         if row and row["enqueued"]:
             log.info("sweep: %d pending allocation(s) enqueued for another try", row["enqueued"])
+
+    @sm.schedule("heal_pipeline", "* * * * *")
+    async def heal(schedule: Schedule) -> None:
+        async with transaction(pool) as conn:
+            healed = await fetch_all(
+                conn,
+                q("heal_pipeline"),
+                {"min_age": timedelta(seconds=settings.heal_after_seconds)},
+            )
+        for row in healed:
+            log.warning(
+                "healed: %s %s had no next stage and no live job; enqueued it again",
+                row["stage"],
+                row["ref_id"],
+            )
 
 
 async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> None:

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         validation_alias="KC_PENDING_RETRY_SECONDS",
         description="The minute-by-minute sweep retries pending allocations older than this.",
     )
+    heal_after_seconds: int = Field(
+        default=120,
+        ge=1,
+        validation_alias="KC_HEAL_AFTER_SECONDS",
+        description="The minute-by-minute healer re-enqueues rows stuck longer than this.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         validation_alias="KC_LOG_LEVEL",

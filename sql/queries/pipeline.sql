@@ -18,3 +18,6 @@ SELECT assign_trainer(%(purchase_id)s::uuid, %(trainer_id)s::uuid, %(override)s:
 -- name: request_status
 SELECT id, status, outcome, allocation_id FROM allocation_requests
 WHERE id = %(request_id)s::bigint;
+
+-- name: heal_pipeline
+SELECT stage, ref_id FROM heal_pipeline(%(min_age)s::interval);

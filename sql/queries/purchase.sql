@@ -3,7 +3,9 @@
 -- name: lock_payment
 -- Locks the payment so duplicate jobs for it run one after the other.
 SELECT p.id, p.status, p.metadata, p.student_id, p.course_id, s.timezone,
-       (SELECT pu.id FROM student_course_purchases pu WHERE pu.payment_id = p.id) AS purchase_id
+       (SELECT pu.id FROM student_course_purchases pu WHERE pu.payment_id = p.id) AS purchase_id,
+       (SELECT u.purchase_id FROM purchase_upgrades u WHERE u.payment_id = p.id)
+           AS upgraded_purchase_id
 FROM payments p
 JOIN students s ON s.id = p.student_id
 WHERE p.id = %(payment_id)s::uuid
@@ -42,3 +44,19 @@ SET reason = EXCLUDED.reason,
 -- name: resolve_rejection
 UPDATE payment_rejections SET resolved_at = now()
 WHERE payment_id = %(payment_id)s::uuid AND resolved_at IS NULL;
+
+-- name: lock_active_purchase
+SELECT id, purchase_tier FROM student_course_purchases
+WHERE student_id = %(student_id)s::uuid AND course_id = %(course_id)s::uuid AND is_active
+FOR UPDATE;
+
+-- name: apply_upgrade
+-- The tier trigger enqueues the allocation stage for the extra sessions.
+WITH recorded AS (
+    INSERT INTO purchase_upgrades (payment_id, purchase_id, from_tier, to_tier)
+    VALUES (%(payment_id)s::uuid, %(purchase_id)s::uuid, %(from_tier)s::smallint,
+            %(to_tier)s::smallint)
+    RETURNING purchase_id
+)
+UPDATE student_course_purchases pu SET purchase_tier = %(to_tier)s::smallint
+FROM recorded WHERE pu.id = recorded.purchase_id;
