@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run-workers test lint format migrate psql db-stop schema clean
+.PHONY: help install run-workers test lint format migrate psql db-stop schema clean \
+	status trace failures replay doctor
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
@@ -53,6 +54,23 @@ psql: $(STAMP) ## psql on the pipeline's database (extra arguments: PSQL_ARGS=..
 
 db-stop: $(STAMP) ## stop the embedded PostgreSQL
 	$(PY) -m workers db-stop
+
+status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
+	@$(PY) -m workers status
+
+trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocation|student id>
+	@test -n "$(ID)" || { echo "usage: make trace ID=<uuid>"; exit 2; }
+	@$(PY) -m workers trace $(ID)
+
+failures: $(STAMP) ## jobs held as failed after their last attempt, with their errors
+	@$(PY) -m workers failures
+
+replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID: all failed)
+	@test -n "$(STAGE)" || { echo "usage: make replay STAGE=purchase|allocation|sessions [ID=<uuid>]"; exit 2; }
+	@$(PY) -m workers replay $(STAGE) $(if $(ID),$(ID),--failed)
+
+doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
+	@$(PY) -m workers doctor
 
 schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review the diff)
 	$(PY) -m workers schema

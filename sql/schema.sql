@@ -32,6 +32,15 @@ TABLE holidays (
     day date NOT NULL,
     reason text NOT NULL
 );
+TABLE job_starts (
+    job_id bigint NOT NULL,
+    stage text NOT NULL,
+    ref_id uuid NOT NULL,
+    starts integer NOT NULL DEFAULT 1,
+    first_started_at timestamp with time zone NOT NULL DEFAULT now(),
+    last_started_at timestamp with time zone NOT NULL DEFAULT now(),
+    last_worker uuid
+);
 TABLE payment_rejections (
     payment_id uuid NOT NULL,
     reason text NOT NULL,
@@ -208,6 +217,7 @@ CONSTRAINT courses.courses_subcategory_check CHECK ((btrim(subcategory) <> ''::t
 CONSTRAINT courses.courses_title_check CHECK ((btrim(title) <> ''::text));
 CONSTRAINT holidays.holidays_pkey PRIMARY KEY (day);
 CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
+CONSTRAINT job_starts.job_starts_pkey PRIMARY KEY (job_id);
 CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
 CONSTRAINT payment_rejections.payment_rejections_pkey PRIMARY KEY (payment_id);
 CONSTRAINT payments.payments_amount_cents_check CHECK ((amount_cents >= 0));
@@ -280,6 +290,7 @@ CREATE INDEX allocation_requests_open_idx ON public.allocation_requests USING bt
 CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
 CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
 CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
+CREATE UNIQUE INDEX job_starts_pkey ON public.job_starts USING btree (job_id);
 CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
 CREATE UNIQUE INDEX payments_pkey ON public.payments USING btree (id);
 CREATE INDEX payments_student_course_idx ON public.payments USING btree (student_id, course_id);
@@ -325,6 +336,35 @@ CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btr
 CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
 
 -- VIEWS
+VIEW failed_jobs AS
+ SELECT j.job_id,
+    j.stage,
+    j.ref_id,
+    j.starts AS attempts,
+    j.updated AS failed_at,
+    e.error,
+    e.error_detail ->> 'type'::text AS error_type,
+    COALESCE(e.error_detail ->> 'traceback'::text, tb.traceback ->> 'traceback'::text) AS traceback,
+        CASE j.stage
+            WHEN 'purchase'::text THEN ( SELECT (to_jsonb(p.*) - 'metadata'::text) || jsonb_build_object('metadata', p.metadata)
+               FROM payments p
+              WHERE p.id = j.ref_id)
+            WHEN 'allocation'::text THEN ( SELECT to_jsonb(pu.*) AS to_jsonb
+               FROM student_course_purchases pu
+              WHERE pu.id = j.ref_id)
+            WHEN 'sessions'::text THEN ( SELECT to_jsonb(ta.*) - 'metadata'::text
+               FROM trainer_allocations ta
+              WHERE ta.id = j.ref_id)
+            ELSE NULL::jsonb
+        END AS row_data
+   FROM stage_jobs j
+     LEFT JOIN stage_last_error e ON e.stage = j.stage AND e.ref_id = j.ref_id
+     LEFT JOIN LATERAL ( SELECT l.traceback
+           FROM pgqueuer_log l
+          WHERE l.job_id = j.job_id AND l.traceback IS NOT NULL
+          ORDER BY l.created DESC
+         LIMIT 1) tb ON true
+  WHERE j.status = 'failed'::text;
 VIEW healed_rows AS
  SELECT stage_history.stage,
     stage_history.ref_id,
@@ -340,6 +380,71 @@ VIEW live_jobs AS
     pgqueuer.attempts
    FROM pgqueuer
   WHERE (pgqueuer.status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND pgqueuer.dedupe_key IS NOT NULL;
+VIEW purchase_trace AS
+ SELECT p.id AS payment_id,
+    p.student_id,
+    p.course_id,
+    p.status AS payment_status,
+    p.updated_at AS payment_at,
+    pj.status AS purchase_job,
+    pj.starts AS purchase_attempts,
+    pe.error AS purchase_error,
+    rj.reason AS rejected_reason,
+    rj.errors AS rejected_errors,
+    pu.id AS purchase_id,
+    pu.created_at AS purchase_at,
+    pu.purchase_tier,
+    pu.is_active,
+    aj.status AS allocation_job,
+    aj.starts AS allocation_attempts,
+    ae.error AS allocation_error,
+    ta.id AS allocation_id,
+    ta.status AS allocation_status,
+    ta.trainer_id,
+    ta.reason AS allocation_reason,
+    ta.reason_detail AS allocation_reason_detail,
+    ta.attempts AS allocation_tries,
+    ta.allocated_at,
+    sj.status AS sessions_job,
+    sj.starts AS sessions_attempts,
+    se.error AS sessions_error,
+    ss.written AS sessions_written,
+    ss.first_at AS first_session_at,
+    ss.written_at AS sessions_at
+   FROM payments p
+     LEFT JOIN student_course_purchases pu ON pu.payment_id = p.id
+     LEFT JOIN payment_rejections rj ON rj.payment_id = p.id AND rj.resolved_at IS NULL
+     LEFT JOIN LATERAL ( SELECT a.id,
+            a.purchase_id,
+            a.student_id,
+            a.course_id,
+            a.trainer_id,
+            a.status,
+            a.reason,
+            a.reason_detail,
+            a.metadata,
+            a.attempts,
+            a.first_session_date,
+            a.created_at,
+            a.updated_at,
+            a.allocated_at,
+            a.capacity_override
+           FROM trainer_allocations a
+          WHERE a.purchase_id = pu.id
+          ORDER BY (a.status = ANY (ARRAY['pending'::text, 'approved'::text])) DESC, a.created_at DESC
+         LIMIT 1) ta ON true
+     LEFT JOIN LATERAL ( SELECT count(*) FILTER (WHERE s.status <> 'cancelled'::text) AS written,
+            min(s.starts_at) FILTER (WHERE s.status <> 'cancelled'::text) AS first_at,
+            max(s.created_at) AS written_at
+           FROM tutoring_sessions s
+             JOIN trainer_allocations a2 ON a2.id = s.allocation_id
+          WHERE a2.purchase_id = pu.id) ss ON pu.id IS NOT NULL
+     LEFT JOIN stage_jobs pj ON pj.stage = 'purchase'::text AND pj.ref_id = p.id
+     LEFT JOIN stage_jobs aj ON aj.stage = 'allocation'::text AND aj.ref_id = pu.id
+     LEFT JOIN stage_jobs sj ON sj.stage = 'sessions'::text AND sj.ref_id = ta.id
+     LEFT JOIN stage_last_error pe ON pe.stage = 'purchase'::text AND pe.ref_id = p.id AND pe.at >= p.updated_at
+     LEFT JOIN stage_last_error ae ON ae.stage = 'allocation'::text AND ae.ref_id = pu.id AND ae.at >= pu.created_at
+     LEFT JOIN stage_last_error se ON se.stage = 'sessions'::text AND se.ref_id = ta.id AND se.at >= ta.created_at;
 VIEW rejected_payments AS
  SELECT r.payment_id,
     p.student_id,
@@ -352,6 +457,85 @@ VIEW rejected_payments AS
    FROM payment_rejections r
      JOIN payments p ON p.id = r.payment_id
   WHERE r.resolved_at IS NULL;
+VIEW stage_jobs AS
+ SELECT j.id AS job_id,
+    j.entrypoint AS stage,
+    substr(j.dedupe_key, length(j.entrypoint) + 2)::uuid AS ref_id,
+    j.status::text AS status,
+    j.created AS enqueued_at,
+    j.execute_after,
+    j.updated,
+    j.heartbeat,
+    j.queue_manager_id,
+    j.attempts AS retries,
+    COALESCE(s.starts, 0) AS starts
+   FROM pgqueuer j
+     LEFT JOIN job_starts s ON s.job_id = j.id
+  WHERE (j.entrypoint = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])) AND j.dedupe_key IS NOT NULL;
+VIEW stage_last_error AS
+ SELECT DISTINCT ON (stage_history.stage, stage_history.ref_id) stage_history.stage,
+    stage_history.ref_id,
+    stage_history.detail AS error,
+    stage_history.error AS error_detail,
+    stage_history.at
+   FROM stage_history
+  WHERE stage_history.event = 'failed'::text
+  ORDER BY stage_history.stage, stage_history.ref_id, stage_history.at DESC, stage_history.id DESC;
+VIEW stage_last_event AS
+ SELECT DISTINCT ON (stage_history.stage, stage_history.ref_id) stage_history.stage,
+    stage_history.ref_id,
+    stage_history.event,
+    stage_history.detail,
+    stage_history.error,
+    stage_history.at
+   FROM stage_history
+  ORDER BY stage_history.stage, stage_history.ref_id, stage_history.at DESC, stage_history.id DESC;
+VIEW stage_overview AS
+ WITH stages(stage) AS (
+         VALUES ('purchase'::text), ('allocation'::text), ('sessions'::text)
+        ), jobs AS (
+         SELECT stage_jobs.stage,
+            count(*) FILTER (WHERE stage_jobs.status = 'queued'::text) AS queued,
+            count(*) FILTER (WHERE stage_jobs.status = 'picked'::text) AS in_flight,
+            count(*) FILTER (WHERE stage_jobs.status = 'failed'::text) AS failed,
+            max(now() - stage_jobs.enqueued_at) FILTER (WHERE stage_jobs.status = 'queued'::text) AS oldest_waiting
+           FROM stage_jobs
+          GROUP BY stage_jobs.stage
+        ), latency AS (
+         SELECT done.stage,
+            done.at - started.at AS took
+           FROM stage_history done
+             CROSS JOIN LATERAL ( SELECT e.at
+                   FROM stage_history e
+                  WHERE e.stage = done.stage AND e.ref_id = done.ref_id AND (e.event = ANY (ARRAY['enqueued'::text, 'replayed'::text, 'healed'::text])) AND e.at <= done.at
+                  ORDER BY e.at DESC
+                 LIMIT 1) started
+          WHERE (done.event = ANY (ARRAY['succeeded'::text, 'skipped'::text, 'rejected'::text])) AND done.at > (now() - '01:00:00'::interval)
+        )
+ SELECT s.stage,
+    COALESCE(j.queued, 0::bigint) AS queued,
+    COALESCE(j.in_flight, 0::bigint) AS in_flight,
+    COALESCE(j.failed, 0::bigint) AS failed,
+    j.oldest_waiting,
+    ( SELECT count(*) AS count
+           FROM latency l
+          WHERE l.stage = s.stage) AS done_last_hour,
+    ( SELECT percentile_cont(0.5::double precision) WITHIN GROUP (ORDER BY l.took) AS percentile_cont
+           FROM latency l
+          WHERE l.stage = s.stage) AS p50_latency,
+    ( SELECT percentile_cont(0.95::double precision) WITHIN GROUP (ORDER BY l.took) AS percentile_cont
+           FROM latency l
+          WHERE l.stage = s.stage) AS p95_latency
+   FROM stages s
+     LEFT JOIN jobs j ON j.stage = s.stage
+  ORDER BY (array_position(ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text], s.stage));
+VIEW stuck AS
+ SELECT stuck_rows.stage,
+    stuck_rows.ref_id,
+    stuck_rows.since,
+    stuck_rows.waiting_for,
+    stuck_rows.job_status
+   FROM stuck_rows() stuck_rows(stage, ref_id, since, waiting_for, job_status);
 
 -- FUNCTIONS
 CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
@@ -588,6 +772,77 @@ AS $function$ SELECT box(
                 extract(epoch FROM starts_at AT TIME ZONE 'UTC')::float8),
           point(('x' || substr(md5(trainer_id::text), 1, 13))::bit(52)::bigint::float8,
                 extract(epoch FROM ends_at AT TIME ZONE 'UTC')::float8 - 0.001)) $function$
+CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
+ RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
+ LANGUAGE sql
+AS $function$
+    WITH h AS (
+        DELETE FROM stage_history WHERE at < now() - p_keep RETURNING 1
+    ), l AS (
+        DELETE FROM pgqueuer_log
+        WHERE created < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
+        RETURNING 1
+    ), s AS (
+        DELETE FROM job_starts
+        WHERE last_started_at < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM l), (SELECT count(*) FROM s)
+$function$
+CREATE OR REPLACE FUNCTION public.record_job_start(p_job bigint, p_stage text, p_ref uuid, p_worker uuid)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    INSERT INTO job_starts (job_id, stage, ref_id, last_worker)
+    VALUES (p_job, p_stage, p_ref, p_worker)
+    ON CONFLICT (job_id) DO UPDATE
+    SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = p_worker
+    RETURNING starts
+$function$
+CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text)
+ RETURNS integer
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+    SELECT count(replay_stage(stage, ref_id))::integer
+    FROM (SELECT stage, ref_id FROM stage_jobs WHERE stage = p_stage AND status = 'failed') f
+$function$
+CREATE OR REPLACE FUNCTION public.replay_stage(p_stage text, p_ref uuid)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_failed bigint;
+    v_exists boolean;
+BEGIN
+    IF p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
+        RAISE EXCEPTION 'unknown stage %', p_stage
+            USING HINT = 'stages are purchase, allocation and sessions',
+                  ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_exists := CASE p_stage
+        WHEN 'purchase' THEN EXISTS (SELECT 1 FROM payments WHERE id = p_ref)
+        WHEN 'allocation' THEN EXISTS (SELECT 1 FROM student_course_purchases WHERE id = p_ref)
+        ELSE EXISTS (SELECT 1 FROM trainer_allocations WHERE id = p_ref) END;
+    IF NOT v_exists THEN
+        RAISE EXCEPTION 'no % row %: purchase takes a payment id, allocation a purchase id, '
+                        'sessions an allocation id', p_stage, p_ref
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    DELETE FROM pgqueuer
+    WHERE dedupe_key = p_stage || ':' || p_ref AND status = 'failed'
+    RETURNING id INTO v_failed;
+    IF v_failed IS NOT NULL THEN
+        INSERT INTO pgqueuer_log (job_id, status, entrypoint, priority)
+        VALUES (v_failed, 'deleted', p_stage, 0);
+        DELETE FROM job_starts WHERE job_id = v_failed;
+    END IF;
+    RETURN enqueue_stage(p_stage, p_ref, 'replayed');
+END
+$function$
 CREATE OR REPLACE FUNCTION public.retry_pending_allocations(p_trainer uuid DEFAULT NULL::uuid)
  RETURNS integer
  LANGUAGE sql
@@ -601,6 +856,36 @@ AS $function$
             WHERE t.id = p_trainer AND t.status = 'active'
               AND t.specialties_norm && array_remove(
                     ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)))
+$function$
+CREATE OR REPLACE FUNCTION public.stuck_rows(p_older_than interval DEFAULT '00:10:00'::interval)
+ RETURNS TABLE(stage text, ref_id uuid, since timestamp with time zone, waiting_for text, job_status text)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT 'purchase', p.id, p.updated_at, 'a purchase', j.status
+    FROM payments p
+    LEFT JOIN stage_jobs j ON j.stage = 'purchase' AND j.ref_id = p.id
+    WHERE p.status = 'succeeded' AND p.updated_at < now() - p_older_than
+      AND NOT EXISTS (SELECT 1 FROM student_course_purchases pu WHERE pu.payment_id = p.id)
+      AND NOT EXISTS (SELECT 1 FROM purchase_upgrades u WHERE u.payment_id = p.id)
+      AND NOT EXISTS (SELECT 1 FROM payment_rejections r
+                      WHERE r.payment_id = p.id AND r.resolved_at IS NULL)
+    UNION ALL
+    SELECT 'allocation', pu.id, pu.created_at,
+           CASE WHEN ta.status = 'pending' THEN 'a trainer (' || ta.reason || ')'
+                ELSE 'an allocation' END, j.status
+    FROM student_course_purchases pu
+    LEFT JOIN trainer_allocations ta ON ta.purchase_id = pu.id
+         AND ta.status IN ('pending', 'approved')
+    LEFT JOIN stage_jobs j ON j.stage = 'allocation' AND j.ref_id = pu.id
+    WHERE pu.is_active AND pu.created_at < now() - p_older_than
+      AND (ta.id IS NULL OR ta.status = 'pending')
+    UNION ALL
+    SELECT 'sessions', ta.id, ta.allocated_at, 'its sessions', j.status
+    FROM trainer_allocations ta
+    LEFT JOIN stage_jobs j ON j.stage = 'sessions' AND j.ref_id = ta.id
+    WHERE ta.status = 'approved' AND ta.allocated_at < now() - p_older_than
+      AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id)
 $function$
 CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval DEFAULT '00:05:00'::interval)
  RETURNS integer

@@ -11,20 +11,20 @@ from workers.settings import Settings
 from workers.stages import Outcome, Stage, StageContext, run_stage
 
 
-def test_settings(db_url: str) -> Settings:
+def worker_settings(db_url: str) -> Settings:
     return Settings(DATABASE_URL=db_url, KC_POOL_SIZE=4, KC_IDLE_POLL_SECONDS=0.1)  # type: ignore[call-arg]
 
 
 def drain(db_url: str) -> None:
     """Run a real pgqueuer worker until the queue is empty (every stage it triggers too)."""
-    asyncio.run(asyncio.wait_for(run_worker(db_url, test_settings(db_url), drain=True), 60))
+    asyncio.run(asyncio.wait_for(run_worker(db_url, worker_settings(db_url), drain=True), 60))
 
 
 def run_one(db_url: str, stage: Stage, ref: UUID) -> Outcome:
     """Run one stage for one row, outside the queue (as a replay or a duplicate job would)."""
 
     async def go() -> Outcome:
-        settings = test_settings(db_url)
+        settings = worker_settings(db_url)
         pool = make_pool(db_url, 2)
         await pool.open(wait=True)
         try:

@@ -121,5 +121,6 @@ def test_assign_cli_reassigns_through_the_running_worker(
     schedules = conn.execute("SELECT entrypoint FROM pgqueuer_schedules").fetchall()
     assert sorted(s["entrypoint"] for s in schedules) == [
         "heal_pipeline",
+        "prune_history",
         "sweep_pending_allocations",
     ]

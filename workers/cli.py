@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
 
 from workers import database, migrate
 from workers.errors import PipelineError
@@ -123,6 +125,68 @@ def cmd_assign(args: argparse.Namespace, settings: Settings) -> int:
     return 3
 
 
+def _ops_connection(settings: Settings) -> Any:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    return psycopg.connect(database.pipeline_url(settings), autocommit=True, row_factory=dict_row)
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from workers import ops
+
+    with _ops_connection(settings) as conn:
+        print(ops.status(conn, settings))
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
+    from workers import ops
+
+    with _ops_connection(settings) as conn:
+        print(ops.trace(conn, args.id))
+    return 0
+
+
+def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
+    from workers import ops
+
+    with _ops_connection(settings) as conn:
+        print(ops.failures(conn))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from workers import ops
+
+    if args.id is None and not args.failed:
+        print("give a row id, or --failed for every failed job of the stage", file=sys.stderr)
+        return 2
+    with _ops_connection(settings) as conn:
+        try:
+            print(ops.replay(conn, args.stage, args.id))
+        except psycopg.Error as exc:
+            print(f"refused: {exc.diag.message_primary or exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from workers import ops
+
+    problems = ops.doctor(database.pipeline_url(settings), settings)
+    for problem in problems:
+        print(f"PROBLEM: {problem.what}\n    fix: {problem.fix}")
+    if not problems:
+        print(
+            "all checks passed: database, migrations, pgqueuer schema, triggers, workers, "
+            "backlog, failures"
+        )
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m workers",
@@ -185,6 +249,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for the outcome (default 30)",
     )
     assign.set_defaults(func=cmd_assign)
+
+    status = sub.add_parser(
+        "status",
+        help="per stage: queued, in flight, failed, oldest "
+        "waiting, p50/p95 latency; counts of problems",
+    )
+    status.set_defaults(func=cmd_status)
+
+    trace = sub.add_parser(
+        "trace",
+        help="where is this purchase, and why? (any payment, "
+        "purchase, allocation, student or course id)",
+    )
+    trace.add_argument("id", type=UUID)
+    trace.set_defaults(func=cmd_trace)
+
+    fails = sub.add_parser("failures", help="jobs held as failed, with their errors")
+    fails.set_defaults(func=cmd_failures)
+
+    replay = sub.add_parser(
+        "replay", help="run one row's stage again, or every failed job of a stage (idempotent)"
+    )
+    replay.add_argument("stage", choices=["purchase", "allocation", "sessions"])
+    replay.add_argument(
+        "id",
+        type=UUID,
+        nargs="?",
+        help="payment id (purchase), purchase id (allocation) or allocation id (sessions)",
+    )
+    replay.add_argument(
+        "--failed", action="store_true", help="every failed job of the stage instead of one row"
+    )
+    replay.set_defaults(func=cmd_replay)
+
+    doctor = sub.add_parser("doctor", help="check everything; print each problem with its fix")
+    doctor.set_defaults(func=cmd_doctor)
 
     psql = sub.add_parser(
         "psql",

@@ -31,14 +31,18 @@ async def connect(url: str, *, autocommit: bool = False) -> Conn:
         raise ConfigurationError(f"cannot connect to the database: {exc}".strip()) from exc
 
 
-def make_pool(url: str, size: int) -> AsyncConnectionPool[Conn]:
+def make_pool(url: str, size: int, statement_timeout: float = 60.0) -> AsyncConnectionPool[Conn]:
     return AsyncConnectionPool(
         url,
         min_size=1,
         max_size=size,
         open=False,
         name="stages",
-        kwargs={"row_factory": dict_row, "application_name": "koding-caravan-stage"},
+        kwargs={
+            "row_factory": dict_row,
+            "application_name": "koding-caravan-stage",
+            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+        },
         connection_class=psycopg.AsyncConnection[DictRow],
     )
 

@@ -28,9 +28,17 @@ class InvalidPurchaseError(PipelineError):
         super().__init__(f"{reason}: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
-class ScheduleError(PipelineError):
+class PermanentJobError(PipelineError):
+    """Retrying cannot help: the job is held as failed at once, for an operator to replay."""
+
+
+class ScheduleError(PermanentJobError):
     """No schedule can be built from the given rules (for example every day is a holiday)."""
 
 
-class StageNotFoundError(PipelineError):
+class StageNotFoundError(PermanentJobError):
     """A job names a stage or a row that does not exist."""
+
+
+class TooManyAttemptsError(PermanentJobError):
+    """A job was started max_attempts times without finishing (worker crashes included)."""

@@ -8,10 +8,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 import sqlalchemy.exc
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg.rows import tuple_row
 
 from alembic import command
 from workers.errors import ConfigurationError
@@ -50,8 +51,14 @@ def head_revision() -> str | None:
     return script.get_current_head()
 
 
-def current_revision(connection: Any) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+def current_revision(conn: psycopg.Connection[Any]) -> str | None:
+    """The revision recorded in the database (None before the first migration)."""
+    cursor = conn.cursor(row_factory=tuple_row)
+    row = cursor.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return None
+    version = cursor.execute("SELECT version_num FROM alembic_version").fetchone()
+    return str(version[0]) if version else None
 
 
 def run_sql_file(bind: Any, relative_path: str) -> None:

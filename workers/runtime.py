@@ -1,7 +1,16 @@
-"""The worker process: pgqueuer's QueueManager with the three stage entrypoints.
+"""The worker process: pgqueuer's QueueManager with the three stage entrypoints, and its
+SchedulerManager with the periodic jobs (sweep, heal, prune).
 
-Queue traffic (dequeue, heartbeats, job log) uses one autocommit connection owned by
-pgqueuer's driver; stage work runs in transactions on a small pool.
+Queue traffic (dequeue, heartbeats, job log) uses the driver's two autocommit connections;
+stage work runs in transactions on a small pool.
+
+Failure policy, per job:
+- every start is counted in job_starts *before* the stage runs, in its own transaction, so
+  an attempt cut short by a worker crash still counts (pgqueuer does not count those);
+- a permanent error (PermanentJobError, bad data, a bug in SQL) fails the job at once;
+- any other error is retried with exponential backoff (pgqueuer's RetryRequested);
+- the start after the last allowed attempt fails the job without running it. A failed job is
+  held (status 'failed') with its traceback: `failed_jobs` shows it, `replay_stage` reruns it.
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ import signal
 from datetime import timedelta
 from uuid import UUID
 
-from pgqueuer.executors import DatabaseRetryEntrypointExecutor, EntrypointExecutorParameters
+import psycopg
+from pgqueuer.errors import RetryRequested
 from pgqueuer.models import Job, Schedule
 from pgqueuer.qm import QueueManager
 from pgqueuer.queries import Queries
@@ -23,10 +33,10 @@ from psycopg_pool import AsyncConnectionPool
 from workers import allocation, purchase, sessions
 from workers.db import Conn, fetch_all, fetch_one, make_pool, transaction
 from workers.driver import ListeningDriver
-from workers.errors import StageNotFoundError
+from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
 from workers.settings import Settings
 from workers.sql import q
-from workers.stages import Handler, Stage, StageContext, run_stage
+from workers.stages import Handler, Stage, StageContext, record_failure, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,13 @@ HANDLERS: dict[Stage, Handler] = {
     Stage.ALLOCATION: allocation.handle,
     Stage.SESSIONS: sessions.handle,
 }
+
+# Errors no retry can fix: wrong data or a query the schema does not accept.
+PERMANENT: tuple[type[BaseException], ...] = (
+    PermanentJobError,
+    psycopg.errors.DataError,
+    psycopg.errors.SyntaxErrorOrAccessRuleViolation,
+)
 
 
 def job_ref(job: Job) -> UUID:
@@ -47,22 +64,58 @@ def job_ref(job: Job) -> UUID:
         ) from None
 
 
-def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings: Settings) -> None:
-    def retrying(parameters: EntrypointExecutorParameters) -> DatabaseRetryEntrypointExecutor:
-        return DatabaseRetryEntrypointExecutor(
-            parameters=parameters,
-            max_attempts=settings.max_attempts,
-            initial_delay=timedelta(seconds=1),
-            max_delay=timedelta(minutes=5),
-        )
+def backoff(starts: int) -> timedelta:
+    """1 s, 2 s, 4 s ... capped at 5 minutes."""
+    return min(timedelta(seconds=2 ** max(starts - 1, 0)), timedelta(minutes=5))
 
+
+async def record_start(pool: AsyncConnectionPool[Conn], job: Job, stage: Stage, ref: UUID) -> int:
+    async with transaction(pool) as conn:
+        row = await fetch_one(
+            conn,
+            q("record_job_start"),
+            {
+                "job_id": int(job.id),
+                "stage": stage.value,
+                "ref_id": ref,
+                "worker": job.queue_manager_id,
+            },
+        )
+    assert row is not None
+    return int(row["starts"])
+
+
+async def run_job(
+    pool: AsyncConnectionPool[Conn], settings: Settings, stage: Stage, handler: Handler, job: Job
+) -> None:
+    ctx = StageContext(settings=settings, job_id=int(job.id))
+    ref = job_ref(job)
+    starts = await record_start(pool, job, stage, ref)
+    if starts > settings.max_attempts:
+        exc = TooManyAttemptsError(
+            f"{stage.value} {ref}: started {starts - 1} times without success (the last "
+            "attempts may have been cut short by worker crashes); held as failed, replay with "
+            f"SELECT replay_stage('{stage.value}', '{ref}')"
+        )
+        await record_failure(pool, stage, ref, ctx, exc)
+        raise exc
+    try:
+        await run_stage(pool, stage, handler, ref, ctx)
+    except PERMANENT:
+        raise
+    except Exception as exc:
+        if starts >= settings.max_attempts:
+            raise
+        raise RetryRequested(delay=backoff(starts), reason=str(exc)[:500]) from exc
+
+
+def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings: Settings) -> None:
     for stage, handler in HANDLERS.items():
 
         def bind(stage: Stage = stage, handler: Handler = handler) -> None:
-            @qm.entrypoint(stage.value, on_failure="hold", executor_factory=retrying)
+            @qm.entrypoint(stage.value, on_failure="hold")
             async def entry(job: Job) -> None:
-                ctx = StageContext(settings=settings, job_id=int(job.id))
-                await run_stage(pool, stage, handler, job_ref(job), ctx)
+                await run_job(pool, settings, stage, handler, job)
 
         bind()
 
@@ -98,11 +151,23 @@ def register_schedules(
                 row["ref_id"],
             )
 
+    @sm.schedule("prune_history", "17 3 * * *")
+    async def prune(schedule: Schedule) -> None:
+        async with transaction(pool) as conn:
+            row = await fetch_one(
+                conn, q("prune_history"), {"keep": timedelta(days=settings.retention_days)}
+            )
+        log.info(
+            "pruned history older than %d days: %s",
+            settings.retention_days,
+            dict(row) if row else {},
+        )
+
 
 async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> None:
     """Process jobs until SIGINT/SIGTERM (or, with drain, until the queue is empty)."""
     driver = await ListeningDriver.connect(url)
-    pool = make_pool(url, settings.pool_size)
+    pool = make_pool(url, settings.pool_size, settings.statement_timeout_seconds)
     await pool.open(wait=True)
     qm = QueueManager(Queries(driver))
     register_stages(qm, pool, settings)
@@ -124,6 +189,7 @@ async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> No
         queue = qm.run(
             batch_size=settings.batch_size,
             dequeue_timeout=timedelta(seconds=settings.idle_poll_seconds),
+            heartbeat_timeout=timedelta(seconds=settings.heartbeat_seconds),
             mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
         )
         if drain:  # a one-off run to empty the queue: no periodic jobs

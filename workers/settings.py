@@ -73,6 +73,25 @@ class Settings(BaseSettings):
         validation_alias="KC_HEAL_AFTER_SECONDS",
         description="The minute-by-minute healer re-enqueues rows stuck longer than this.",
     )
+    heartbeat_seconds: float = Field(
+        default=30.0,
+        ge=1,
+        le=3600,
+        validation_alias="KC_HEARTBEAT_SECONDS",
+        description="A running job whose worker has not beaten for this long is picked again.",
+    )
+    statement_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        validation_alias="KC_STATEMENT_TIMEOUT_SECONDS",
+        description="Longest statement of a stage; a stuck one is cancelled and retried.",
+    )
+    retention_days: int = Field(
+        default=30,
+        ge=1,
+        validation_alias="KC_RETENTION_DAYS",
+        description="stage_history and pgqueuer_log older than this are pruned daily.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         validation_alias="KC_LOG_LEVEL",

@@ -21,3 +21,10 @@ WHERE id = %(request_id)s::bigint;
 
 -- name: heal_pipeline
 SELECT stage, ref_id FROM heal_pipeline(%(min_age)s::interval);
+
+-- name: record_job_start
+SELECT record_job_start(%(job_id)s::bigint, %(stage)s::text, %(ref_id)s::uuid,
+                        %(worker)s::uuid) AS starts;
+
+-- name: prune_history
+SELECT history_deleted, log_deleted, starts_deleted FROM prune_history(%(keep)s::interval);

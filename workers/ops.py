@@ -1,0 +1,172 @@
+"""Operator commands: status, trace, failures, replay, doctor. Each is one or two named
+queries over the views; the same answers are one `SELECT` away in psql."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+
+from workers import migrate
+from workers.settings import Settings
+from workers.sql import SQL_DIR, q
+
+Conn = psycopg.Connection[DictRow]
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "(none)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(out)
+
+
+def _cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def status(conn: Conn, settings: Settings) -> str:
+    overview = conn.execute(q("stage_overview")).fetchall()
+    counts = conn.execute(
+        q("pipeline_counts"), {"stuck_after": timedelta(seconds=settings.heal_after_seconds)}
+    ).fetchone()
+    parts = [table(overview)]
+    if counts:
+        parts.append("  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()))
+    return "\n\n".join(parts)
+
+
+def trace(conn: Conn, ref: UUID) -> str:
+    rows = conn.execute(q("trace_rows"), {"id": ref}).fetchall()
+    if not rows:
+        return f"no payment, purchase, allocation, student or course {ref}"
+    out = []
+    for row in rows:
+        out.append("\n".join(f"{k:>26}  {_cell(v)}" for k, v in row.items()))
+        refs = [r for r in (row["payment_id"], row["purchase_id"], row["allocation_id"]) if r]
+        history = conn.execute(q("trace_history"), {"refs": refs}).fetchall()
+        out.append(table(history, ["at", "stage", "event", "job_id", "detail"]))
+    return "\n\n".join(out)
+
+
+def failures(conn: Conn) -> str:
+    return table(conn.execute(q("failures")).fetchall())
+
+
+def replay(conn: Conn, stage: str, ref: UUID | None) -> str:
+    if ref is None:
+        row = conn.execute(q("replay_failed"), {"stage": stage}).fetchone()
+        return f"{row['replayed'] if row else 0} failed {stage} job(s) enqueued again"
+    row = conn.execute(q("replay_stage"), {"stage": stage, "ref_id": ref}).fetchone()
+    return f"{stage} {ref} enqueued again as job {row['job_id'] if row else '?'}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    what: str
+    fix: str
+
+
+def expected_triggers() -> set[tuple[str, str]]:
+    """(trigger, table) pairs declared in the canonical schema file."""
+    text = (SQL_DIR / "schema.sql").read_text(encoding="utf-8")
+    return set(re.findall(r"^CREATE TRIGGER (\w+) .*? ON (?:\w+\.)?(\w+) ", text, re.MULTILINE))
+
+
+def doctor(url: str, settings: Settings) -> list[Problem]:
+    """The old guide's checklist as one command: each problem comes with its fix."""
+    try:
+        conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        return [
+            Problem(
+                f"the database is not reachable: {str(exc).strip()}",
+                "check DATABASE_URL; without it, `make run-workers` starts the embedded server",
+            )
+        ]
+    problems: list[Problem] = []
+    with conn:
+        current = migrate.current_revision(conn)
+        head = migrate.head_revision()
+        if current != head:
+            problems.append(Problem(f"migrations are at {current}, head is {head}", "make migrate"))
+            return problems  # the other checks read objects the migrations create
+        try:
+            asyncio.run(_verify_pgqueuer(url))
+        except RuntimeError as exc:
+            problems.append(
+                Problem(
+                    f"pgqueuer's schema does not match its version: {exc}",
+                    "make migrate (pgqueuer's schema ships in the migrations)",
+                )
+            )
+        states = {
+            (r["name"], r["table_name"]): r["enabled"]
+            for r in conn.execute(q("trigger_states")).fetchall()
+        }
+        for name, table_name in sorted(expected_triggers()):
+            if (name, table_name) not in states:
+                problems.append(
+                    Problem(
+                        f"trigger {name} on {table_name} is missing",
+                        "make migrate; if it persists, restore it from sql/schema.sql",
+                    )
+                )
+            elif not states[(name, table_name)]:
+                problems.append(
+                    Problem(
+                        f"trigger {name} on {table_name} is disabled",
+                        f"psql: ALTER TABLE {table_name} ENABLE TRIGGER {name};",
+                    )
+                )
+        workers = conn.execute(q("live_workers")).fetchone()
+        if not workers or workers["listeners"] == 0:
+            problems.append(
+                Problem(
+                    "no worker is running (nobody LISTENs on this database)", "make run-workers"
+                )
+            )
+        for row in conn.execute(q("oldest_backlog")).fetchall():
+            if row["seconds"] > settings.heal_after_seconds:
+                problems.append(
+                    Problem(
+                        f"the {row['stage']} backlog is {row['seconds']:.0f}s old",
+                        "make status; run more workers (make run-workers on another machine)",
+                    )
+                )
+        failed = conn.execute(q("failures")).fetchall()
+        if failed:
+            problems.append(
+                Problem(
+                    f"{len(failed)} job(s) failed after their last attempt",
+                    "make failures; fix the cause, then make replay STAGE=<stage> ID=<id> "
+                    "(or STAGE=<stage> alone for all of a stage)",
+                )
+            )
+    return problems
+
+
+async def _verify_pgqueuer(url: str) -> None:
+    from pgqueuer.qm import QueueManager
+    from pgqueuer.queries import Queries
+
+    from workers.driver import ListeningDriver
+
+    driver = await ListeningDriver.connect(url)
+    try:
+        await QueueManager(Queries(driver)).verify_structure()
+    finally:
+        await driver.close()
