@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
-run-workers: $(STAMP) ## migrate and run the pipeline in the foreground (Ctrl-C stops)
-	$(PY) -m workers run
+run-workers: $(STAMP) ## migrate, run WORKERS processes (default 2) in the foreground; Ctrl-C stops
+	$(PY) -m workers run $(if $(WORKERS),--processes $(WORKERS),)
 
 test: $(STAMP) ## run the whole test suite against a real PostgreSQL
 	@url="$${TEST_DATABASE_URL:-}"; \

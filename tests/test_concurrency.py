@@ -49,7 +49,7 @@ def start_workers(db_url: str, count: int, log: Path) -> list[subprocess.Popen[b
     with open(log, "ab") as sink:
         return [
             subprocess.Popen(
-                [sys.executable, "-m", "workers", "run", "--no-migrate"],
+                [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
                 env=env,
                 stdout=sink,
                 stderr=sink,

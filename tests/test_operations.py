@@ -178,7 +178,7 @@ def _worker(db_url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     environment = {**os.environ, "DATABASE_URL": db_url, "KC_LOG_LEVEL": "INFO", **env}
     with open(log, "ab") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "workers", "run", "--no-migrate"],
+            [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
             env=environment,
             stdout=sink,
             stderr=sink,

@@ -31,7 +31,7 @@ def wait_for(predicate: object, timeout: float, what: str) -> None:
 def worker(db_url: str, conn: Conn) -> Iterator[subprocess.Popen[str]]:
     env = {**os.environ, "DATABASE_URL": db_url, "KC_LOG_LEVEL": "INFO"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers", "run", "--no-migrate"],
+        [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

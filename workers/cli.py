@@ -31,16 +31,25 @@ def _exit_quietly(signum: int, frame: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.runtime import run_worker
-
     # A stop request while starting up (connecting, migrating) is a clean exit too; once the
     # worker runs, its own handler finishes the jobs in flight first.
     signal.signal(signal.SIGTERM, _exit_quietly)
     url = database.pipeline_url(settings)
     if not args.no_migrate:
         migrate.upgrade(url)
-    asyncio.run(run_worker(url, settings, drain=args.drain))
-    return 0
+    if args.drain:
+        from workers.runtime import run_worker
+
+        asyncio.run(run_worker(url, settings, drain=True))
+        return 0
+    if args.single:
+        from workers.runtime import serve
+
+        asyncio.run(serve(url, settings))
+        return 0
+    from workers.supervisor import supervise
+
+    return supervise(url, settings, args.processes or settings.workers)
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -205,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-migrate",
         action="store_true",
         help="do not migrate first (for a worker role without DDL rights)",
+    )
+    run.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="worker processes to run and keep alive (default: KC_WORKERS, 2)",
+    )
+    run.add_argument(
+        "--single",
+        action="store_true",
+        help="one worker in this process, no supervisor (containers, tests)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -16,12 +16,16 @@ Failure policy, per job:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 from datetime import timedelta
 from uuid import UUID
 
 import psycopg
+import psycopg_pool
+from pgqueuer.db import PsycopgDriver
 from pgqueuer.errors import RetryRequested
 from pgqueuer.models import Job, Schedule
 from pgqueuer.qm import QueueManager
@@ -164,41 +168,137 @@ def register_schedules(
         )
 
 
-async def run_worker(url: str, settings: Settings, *, drain: bool = False) -> None:
-    """Process jobs until SIGINT/SIGTERM (or, with drain, until the queue is empty)."""
-    driver = await ListeningDriver.connect(url)
-    pool = make_pool(url, settings.pool_size, settings.statement_timeout_seconds)
-    await pool.open(wait=True)
-    qm = QueueManager(Queries(driver))
-    register_stages(qm, pool, settings)
-    sm = SchedulerManager(Queries(driver))
-    sm.shutdown = qm.shutdown
-    register_schedules(sm, pool, settings)
+async def run_worker(
+    url: str, settings: Settings, *, drain: bool = False, stop: asyncio.Event | None = None
+) -> None:
+    """Process jobs until `stop` is set (or, with drain, until the queue is empty).
 
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, qm.shutdown.set)
-    log.info(
-        "worker %s started (stages: %s, batch %d, pool %d)",
-        qm.queue_manager_id,
-        ", ".join(HANDLERS),
-        settings.batch_size,
-        settings.pool_size,
-    )
+    On stop: no new job is claimed, the jobs in flight finish, then it returns. Connection
+    errors propagate to the caller (`serve` reconnects).
+    """
+    driver = await connect_driver(url, settings)
+    pool = make_pool(url, settings.pool_size, settings.statement_timeout_seconds)
     try:
-        queue = qm.run(
-            batch_size=settings.batch_size,
-            dequeue_timeout=timedelta(seconds=settings.idle_poll_seconds),
-            heartbeat_timeout=timedelta(seconds=settings.heartbeat_seconds),
-            mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
+        await pool.open(wait=True, timeout=30)
+        qm = QueueManager(Queries(driver))
+        register_stages(qm, pool, settings)
+        sm = SchedulerManager(Queries(driver))
+        sm.shutdown = qm.shutdown
+        register_schedules(sm, pool, settings)
+        log.info(
+            "worker %s started (stages: %s, batch %d, pool %d)",
+            qm.queue_manager_id,
+            ", ".join(HANDLERS),
+            settings.batch_size,
+            settings.pool_size,
         )
-        if drain:  # a one-off run to empty the queue: no periodic jobs
-            await queue
-        else:
-            await asyncio.gather(queue, sm.run())
+        relay = asyncio.create_task(_relay(stop, qm.shutdown)) if stop is not None else None
+        try:
+            queue = qm.run(
+                batch_size=settings.batch_size,
+                dequeue_timeout=timedelta(seconds=settings.idle_poll_seconds),
+                heartbeat_timeout=timedelta(seconds=settings.heartbeat_seconds),
+                mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
+            )
+            if drain:  # a one-off run to empty the queue: no periodic jobs
+                await queue
+            else:
+                await asyncio.gather(queue, sm.run())
+        finally:
+            if relay is not None:
+                relay.cancel()
+        log.info("worker %s stopped", qm.queue_manager_id)
+    finally:
+        await pool.close()
+        await driver.close()
+
+
+async def _relay(stop: asyncio.Event, shutdown: asyncio.Event) -> None:
+    await stop.wait()
+    shutdown.set()
+
+
+async def connect_driver(url: str, settings: Settings) -> QueueDriver:
+    if settings.queue_driver == "pgqueuer":
+        # pgqueuer 1.6's own driver, kept to measure against: it polls NOTIFY with a 1 s
+        # timeout under the query connection's lock.
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        return PgqueuerDriver(conn)
+    return await ListeningDriver.connect(url)
+
+
+class PgqueuerDriver(PsycopgDriver):
+    async def close(self) -> None:
+        await self._connection.close()
+
+
+QueueDriver = ListeningDriver | PgqueuerDriver
+
+# Errors after which a worker reconnects instead of exiting: the database went away.
+RECONNECT: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CannotConnectNow,
+    psycopg_pool.PoolTimeout,
+    ConnectionError,
+    OSError,
+)
+
+
+async def serve(url: str, settings: Settings) -> None:
+    """A worker for the long run: SIGINT/SIGTERM stop it (jobs in flight finish, within
+    KC_SHUTDOWN_SECONDS); a lost database connection or a restart makes it reconnect with
+    exponential backoff instead of exiting."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    delay = 0.5
+    try:
+        while not stop.is_set():
+            started = loop.time()
+            work = asyncio.create_task(run_worker(url, settings, stop=stop))
+            try:
+                await _bounded(work, stop, settings.shutdown_seconds)
+                return
+            except RECONNECT as exc:
+                if stop.is_set():
+                    return
+                if loop.time() - started > 60:
+                    delay = 0.5
+                log.warning(
+                    "database connection lost (%s); reconnecting in %.1fs",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 30.0)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        await pool.close()
-        await driver.close()
-        log.info("worker %s stopped", qm.queue_manager_id)
+
+
+async def _bounded(work: asyncio.Task[None], stop: asyncio.Event, bound: float) -> None:
+    """Await `work`; once `stop` is set, give it `bound` seconds to finish, then cancel it
+    (its jobs stay picked and are taken again after the heartbeat timeout)."""
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        try:
+            await asyncio.wait_for(asyncio.shield(work), bound)
+        except TimeoutError:
+            # Cancelling would make pgqueuer log the jobs as canceled and delete them. Leave
+            # instead, as a crash would: the jobs stay picked, their transactions roll back,
+            # and another worker takes them once the heartbeat is stale.
+            log.warning(
+                "jobs still running %.0fs after the stop request; leaving them to be picked again",
+                bound,
+            )
+            logging.shutdown()
+            os._exit(0)
+        return None
+    finally:
+        stopping.cancel()

@@ -92,6 +92,26 @@ class Settings(BaseSettings):
         validation_alias="KC_RETENTION_DAYS",
         description="stage_history and pgqueuer_log older than this are pruned daily.",
     )
+    shutdown_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        validation_alias="KC_SHUTDOWN_SECONDS",
+        description="After SIGTERM, how long jobs in flight may run before the worker exits.",
+    )
+    workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        validation_alias="KC_WORKERS",
+        description="Worker processes `run` starts and keeps alive (make run-workers).",
+    )
+    queue_driver: Literal["listening", "pgqueuer"] = Field(
+        default="listening",
+        validation_alias="KC_QUEUE_DRIVER",
+        description="'listening': a dedicated LISTEN connection (ms wake-up); 'pgqueuer': "
+        "pgqueuer 1.6's own psycopg driver (1 s polls), kept for comparison.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         validation_alias="KC_LOG_LEVEL",

@@ -1,0 +1,149 @@
+"""The worker runtime: a supervisor that restarts dead workers, reconnection after the
+database drops every connection, and a bounded, clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import psycopg
+from psycopg.rows import DictRow
+
+from tests import factories as f
+
+Conn = psycopg.Connection[DictRow]
+GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def listeners(conn: Conn) -> int:
+    row = conn.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = "
+        "current_database() AND application_name = 'koding-caravan-listen'"
+    ).fetchone()
+    return int(row["n"]) if row else 0
+
+
+def start(db_url: str, log: Path, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    environment = {**os.environ, "DATABASE_URL": db_url, "KC_LOG_LEVEL": "INFO", **env}
+    with open(log, "ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "workers", "run", "--no-migrate", *args],
+            env=environment,
+            stdout=sink,
+            stderr=sink,
+        )
+
+
+def sessions_for(conn: Conn, payment: object) -> int:
+    row = conn.execute(
+        """SELECT count(*) AS n FROM tutoring_sessions ts
+        JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+        JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+        WHERE pu.payment_id = %s""",
+        (payment,),
+    ).fetchone()
+    return int(row["n"]) if row else 0
+
+
+def test_supervisor_restarts_a_killed_worker_and_stops_cleanly(
+    conn: Conn, db_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "run.log"
+    supervisor = start(db_url, log, "--processes", "2")
+    try:
+        wait_for(lambda: listeners(conn) == 2, 30, "two worker processes")
+        children = psutil.Process(supervisor.pid).children()
+        assert len(children) == 2
+        children[0].send_signal(signal.SIGKILL)
+        wait_for(
+            lambda: (
+                {c.pid for c in psutil.Process(supervisor.pid).children()}
+                - {c.pid for c in children}
+                != set()
+            ),
+            30,
+            "a replacement process",
+        )
+        wait_for(lambda: listeners(conn) == 2, 30, "two listening workers again")
+
+        course = f.course(conn)
+        f.trainer(conn)
+        payment = f.payment(conn, f.student(conn), course, GOOD)
+        wait_for(lambda: sessions_for(conn, payment) == 10, 30, "the payment's sessions")
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        code = supervisor.wait(timeout=60)
+    assert code == 0
+    assert listeners(conn) == 0
+    assert "exited with -9; restarting" in log.read_text()
+
+
+def test_worker_reconnects_after_every_backend_is_terminated(
+    conn: Conn, db_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    worker = start(db_url, log, "--single")
+    try:
+        wait_for(lambda: listeners(conn) == 1, 30, "the worker")
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        wait_for(lambda: "reconnecting" in log.read_text(), 30, "the worker to notice")
+        wait_for(lambda: listeners(conn) == 1, 30, "the worker to reconnect")
+        assert worker.poll() is None
+
+        course = f.course(conn)
+        f.trainer(conn)
+        payment = f.payment(conn, f.student(conn), course, GOOD)
+        wait_for(lambda: sessions_for(conn, payment) == 10, 30, "the payment's sessions")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+
+
+def test_sigterm_stops_claiming_and_exits_within_the_bound(
+    conn: Conn, db_url: str, tmp_path: Path
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    payment = f.payment(conn, f.student(conn), course, GOOD)
+    log = tmp_path / "worker.log"
+    settings = {"KC_SHUTDOWN_SECONDS": "2", "KC_HEARTBEAT_SECONDS": "1"}
+    with psycopg.connect(db_url) as blocker:
+        # The job hangs in its stage on this lock: it is "in flight" when SIGTERM comes.
+        blocker.execute("SELECT 1 FROM payments WHERE id = %s FOR UPDATE", (payment,))
+        worker = start(db_url, log, "--single", **settings)
+        wait_for(
+            lambda: bool(conn.execute("SELECT 1 FROM job_starts").fetchone()),
+            30,
+            "the job to start",
+        )
+        stopped_at = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        assert time.monotonic() - stopped_at < 10
+        blocker.rollback()
+    # Nothing is lost: the unfinished job is picked again by the next worker.
+    worker = start(db_url, log, "--single", **settings)
+    try:
+        wait_for(lambda: sessions_for(conn, payment) == 10, 30, "the payment's sessions")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+    assert "leaving them to be picked again" in log.read_text()

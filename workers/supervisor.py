@@ -1,0 +1,99 @@
+"""`make run-workers`: N worker processes, each restarted if it dies.
+
+The supervisor migrates once, then starts `python -m workers run --single` N times with the
+same DATABASE_URL. A child that exits without being asked to is logged and restarted after a
+backoff (1 s, doubling to 30 s; reset once it has lived a minute). SIGTERM or SIGINT is passed
+on to every child; each finishes its jobs in flight (KC_SHUTDOWN_SECONDS) and the supervisor
+exits 0 when all have stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from workers.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    slot: int
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restart_delay: float = 1.0
+    restart_at: float = 0.0
+    restarts: int = field(default=0)
+
+
+def _spawn(child: Child, env: dict[str, str]) -> None:
+    child.process = subprocess.Popen(
+        [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"], env=env
+    )
+    child.started_at = time.monotonic()
+    log.info("worker process %d started (pid %d)", child.slot, child.process.pid)
+
+
+def supervise(url: str, settings: Settings, processes: int) -> int:
+    env = {**os.environ, "DATABASE_URL": url}
+    children = [Child(slot) for slot in range(1, processes + 1)]
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            log.info("stopping %d worker process(es) (%s)", processes, signal.Signals(signum).name)
+        stopping = True
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    for child in children:
+        _spawn(child, env)
+
+    while not stopping:
+        time.sleep(0.2)
+        now = time.monotonic()
+        for child in children:
+            if stopping or child.process is None:
+                continue
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.restart_at == 0.0:
+                if now - child.started_at > 60:
+                    child.restart_delay = 1.0
+                log.warning(
+                    "worker process %d (pid %d) exited with %s; restarting in %.0fs",
+                    child.slot,
+                    child.process.pid,
+                    code,
+                    child.restart_delay,
+                )
+                child.restart_at = now + child.restart_delay
+                child.restart_delay = min(child.restart_delay * 2, 30.0)
+            elif now >= child.restart_at:
+                child.restart_at = 0.0
+                child.restarts += 1
+                _spawn(child, env)
+
+    deadline = time.monotonic() + settings.shutdown_seconds + 10
+    for child in children:
+        if child.process is None:
+            continue
+        try:
+            child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d did not stop in time; killing it", child.slot)
+            child.process.kill()
+            child.process.wait()
+    log.info("all worker processes stopped")
+    return 0
