@@ -224,3 +224,13 @@ def test_valid_metadata_always_plans(
     assert result.session_count == count
     assert result.start_date >= max(start, TODAY + timedelta(days=1))
     assert result.start_date.isoweekday() in allowed_weekdays(mode)
+
+
+@pytest.mark.parametrize(
+    "name", ["x" * 20_000, "../etc/passwd", "Mars/Base", "", "Asia/Kolk ata", "/etc/localtime"]
+)
+def test_bad_time_zones_are_rejections_not_crashes(name: str) -> None:
+    from workers.purchase import student_zone
+
+    with pytest.raises(InvalidPurchaseError, match="not an IANA time zone"):
+        student_zone(name)

@@ -13,6 +13,7 @@ sessions.
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,11 +29,16 @@ from workers.stages import Outcome, StageContext
 
 log = logging.getLogger(__name__)
 
+_ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}")
+
 
 def student_zone(name: str) -> ZoneInfo:
+    # IANA names are short ASCII paths; anything else is not looked up on disk at all.
     try:
+        if not _ZONE_NAME.fullmatch(name):
+            raise ValueError(name)
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InvalidPurchaseError(
             RejectReason.INVALID_TIMEZONE,
             [

@@ -1,0 +1,156 @@
+"""Fuzz: malformed payments (wrong types, huge strings, unknown modes, unicode, NUL bytes,
+SQL-looking text, malformed rows) are each refused by the database or rejected by the
+pipeline with a reason; the worker never crashes and good payments in the same batch go
+through."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.rows import DictRow
+
+from tests import factories as f
+
+Conn = psycopg.Connection[DictRow]
+GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "weekdays"}
+
+nasty_text = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=30),
+    st.just("'; DROP TABLE payments; --"),
+    st.just("16:00\x00"),
+    st.just("x" * 20_000),
+    st.just("\u202e4:00 PM"),
+    st.just("४:०० PM"),
+    st.sampled_from(["weekly", "Sunday", "sunday-only", "DAILY ", "", " "]),
+)
+json_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    nasty_text,
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(nasty_text, inner, max_size=3),
+    max_leaves=8,
+)
+KEYS = ["sessionCount", "timeSlot", "startDate", "scheduleMode", "sessionDuration", "upgrade"]
+bad_metadata = st.one_of(
+    st.dictionaries(st.sampled_from(KEYS), json_value, max_size=6),
+    st.fixed_dictionaries({}, optional={k: json_value for k in KEYS}).map(lambda d: {**GOOD, **d}),
+    json_value,  # not even an object
+)
+
+
+@pytest.fixture
+def worker(db_url: str, conn: Conn, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = tmp_path / "worker.log"
+    env = {**os.environ, "DATABASE_URL": db_url, "KC_LOG_LEVEL": "WARNING"}
+    with open(log, "ab") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
+            env=env,
+            stdout=sink,
+            stderr=sink,
+        )
+    yield proc
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+
+
+def insert(conn: Conn, student: UUID, course: UUID, metadata: Any) -> UUID | None:
+    """Write as the payment service would; None when the database refuses the row."""
+    try:
+        with conn.transaction():
+            return f.payment(conn, student, course, metadata)
+    except (psycopg.DataError, ValueError):
+        return None  # e.g. NUL bytes: PostgreSQL text and jsonb cannot hold them
+
+
+def has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
+    return False
+
+
+def outcome(conn: Conn, payment: UUID) -> DictRow | None:
+    return conn.execute(
+        """SELECT
+        (SELECT id FROM student_course_purchases WHERE payment_id = %(p)s) AS purchase,
+        (SELECT reason FROM payment_rejections WHERE payment_id = %(p)s
+          AND resolved_at IS NULL) AS rejection,
+        (SELECT errors FROM payment_rejections WHERE payment_id = %(p)s) AS errors,
+        (SELECT count(*) FROM pgqueuer WHERE dedupe_key = 'purchase:' || %(p)s) AS jobs
+        """,
+        {"p": payment},
+    ).fetchone()
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    batch=st.lists(bad_metadata, min_size=1, max_size=6),
+    timezone=st.one_of(st.just("Asia/Kolkata"), nasty_text),
+)
+def test_malformed_payments_are_refused_or_rejected(
+    conn: Conn, worker: subprocess.Popen[bytes], batch: list[Any], timezone: str
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn, weekdays=[1, 2, 3, 4, 5], radius_km=50)
+    good = [insert(conn, f.student(conn), course, GOOD) for _ in range(2)]
+    written: list[tuple[UUID, Any]] = []
+    for metadata in batch:
+        try:
+            student = f.student(conn, timezone=timezone)
+        except (psycopg.DataError, ValueError):
+            student = f.student(conn)
+        payment = insert(conn, student, course, metadata)
+        if payment is None:
+            assert has_nul(metadata)  # the only thing the database refuses here
+        else:
+            written.append((payment, metadata))
+
+    deadline = time.monotonic() + 30
+    pending = [p for p in good if p] + [p for p, _ in written]
+    while pending:
+        assert worker.poll() is None, "the worker died"
+        assert time.monotonic() < deadline, f"no outcome for {pending}"
+        pending = [
+            p
+            for p in pending
+            if (row := outcome(conn, p)) is None
+            or (row["purchase"] is None and row["rejection"] is None)
+            or row["jobs"]
+        ]
+        time.sleep(0.05)
+
+    for payment in good:
+        assert payment is not None
+        assert outcome(conn, payment)["purchase"] is not None  # type: ignore[index]
+    for payment, _ in written:
+        row = outcome(conn, payment)
+        assert row is not None
+        if row["rejection"] is not None:
+            assert row["errors"] and all(e["field"] and e["message"] for e in row["errors"])
+    assert conn.execute("SELECT count(*) AS n FROM failed_jobs").fetchone() == {"n": 0}
