@@ -541,6 +541,8 @@ VIEW stuck AS
 CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
  RETURNS text
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
     v_purchase uuid;
@@ -592,6 +594,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
     v_request bigint;
@@ -617,6 +621,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.enqueue_stage(p_stage text, p_ref uuid, p_event text DEFAULT 'enqueued'::text, p_delay interval DEFAULT '00:00:00'::interval)
  RETURNS bigint
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
     v_key    text := p_stage || ':' || p_ref;
@@ -748,6 +754,10 @@ CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 do
 AS $function$ SELECT 2 * 6371.0 * asin(least(1.0, sqrt(
           sin(radians(lat2 - lat1) / 2) ^ 2
         + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2))) $function$
+CREATE OR REPLACE FUNCTION public.kc_lock_trainer(p_trainer uuid)
+ RETURNS void
+ LANGUAGE sql
+AS $function$ SELECT pg_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
 CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  RETURNS text[]
  LANGUAGE sql
@@ -846,6 +856,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.retry_pending_allocations(p_trainer uuid DEFAULT NULL::uuid)
  RETURNS integer
  LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
     SELECT count(enqueue_stage('allocation', ta.purchase_id))::integer
     FROM trainer_allocations ta
@@ -860,7 +872,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.stuck_rows(p_older_than interval DEFAULT '00:10:00'::interval)
  RETURNS TABLE(stage text, ref_id uuid, since timestamp with time zone, waiting_for text, job_status text)
  LANGUAGE sql
- STABLE
+ STABLE SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
     SELECT 'purchase', p.id, p.updated_at, 'a purchase', j.status
     FROM payments p
@@ -910,8 +923,8 @@ BEGIN
        AND OLD.trainer_id IS NOT DISTINCT FROM NEW.trainer_id THEN
         RETURN NEW;
     END IF;
-    -- The row lock serialises every approval for this trainer.
-    SELECT rating INTO v_rating FROM trainers WHERE id = NEW.trainer_id FOR NO KEY UPDATE;
+    PERFORM kc_lock_trainer(NEW.trainer_id);
+    SELECT rating INTO v_rating FROM trainers WHERE id = NEW.trainer_id;
     SELECT count(*) INTO v_live FROM trainer_allocations
     WHERE trainer_id = NEW.trainer_id AND status = 'approved' AND id <> NEW.id;
     IF v_live >= kc_trainer_capacity(v_rating) THEN

@@ -101,10 +101,10 @@ SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
 FROM timed t;
 
 -- name: lock_trainer
--- Every approval for a trainer is serialised on this row lock (here and in the capacity
--- trigger). The re-check must be a separate statement: in READ COMMITTED a statement reads
--- the snapshot taken when it started, before it waited for the lock.
-SELECT id FROM trainers WHERE id = %(trainer_id)s::uuid FOR NO KEY UPDATE;
+-- Every approval for a trainer is serialised on this transaction-scoped lock (here and in the
+-- capacity trigger). The re-check must be a separate statement: in READ COMMITTED a statement
+-- reads the snapshot taken when it started, before it waited for the lock.
+SELECT kc_lock_trainer(%(trainer_id)s::uuid);
 
 -- name: recheck_trainer
 -- Re-reads, after lock_trainer, what may have changed since the search.
