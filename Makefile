@@ -10,7 +10,7 @@ PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install run-workers test lint format migrate psql db-stop schema clean \
-	status trace failures replay doctor
+	status trace failures replay doctor bench
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
@@ -71,6 +71,10 @@ replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID:
 
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
+
+bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json, bench-out/bench.png (QUICK=1: small)
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) -m bench $(if $(QUICK),--quick,)
 
 schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review the diff)
 	$(PY) -m workers schema

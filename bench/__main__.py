@@ -1,4 +1,7 @@
-"""python -m bench [search|...]: see `make bench`."""
+"""python -m bench [--quick]: every figure of `make bench` in one run, on a fresh database.
+
+python -m bench search: only the trainer search timing.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +9,138 @@ import argparse
 import json
 import logging
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from bench import search, world
+from bench import pipeline, report, search, world
 from workers.database import test_admin_url
-from workers.settings import load_settings
+from workers.settings import REPO_ROOT, load_settings
+
+FULL = {
+    "trainers": 1000,
+    "students": 20000,
+    "booked": 5000,
+    "baseline_jobs": 20000,
+    "backlogs": [1000, 10000, 100000],
+    "rate": 50.0,
+    "rate_seconds": 30,
+    "idle_samples": 10,
+    "idle_samples_pgqueuer": 5,
+    "search_samples": 200,
+}
+QUICK = {
+    "trainers": 100,
+    "students": 2000,
+    "booked": 500,
+    "baseline_jobs": 2000,
+    "backlogs": [100, 300],
+    "rate": 50.0,
+    "rate_seconds": 4,
+    "idle_samples": 3,
+    "idle_samples_pgqueuer": 2,
+    "search_samples": 30,
+}
+
+
+class Progress:
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        width = 30
+        filled = int(width * min(done / total, 1.0)) if total else width
+        sys.stderr.write(
+            f"\r  {self.label:<34} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done}/{total} {time.monotonic() - self.started:5.0f}s"
+        )
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write(
+            f"\r  {self.label:<34} done in {time.monotonic() - self.started:.1f}s" + " " * 40 + "\n"
+        )
+
+
+def step(label: str) -> Progress:
+    progress = Progress(label)
+    progress(0, 1)
+    return progress
+
+
+def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str, Any]:
+    admin = test_admin_url(load_settings())
+    results: dict[str, Any] = {
+        "size": size,
+        "processes": processes,
+        "batch_size": batch,
+        "machine": report.machine(),
+    }
+    with world.fresh_database(admin) as url:
+        p = step("seeding the world")
+        results["seed_seconds"] = round(
+            world.seed(
+                url,
+                trainers=size["trainers"],
+                students=size["students"],
+                booked_allocations=size["booked"],
+            ),
+            1,
+        )
+        p.done()
+        p = step("baseline: pgqueuer no-op jobs")
+        results["baseline"] = pipeline.baseline(url, size["baseline_jobs"], processes, batch)
+        p.done()
+        p = step("trainer search")
+        results["search"] = search.measure(url, size["search_samples"])
+        p.done()
+        for driver, samples in (
+            ("listening", size["idle_samples"]),
+            ("pgqueuer", size["idle_samples_pgqueuer"]),
+        ):
+            p = step(f"idle latency ({driver} driver)")
+            results.setdefault("idle", []).append(
+                pipeline.idle_latency(url, driver, samples, gap=1.0)
+            )
+            p.done()
+        p = step(f"latency at {size['rate']:.0f} payments/s")
+        results["latency"] = pipeline.latency_at_rate(
+            url, size["rate"], size["rate_seconds"], processes, batch, p
+        )
+        p.done()
+        results["backlog"] = []
+        for backlog in size["backlogs"]:
+            p = step(f"throughput, backlog {backlog}")
+            results["backlog"].append(
+                pipeline.backlog_throughput(url, backlog, processes, batch, p)
+            )
+            p.done()
+    return results
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("what", choices=["search"], help="which measurement")
-    parser.add_argument("--trainers", type=int, default=1000)
-    parser.add_argument("--students", type=int, default=20000)
-    parser.add_argument(
-        "--booked", type=int, default=5000, help="already-scheduled allocations (20 sessions each)"
-    )
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--keep", action="store_true", help="keep the benchmark database")
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("what", nargs="?", choices=["all", "search"], default="all")
+    parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--batch", type=int, default=10, help="jobs claimed per dequeue")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out")
+    parser.add_argument("--samples", type=int, default=200, help="searches (search only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    admin = test_admin_url(load_settings())
-    with world.fresh_database(admin, keep=args.keep) as url:
-        seconds = world.seed(
-            url, trainers=args.trainers, students=args.students, booked_allocations=args.booked
-        )
-        print(f"seeded in {seconds:.1f}s", file=sys.stderr)
-        result = search.measure(url, args.samples)
-    print(json.dumps(result, indent=2))
+    if args.what == "search":
+        admin = test_admin_url(load_settings())
+        with world.fresh_database(admin) as url:
+            world.seed(url, trainers=1000, students=20000, booked_allocations=5000)
+            print(json.dumps(search.measure(url, args.samples), indent=2))
+        return 0
+
+    results = run(QUICK if args.quick else FULL, args.processes, args.batch, args.out)
+    print(report.table(results))
+    for path in report.write(results, args.out):
+        print(f"wrote {path}")
     return 0
 
 

@@ -222,7 +222,9 @@ async def connect_driver(url: str, settings: Settings) -> QueueDriver:
     if settings.queue_driver == "pgqueuer":
         # pgqueuer 1.6's own driver, kept to measure against: it polls NOTIFY with a 1 s
         # timeout under the query connection's lock.
-        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(
+            url, autocommit=True, application_name="koding-caravan-listen"
+        )
         return PgqueuerDriver(conn)
     return await ListeningDriver.connect(url)
 
