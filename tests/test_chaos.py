@@ -145,6 +145,8 @@ def test_chaos(conn: Conn, db_url: str, tmp_path: Path) -> None:
     assert codes == [0] * WORKERS
     assert kills >= 5
     assert terminated_backends > 0
+    failed = conn.execute("SELECT stage, error FROM failed_jobs").fetchall()
+    assert failed == [], failed
     assert violations(conn) == {}, log.read_text()[-5000:]
     summary = dict(
         conn.execute("""SELECT

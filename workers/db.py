@@ -44,6 +44,8 @@ def make_pool(url: str, size: int, statement_timeout: float = 60.0) -> AsyncConn
             "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
         },
         connection_class=psycopg.AsyncConnection[DictRow],
+        # After the server restarts or terminates backends, hand out live connections only.
+        check=AsyncConnectionPool.check_connection,
     )
 
 

@@ -94,15 +94,21 @@ async def run_job(
 ) -> None:
     ctx = StageContext(settings=settings, job_id=int(job.id))
     ref = job_ref(job)
-    starts = await record_start(pool, job, stage, ref)
+    try:
+        starts = await record_start(pool, job, stage, ref)
+    except PERMANENT:
+        raise
+    except Exception as exc:  # no connection now (the database restarting, a full pool)
+        log.warning("%s %s: could not record the start (%s); retrying", stage.value, ref, exc)
+        raise RetryRequested(delay=backoff(job.attempts + 1), reason=str(exc)[:500]) from exc
     if starts > settings.max_attempts:
-        exc = TooManyAttemptsError(
+        gave_up = TooManyAttemptsError(
             f"{stage.value} {ref}: started {starts - 1} times without success (the last "
             "attempts may have been cut short by worker crashes); held as failed, replay with "
             f"SELECT replay_stage('{stage.value}', '{ref}')"
         )
-        await record_failure(pool, stage, ref, ctx, exc)
-        raise exc
+        await record_failure(pool, stage, ref, ctx, gave_up)
+        raise gave_up
     try:
         await run_stage(pool, stage, handler, ref, ctx)
     except PERMANENT:

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         description="Jobs a worker claims per dequeue.",
     )
     pool_size: int = Field(
-        default=8,
+        default=10,
         ge=1,
         le=200,
         validation_alias="KC_POOL_SIZE",
