@@ -42,14 +42,16 @@ class ListeningDriver:
         self._entered = 0
 
     @classmethod
-    async def connect(cls, url: str) -> Self:
+    async def connect(cls, url: str, name: str = "koding-caravan") -> Self:
+        """`name` prefixes the connections' application_name; workers are counted by the
+        listening connection's name (`koding-caravan-listen`), so tools use another name."""
         query_conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name="koding-caravan-queue"
+            url, autocommit=True, application_name=f"{name}-queue"
         )
         listen_conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name="koding-caravan-listen"
+            url, autocommit=True, application_name=f"{name}-listen"
         )
-        return cls(query_conn, listen_conn)
+        return cls(query_conn, listen_conn)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         for conn in (self._query_conn, self._listen_conn):

@@ -165,7 +165,7 @@ async def _verify_pgqueuer(url: str) -> None:
 
     from workers.driver import ListeningDriver
 
-    driver = await ListeningDriver.connect(url)
+    driver = await ListeningDriver.connect(url, name="koding-caravan-doctor")
     try:
         await QueueManager(Queries(driver)).verify_structure()
     finally:
