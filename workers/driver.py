@@ -51,7 +51,7 @@ class ListeningDriver:
         listen_conn = await psycopg.AsyncConnection.connect(
             url, autocommit=True, application_name=f"{name}-listen"
         )
-        return cls(query_conn, listen_conn)  # type: ignore[arg-type]
+        return cls(query_conn, listen_conn)
 
     async def close(self) -> None:
         for conn in (self._query_conn, self._listen_conn):
