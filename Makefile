@@ -72,9 +72,9 @@ replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID:
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
 
-bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json, bench-out/bench.png (QUICK=1: small)
+bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PY) -m bench $(if $(QUICK),--quick,)
+	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(BACKLOGS),--backlogs $(BACKLOGS),)
 
 schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review the diff)
 	$(PY) -m workers schema

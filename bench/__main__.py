@@ -111,12 +111,22 @@ def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str
         p.done()
         results["backlog"] = []
         for backlog in size["backlogs"]:
+            _checkpoint(results, out)
             p = step(f"throughput, backlog {backlog}")
             results["backlog"].append(
                 pipeline.backlog_throughput(url, backlog, processes, batch, p)
             )
             p.done()
     return results
+
+
+def _checkpoint(results: dict[str, Any], out: Path) -> None:
+    """What is measured so far, in case a long run is stopped."""
+    out.mkdir(parents=True, exist_ok=True)
+    latency = {k: v for k, v in results.get("latency", {}).items() if k != "samples_ms"}
+    (out / "partial.json").write_text(
+        json.dumps(results | {"latency": latency}, indent=2, default=str)
+    )
 
 
 def main() -> int:
@@ -127,6 +137,13 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=10, help="jobs claimed per dequeue")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench-out")
     parser.add_argument("--samples", type=int, default=200, help="searches (search only)")
+    parser.add_argument(
+        "--backlogs",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="backlog sizes to measure (default 1000 10000 100000)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -137,7 +154,10 @@ def main() -> int:
             print(json.dumps(search.measure(url, args.samples), indent=2))
         return 0
 
-    results = run(QUICK if args.quick else FULL, args.processes, args.batch, args.out)
+    size = dict(QUICK if args.quick else FULL)
+    if args.backlogs:
+        size["backlogs"] = args.backlogs
+    results = run(size, args.processes, args.batch, args.out)
     print(report.table(results))
     for path in report.write(results, args.out):
         print(f"wrote {path}")

@@ -9,7 +9,10 @@ FROM (VALUES ('AI Foundations', 'AI', 'Machine Learning'),
              ('Robotics Lab', 'Robotics', 'Arduino'),
              ('Coding Basics', 'Coding', 'Python'),
              ('App Making', 'App Making', 'Flutter'),
-             ('Video Making', 'Video Making', NULL)) AS c(title, category, subcategory);
+             ('Video Making', 'Video Making', NULL),
+             ('Game Coding', 'Coding', 'Games'),
+             ('Drone Robotics', 'Robotics', 'Drones'),
+             ('Generative AI', 'AI', 'Generative')) AS c(title, category, subcategory);
 
 INSERT INTO holidays (day, reason)
 SELECT d::date, 'benchmark holiday'
