@@ -900,13 +900,19 @@ AS $function$
     WHERE ta.status = 'approved' AND ta.allocated_at < now() - p_older_than
       AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id)
 $function$
-CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval DEFAULT '00:05:00'::interval)
+CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval DEFAULT '00:05:00'::interval, p_limit integer DEFAULT 500)
  RETURNS integer
  LANGUAGE sql
 AS $function$
-    SELECT count(enqueue_stage('allocation', purchase_id))::integer
-    FROM trainer_allocations
-    WHERE status = 'pending' AND updated_at < now() - p_min_age
+    SELECT count(enqueue_stage('allocation', due.purchase_id))::integer
+    FROM (
+        SELECT purchase_id FROM trainer_allocations
+        WHERE status = 'pending'
+          AND updated_at < now() - least(p_min_age * power(2, least(attempts - 1, 20)),
+                                         interval '1 day')
+        ORDER BY updated_at
+        LIMIT p_limit
+    ) due
 $function$
 CREATE OR REPLACE FUNCTION public.trg_allocations_check_capacity()
  RETURNS trigger

@@ -134,6 +134,11 @@ def test_periodic_sweep_retries_old_pending(conn: Conn, db_url: str) -> None:
     assert one(conn, "SELECT sweep_pending_allocations('0 seconds') AS n")["n"] == 1
     drain(db_url)
     assert allocation_of(conn, student)["attempts"] == 2
+    # After two unsuccessful tries the sweep waits twice as long (10 min for a 5 min base).
+    conn.execute("UPDATE trainer_allocations SET updated_at = now() - interval '7 minutes'")
+    assert one(conn, "SELECT sweep_pending_allocations('5 minutes') AS n")["n"] == 0
+    conn.execute("UPDATE trainer_allocations SET updated_at = now() - interval '11 minutes'")
+    assert one(conn, "SELECT sweep_pending_allocations('5 minutes') AS n")["n"] == 1
 
 
 def _approved_world(conn: Conn, db_url: str) -> tuple[UUID, UUID, UUID, UUID]:
