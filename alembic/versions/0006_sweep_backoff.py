@@ -19,4 +19,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("0006 has no downgrade: drop and re-create the database, then migrate")
+    raise NotImplementedError(
+        "0006 has no downgrade: drop and re-create the database, then migrate"
+    )
