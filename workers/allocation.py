@@ -401,10 +401,10 @@ async def still_fits(
     )
     if row is None or row["status"] != "active":
         return Reason.TRAINER_INACTIVE
-    if row["overlapping_sessions"] > 0:
-        return Reason.NO_FREE_SLOT
     if not ignore_capacity and row["live_allocations"] >= capacity_for(row["rating"]):
         return Reason.AT_CAPACITY
+    if row["overlapping_sessions"] > 0:
+        return Reason.NO_FREE_SLOT
     for other in promised:
         first_day = other["first_session_date"]
         theirs = plan_sessions(

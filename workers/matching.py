@@ -41,9 +41,12 @@ RULE_ORDER: tuple[Reason, ...] = (
     Reason.NO_SPECIALTY,
     Reason.GENDER_MISMATCH,
     Reason.OUT_OF_RANGE,
+    # Capacity before the time rules: it is one indexed count, while overlaps and sequential
+    # distance scan the trainer's sessions; the search measures those only for trainers who
+    # passed every rule before them.
+    Reason.AT_CAPACITY,
     Reason.NO_FREE_SLOT,
     Reason.TOO_FAR_BETWEEN_SESSIONS,
-    Reason.AT_CAPACITY,
 )
 
 _SENTENCES: dict[Reason, str] = {
@@ -57,7 +60,7 @@ _SENTENCES: dict[Reason, str] = {
     "on every session day at {slot}.",
     Reason.TOO_FAR_BETWEEN_SESSIONS: "{n} trainer(s) are free at {slot}, but each has a "
     "session in the hour before or after at another student's home too far from this one.",
-    Reason.AT_CAPACITY: "{n} trainer(s) could teach {course} at {slot}, but all are at capacity.",
+    Reason.AT_CAPACITY: "{n} trainer(s) teach {course} in the area, but all are at capacity.",
     Reason.TRAINER_INACTIVE: "The requested trainer is not active.",
 }
 
@@ -111,12 +114,12 @@ class CandidateFacts:
             return Reason.GENDER_MISMATCH
         if self.distance_km > self.service_radius_km:
             return Reason.OUT_OF_RANGE
+        if self.live_allocations >= self.capacity:
+            return Reason.AT_CAPACITY
         if not self.available or self._measured(self.overlapping_sessions) > 0:
             return Reason.NO_FREE_SLOT
         if self._measured(self.far_neighbours) > 0:
             return Reason.TOO_FAR_BETWEEN_SESSIONS
-        if self.live_allocations >= self.capacity:
-            return Reason.AT_CAPACITY
         return None
 
     def _measured(self, fact: int | None) -> int:

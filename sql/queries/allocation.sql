@@ -58,6 +58,8 @@ WITH purchase AS (
                AND a.slot_start <= %(slot_start)s::time
                AND a.slot_end >= %(slot_end)s::time
            ) = cardinality(%(weekdays)s::smallint[]) AS available,
+           (SELECT count(*) FROM trainer_allocations ta
+             WHERE ta.trainer_id = t.id AND ta.status = 'approved') AS live_allocations,
            p.home_lat, p.home_lng
     FROM trainers t
     CROSS JOIN purchase p
@@ -69,7 +71,8 @@ WITH purchase AS (
 ), timed AS MATERIALIZED (
     SELECT c.*,
            CASE WHEN c.active AND c.specialty_match IS NOT NULL AND c.gender_ok
-                     AND c.distance_km <= c.service_radius_km AND c.available
+                     AND c.distance_km <= c.service_radius_km
+                     AND c.live_allocations < kc_trainer_capacity(c.rating) AND c.available
            THEN (SELECT count(*)
                    FROM tutoring_sessions ts, bounds b
                   WHERE ts.trainer_id = c.trainer_id
@@ -96,8 +99,7 @@ SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
                 AND kc_haversine_km(other.home_lat, other.home_lng, t.home_lat, t.home_lng)
                     > %(max_sequential_km)s::float8)
        END AS far_neighbours,
-       (SELECT count(*) FROM trainer_allocations ta
-         WHERE ta.trainer_id = t.trainer_id AND ta.status = 'approved') AS live_allocations
+       t.live_allocations
 FROM timed t;
 
 -- name: lock_trainer
