@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from uuid import UUID
+
+import psycopg
+from psycopg.rows import DictRow
 
 from workers.db import make_pool
 from workers.runtime import HANDLERS, run_worker
@@ -33,3 +38,19 @@ def run_one(db_url: str, stage: Stage, ref: UUID) -> Outcome:
             await pool.close()
 
     return asyncio.run(go())
+
+
+def one(conn: psycopg.Connection[DictRow], sql: str, *params: object) -> DictRow:
+    """The single row a query must return."""
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None
+    return row
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -10,17 +10,11 @@ import pytest
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from tests.helpers import drain
+from tests.helpers import drain, one
 from workers.sql import all_queries
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
-
-
-def one(conn: Conn, sql: str, *params: object) -> DictRow:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row
 
 
 def allocation_of(conn: Conn, student: UUID) -> DictRow:

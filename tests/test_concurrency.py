@@ -23,19 +23,11 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 
 from tests import factories as f
+from tests.helpers import wait_for
 from tests.invariants import violations
 
 Conn = psycopg.Connection[DictRow]
 WORKERS = 4
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def start_workers(db_url: str, count: int, log: Path) -> list[subprocess.Popen[bytes]]:
@@ -107,7 +99,7 @@ def test_concurrent_workers_never_oversell_a_trainer(
                 WHERE status IN ('pending', 'approved')""").fetchone()
             return queue_empty(conn) and row is not None and row["live"] == 22
 
-        wait_until(settled, 90, "every purchase to have a live allocation")
+        wait_for(settled, 90, "every purchase to have a live allocation")
     finally:
         codes = stop_workers(procs)
     assert codes == [0] * WORKERS

@@ -10,17 +10,11 @@ import psycopg
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from tests.helpers import drain
+from tests.helpers import drain, one
 from tests.invariants import violations
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
-
-
-def one(conn: Conn, sql: str, *params: object) -> DictRow:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row
 
 
 def sessions_of(conn: Conn, student: UUID, status: str = "scheduled") -> list[DictRow]:

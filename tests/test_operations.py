@@ -6,15 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from tests.helpers import drain, worker_settings
+from tests.helpers import drain, one, wait_for, worker_settings
 from workers import ops
 
 Conn = psycopg.Connection[DictRow]
@@ -23,21 +21,6 @@ EVERY_DAY_A_HOLIDAY = (
     "INSERT INTO holidays SELECT d::date, 'closed' FROM generate_series("
     "current_date, current_date + 4 * 366, interval '1 day') d"
 )
-
-
-def one(conn: Conn, sql: str, *params: object) -> DictRow:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_trace_follows_a_payment_through_every_stage(conn: Conn, db_url: str) -> None:

@@ -11,7 +11,7 @@ import pytest
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from tests.helpers import drain, run_one
+from tests.helpers import drain, one, run_one
 from workers.stages import Stage
 
 Conn = psycopg.Connection[DictRow]
@@ -24,12 +24,6 @@ def world(conn: Conn) -> tuple[UUID, UUID, UUID]:
     student = f.student(conn)
     trainer = f.trainer(conn)
     return course, student, trainer
-
-
-def one(conn: Conn, sql: str, *params: object) -> DictRow:
-    row = conn.execute(sql, params).fetchone()
-    assert row is not None
-    return row
 
 
 def test_payment_becomes_purchase_allocation_and_sessions(conn: Conn, db_url: str) -> None:
