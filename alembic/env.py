@@ -41,17 +41,8 @@ def run_migrations_online() -> None:
         connection.execute(text("SET lock_timeout = '10s'"))
         connection.execute(text("SET statement_timeout = '5min'"))
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-        # Once migration 0005 has set it up in this database, the owner role creates every
-        # later object (roles are cluster-wide: it may exist before this database has 0005).
-        owner = connection.execute(
-            text(
-                "SELECT pg_has_role(current_user, oid, 'MEMBER') "
-                "AND has_schema_privilege(oid, 'public', 'CREATE') FROM pg_roles "
-                "WHERE rolname = 'kc_owner'"
-            )
-        ).scalar()
-        if owner:
-            connection.execute(text("SET ROLE kc_owner"))
+        # Each migration file runs as kc_owner once 0005 has set it up (workers.migrate
+        # runs sql/migrations/before_each.sql first), so the session stays the migrating user.
         connection.commit()
         try:
             context.configure(connection=connection, transaction_per_migration=True)
@@ -59,7 +50,6 @@ def run_migrations_online() -> None:
                 context.run_migrations()
             connection.commit()
         finally:
-            connection.execute(text("RESET ROLE"))
             connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
             connection.commit()
     engine.dispose()

@@ -70,4 +70,6 @@ def run_sql_file(bind: Any, relative_path: str) -> None:
     text = (SQL_DIR / relative_path).read_text(encoding="utf-8")
     dbapi_connection = bind.connection.dbapi_connection
     with dbapi_connection.cursor() as cursor:
+        # Decided per migration: a fresh database becomes kc_owner's at 0005, mid-run.
+        cursor.execute((SQL_DIR / "migrations" / "before_each.sql").read_text(encoding="utf-8"))
         cursor.execute(text)
