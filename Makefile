@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install the project with its dev tools
 
 run-workers: $(STAMP) ## migrate, run WORKERS processes (default 2) in the foreground; Ctrl-C stops
-	$(PY) -m workers run $(if $(WORKERS),--processes $(WORKERS),)
+	$(PY) -m workers run $${WORKERS:+--processes "$$WORKERS"}
 
 test: $(STAMP) ## run the whole test suite against a real PostgreSQL
 	@url="$${TEST_DATABASE_URL:-}"; \
@@ -58,23 +58,26 @@ db-stop: $(STAMP) ## stop the embedded PostgreSQL
 status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
 	@$(PY) -m workers status
 
+# ID and STAGE reach the commands through the environment ("$$ID"), never pasted into the
+# recipe's shell text: a value cannot run a command. The CLI validates them.
 trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocation|student id>
-	@test -n "$(ID)" || { echo "usage: make trace ID=<uuid>"; exit 2; }
-	@$(PY) -m workers trace $(ID)
+	@test -n "$$ID" || { echo "usage: make trace ID=<uuid>"; exit 2; }
+	@$(PY) -m workers trace "$$ID"
 
 failures: $(STAMP) ## jobs held as failed after their last attempt, with their errors
 	@$(PY) -m workers failures
 
 replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID: all failed)
-	@test -n "$(STAGE)" || { echo "usage: make replay STAGE=purchase|allocation|sessions [ID=<uuid>]"; exit 2; }
-	@$(PY) -m workers replay $(STAGE) $(if $(ID),$(ID),--failed)
+	@test -n "$$STAGE" || { echo "usage: make replay STAGE=purchase|allocation|sessions [ID=<uuid>]"; exit 2; }
+	@if [ -n "$$ID" ]; then $(PY) -m workers replay "$$STAGE" "$$ID"; \
+	else $(PY) -m workers replay "$$STAGE" --failed; fi
 
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
 
 bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PY) -m bench $(if $(QUICK),--quick,) $(if $(BACKLOGS),--backlogs $(BACKLOGS),)
+	$(PY) -m bench $(if $(QUICK),--quick,) $${BACKLOGS:+--backlogs $$BACKLOGS}
 
 schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review the diff)
 	$(PY) -m workers schema

@@ -83,13 +83,21 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     import os
     import shutil
 
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     from workers.embedded import binaries_dir
 
-    url = database.pipeline_url(settings)
+    # The password goes to psql through its environment, never its command line (which
+    # every user of the machine can read in `ps`).
+    params = conninfo_to_dict(database.pipeline_url(settings))
+    password = params.pop("password", None)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
     psql = shutil.which("psql") or str(binaries_dir() / "psql")
     extra = [a for a in args.psql_args if a != "--"]
     sys.stdout.flush()
-    os.execv(psql, [psql, url, *extra])
+    os.execve(psql, [psql, make_conninfo("", **params), *extra], env)
 
 
 def cmd_assign(args: argparse.Namespace, settings: Settings) -> int:
