@@ -209,7 +209,7 @@ CONSTRAINT allocation_requests.allocation_requests_check CHECK (((NOT override) 
 CONSTRAINT allocation_requests.allocation_requests_check1 CHECK (((status = 'open'::text) = (decided_at IS NULL)));
 CONSTRAINT allocation_requests.allocation_requests_pkey PRIMARY KEY (id);
 CONSTRAINT allocation_requests.allocation_requests_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text])));
+CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text, 'superseded'::text])));
 CONSTRAINT allocation_requests.allocation_requests_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
 CONSTRAINT courses.courses_category_check CHECK ((btrim(category) <> ''::text));
 CONSTRAINT courses.courses_pkey PRIMARY KEY (id);
@@ -286,7 +286,7 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trai
 
 -- INDEXES
 CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
-CREATE INDEX allocation_requests_open_idx ON public.allocation_requests USING btree (purchase_id, id) WHERE (status = 'open'::text);
+CREATE UNIQUE INDEX allocation_requests_one_open_idx ON public.allocation_requests USING btree (purchase_id) WHERE (status = 'open'::text);
 CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
 CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
 CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
@@ -375,11 +375,11 @@ VIEW healed_rows AS
 VIEW live_jobs AS
  SELECT pgqueuer.id AS job_id,
     pgqueuer.entrypoint AS stage,
-    substr(pgqueuer.dedupe_key, length(pgqueuer.entrypoint) + 2)::uuid AS ref_id,
+    kc_job_ref(pgqueuer.entrypoint, pgqueuer.dedupe_key) AS ref_id,
     pgqueuer.status,
     pgqueuer.attempts
    FROM pgqueuer
-  WHERE (pgqueuer.status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND pgqueuer.dedupe_key IS NOT NULL;
+  WHERE (pgqueuer.status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND kc_job_ref(pgqueuer.entrypoint, pgqueuer.dedupe_key) IS NOT NULL;
 VIEW purchase_trace AS
  SELECT p.id AS payment_id,
     p.student_id,
@@ -460,7 +460,7 @@ VIEW rejected_payments AS
 VIEW stage_jobs AS
  SELECT j.id AS job_id,
     j.entrypoint AS stage,
-    substr(j.dedupe_key, length(j.entrypoint) + 2)::uuid AS ref_id,
+    kc_job_ref(j.entrypoint, j.dedupe_key) AS ref_id,
     j.status::text AS status,
     j.created AS enqueued_at,
     j.execute_after,
@@ -471,7 +471,7 @@ VIEW stage_jobs AS
     COALESCE(s.starts, 0) AS starts
    FROM pgqueuer j
      LEFT JOIN job_starts s ON s.job_id = j.id
-  WHERE (j.entrypoint = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])) AND j.dedupe_key IS NOT NULL;
+  WHERE kc_job_ref(j.entrypoint, j.dedupe_key) IS NOT NULL;
 VIEW stage_last_error AS
  SELECT DISTINCT ON (stage_history.stage, stage_history.ref_id) stage_history.stage,
     stage_history.ref_id,
@@ -544,51 +544,9 @@ CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
-DECLARE
-    v_purchase uuid;
-    v_upgrade  purchase_upgrades%ROWTYPE;
-    v_detail   text;
 BEGIN
-    SELECT id INTO v_purchase FROM student_course_purchases
-    WHERE payment_id = p_payment AND is_active FOR UPDATE;
-    IF FOUND THEN
-        UPDATE student_course_purchases SET is_active = false, deactivated_at = now()
-        WHERE id = v_purchase;
-        UPDATE trainer_allocations
-        SET status = 'cancelled', reason = 'refunded', updated_at = now(),
-            reason_detail = 'the payment was refunded'
-        WHERE purchase_id = v_purchase AND status IN ('pending', 'approved');
-        UPDATE tutoring_sessions ts SET status = 'cancelled', cancelled_at = now()
-        FROM trainer_allocations ta
-        WHERE ta.id = ts.allocation_id AND ta.purchase_id = v_purchase
-          AND ts.status = 'scheduled' AND ts.starts_at > now();
-        UPDATE allocation_requests SET status = 'refused', outcome = 'the payment was refunded',
-                                       decided_at = now()
-        WHERE purchase_id = v_purchase AND status = 'open';
-        v_detail := 'purchase ' || v_purchase || ' deactivated';
-    ELSE
-        SELECT * INTO v_upgrade FROM purchase_upgrades
-        WHERE payment_id = p_payment AND reverted_at IS NULL FOR UPDATE;
-        IF NOT FOUND THEN
-            v_detail := 'nothing to undo: no active purchase or upgrade for this payment';
-        ELSE
-            UPDATE purchase_upgrades SET reverted_at = now() WHERE payment_id = p_payment;
-            UPDATE student_course_purchases
-            SET purchase_tier = purchase_tier - (v_upgrade.to_tier - v_upgrade.from_tier)
-            WHERE id = v_upgrade.purchase_id;
-            UPDATE tutoring_sessions ts SET status = 'cancelled', cancelled_at = now()
-            FROM trainer_allocations ta
-            WHERE ta.id = ts.allocation_id AND ta.purchase_id = v_upgrade.purchase_id
-              AND ts.status = 'scheduled' AND ts.starts_at > now()
-              AND ts.session_number > (SELECT purchase_tier FROM student_course_purchases
-                                       WHERE id = v_upgrade.purchase_id);
-            v_detail := 'upgrade of purchase ' || v_upgrade.purchase_id || ' reverted to '
-                        || v_upgrade.from_tier || ' sessions';
-        END IF;
-    END IF;
-    INSERT INTO stage_history (stage, ref_id, event, detail)
-    VALUES ('purchase', p_payment, 'refunded', v_detail);
-    RETURN v_detail;
+    PERFORM kc_require_refunded(p_payment);
+    RETURN kc_apply_refund_unchecked(p_payment);
 END
 $function$
 CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
@@ -598,22 +556,35 @@ CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_request bigint;
+    v_request    bigint;
+    v_superseded bigint[];
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM student_course_purchases WHERE id = p_purchase AND is_active)
-    THEN
+    -- The purchase's lock orders this request after an allocation job in flight for it.
+    PERFORM 1 FROM student_course_purchases WHERE id = p_purchase AND is_active FOR UPDATE;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'no active purchase %', p_purchase USING ERRCODE = 'no_data_found';
     END IF;
     IF NOT EXISTS (SELECT 1 FROM trainers WHERE id = p_trainer) THEN
         RAISE EXCEPTION 'no trainer %', p_trainer USING ERRCODE = 'no_data_found';
     END IF;
+    IF p_override IS NULL THEN
+        RAISE EXCEPTION 'override must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF p_override AND nullif(btrim(p_note), '') IS NULL THEN
         RAISE EXCEPTION 'an override needs a note saying why'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    WITH closed AS (
+        UPDATE allocation_requests SET status = 'superseded', decided_at = now()
+        WHERE purchase_id = p_purchase AND status = 'open'
+        RETURNING id
+    )
+    SELECT array_agg(id) INTO v_superseded FROM closed;
     INSERT INTO allocation_requests (purchase_id, trainer_id, override, note)
     VALUES (p_purchase, p_trainer, p_override, p_note)
     RETURNING id INTO v_request;
+    UPDATE allocation_requests SET outcome = 'superseded by request ' || v_request
+    WHERE id = ANY (v_superseded);
     PERFORM enqueue_stage('allocation', p_purchase);
     RETURN v_request;
 END
@@ -628,12 +599,33 @@ DECLARE
     v_key    text := p_stage || ':' || p_ref;
     v_job_id bigint;
 BEGIN
-    IF p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
+    IF p_stage IS NULL OR p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
         RAISE EXCEPTION 'unknown stage %', p_stage
-            USING HINT = 'stages are purchase, allocation and sessions';
+            USING HINT = 'stages are purchase, allocation and sessions',
+                  ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_ref IS NULL THEN
-        RAISE EXCEPTION 'enqueue_stage(%): the row id is NULL', p_stage;
+        RAISE EXCEPTION 'enqueue_stage(%): the row id is NULL', p_stage
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_event IS NULL OR p_event NOT IN ('enqueued', 'replayed', 'healed') THEN
+        RAISE EXCEPTION 'enqueue_stage(%): % is not an enqueue event', p_stage, p_event
+            USING HINT = 'events are enqueued, replayed and healed',
+                  ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_delay IS NULL OR p_delay < interval '0' OR p_delay > interval '1 day' THEN
+        RAISE EXCEPTION 'enqueue_stage(%): a delay of % is outside 0 .. 1 day', p_stage, p_delay
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT (CASE p_stage
+        WHEN 'purchase' THEN EXISTS (SELECT 1 FROM payments WHERE id = p_ref)
+        WHEN 'allocation' THEN EXISTS (SELECT 1 FROM student_course_purchases WHERE id = p_ref)
+        ELSE EXISTS (SELECT 1 FROM trainer_allocations WHERE id = p_ref) END)
+    THEN
+        RAISE EXCEPTION 'enqueue_stage(%): no row %', p_stage, p_ref
+            USING HINT = 'purchase takes a payment id, allocation a purchase id, '
+                         'sessions an allocation id',
+                  ERRCODE = 'no_data_found';
     END IF;
 
     INSERT INTO pgqueuer (priority, entrypoint, payload, execute_after, dedupe_key, status)
@@ -704,8 +696,8 @@ CREATE OR REPLACE FUNCTION public.heal_pipeline(p_min_age interval DEFAULT '00:0
  LANGUAGE sql
 AS $function$
     WITH held AS (
-        SELECT entrypoint AS stage, substr(dedupe_key, length(entrypoint) + 2)::uuid AS ref_id
-        FROM pgqueuer WHERE dedupe_key IS NOT NULL
+        SELECT entrypoint AS stage, kc_job_ref(entrypoint, dedupe_key) AS ref_id
+        FROM pgqueuer WHERE kc_job_ref(entrypoint, dedupe_key) IS NOT NULL
     ), missing AS (
         -- a succeeded payment with no purchase, no open rejection and no upgrade record
         SELECT 'purchase' AS stage, p.id AS ref_id
@@ -747,6 +739,59 @@ AS $function$
     FROM todo t
     CROSS JOIN LATERAL (SELECT enqueue_stage(t.stage, t.ref_id, 'healed')) AS enqueued
 $function$
+CREATE OR REPLACE FUNCTION public.kc_apply_refund_unchecked(p_payment uuid)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_purchase uuid;
+    v_upgrade  purchase_upgrades%ROWTYPE;
+    v_detail   text;
+BEGIN
+    SELECT id INTO v_purchase FROM student_course_purchases
+    WHERE payment_id = p_payment AND is_active FOR UPDATE;
+    IF FOUND THEN
+        UPDATE student_course_purchases SET is_active = false, deactivated_at = now()
+        WHERE id = v_purchase;
+        UPDATE trainer_allocations
+        SET status = 'cancelled', reason = 'refunded', updated_at = now(),
+            reason_detail = 'the payment was refunded'
+        WHERE purchase_id = v_purchase AND status IN ('pending', 'approved');
+        UPDATE tutoring_sessions ts SET status = 'cancelled', cancelled_at = now()
+        FROM trainer_allocations ta
+        WHERE ta.id = ts.allocation_id AND ta.purchase_id = v_purchase
+          AND ts.status = 'scheduled' AND ts.starts_at > now();
+        UPDATE allocation_requests SET status = 'refused', outcome = 'the payment was refunded',
+                                       decided_at = now()
+        WHERE purchase_id = v_purchase AND status = 'open';
+        v_detail := 'purchase ' || v_purchase || ' deactivated';
+    ELSE
+        SELECT * INTO v_upgrade FROM purchase_upgrades
+        WHERE payment_id = p_payment AND reverted_at IS NULL FOR UPDATE;
+        IF NOT FOUND THEN
+            v_detail := 'nothing to undo: no active purchase or upgrade for this payment';
+        ELSE
+            UPDATE purchase_upgrades SET reverted_at = now() WHERE payment_id = p_payment;
+            UPDATE student_course_purchases
+            SET purchase_tier = purchase_tier - (v_upgrade.to_tier - v_upgrade.from_tier)
+            WHERE id = v_upgrade.purchase_id;
+            UPDATE tutoring_sessions ts SET status = 'cancelled', cancelled_at = now()
+            FROM trainer_allocations ta
+            WHERE ta.id = ts.allocation_id AND ta.purchase_id = v_upgrade.purchase_id
+              AND ts.status = 'scheduled' AND ts.starts_at > now()
+              AND ts.session_number > (SELECT purchase_tier FROM student_course_purchases
+                                       WHERE id = v_upgrade.purchase_id);
+            v_detail := 'upgrade of purchase ' || v_upgrade.purchase_id || ' reverted to '
+                        || v_upgrade.from_tier || ' sessions';
+        END IF;
+    END IF;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    VALUES ('purchase', p_payment, 'refunded', v_detail);
+    RETURN v_detail;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
  RETURNS double precision
  LANGUAGE sql
@@ -754,6 +799,26 @@ CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 do
 AS $function$ SELECT 2 * 6371.0 * asin(least(1.0, sqrt(
           sin(radians(lat2 - lat1) / 2) ^ 2
         + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2))) $function$
+CREATE OR REPLACE FUNCTION public.kc_job_held(p_stage text, p_ref uuid)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT EXISTS (SELECT 1 FROM pgqueuer
+                   WHERE dedupe_key = p_stage || ':' || p_ref AND status = 'failed')
+$function$
+CREATE OR REPLACE FUNCTION public.kc_job_ref(p_entrypoint text, p_dedupe_key text)
+ RETURNS uuid
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT CASE
+        WHEN p_entrypoint IN ('purchase', 'allocation', 'sessions')
+         AND p_dedupe_key ~ ('^' || p_entrypoint
+                             || ':[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$')
+        THEN substr(p_dedupe_key, length(p_entrypoint) + 2)::uuid
+    END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_lock_trainer(p_trainer uuid)
  RETURNS void
  LANGUAGE sql
@@ -764,6 +829,22 @@ CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  IMMUTABLE PARALLEL SAFE STRICT
 AS $function$ SELECT coalesce(array_agg(lower(btrim(item)) ORDER BY ord), '{}')
       FROM unnest(items) WITH ORDINALITY AS t(item, ord) WHERE item IS NOT NULL $function$
+CREATE OR REPLACE FUNCTION public.kc_require_refunded(p_payment uuid)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_status text;
+BEGIN
+    SELECT status INTO v_status FROM payments WHERE id = p_payment;
+    IF v_status IS DISTINCT FROM 'refunded' THEN
+        RAISE EXCEPTION 'apply_refund(%): the payment is %, not refunded', p_payment,
+            coalesce(v_status, 'missing')
+            USING HINT = 'a refund takes effect when payments.status becomes refunded',
+                  ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
  RETURNS integer
  LANGUAGE sql
@@ -828,7 +909,7 @@ DECLARE
     v_failed bigint;
     v_exists boolean;
 BEGIN
-    IF p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
+    IF p_stage IS NULL OR p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
         RAISE EXCEPTION 'unknown stage %', p_stage
             USING HINT = 'stages are purchase, allocation and sessions',
                   ERRCODE = 'invalid_parameter_value';
@@ -850,6 +931,10 @@ BEGIN
         VALUES (v_failed, 'deleted', p_stage, 0);
         DELETE FROM job_starts WHERE job_id = v_failed;
     END IF;
+    -- A queued job waiting for a later time (a retry's backoff, or a job parked on purpose)
+    -- runs now: the replay is what the operator asked for.
+    UPDATE pgqueuer SET execute_after = now()
+    WHERE dedupe_key = p_stage || ':' || p_ref AND status = 'queued' AND execute_after > now();
     RETURN enqueue_stage(p_stage, p_ref, 'replayed');
 END
 $function$
@@ -863,6 +948,9 @@ AS $function$
     FROM trainer_allocations ta
     JOIN courses c ON c.id = ta.course_id
     WHERE ta.status = 'pending'
+      AND NOT EXISTS (SELECT 1 FROM pgqueuer j
+                      WHERE j.dedupe_key = 'allocation:' || ta.purchase_id
+                        AND j.status = 'failed')
       AND (p_trainer IS NULL OR EXISTS (
             SELECT 1 FROM trainers t
             WHERE t.id = p_trainer AND t.status = 'active'
@@ -906,11 +994,14 @@ CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval D
 AS $function$
     SELECT count(enqueue_stage('allocation', due.purchase_id))::integer
     FROM (
-        SELECT purchase_id FROM trainer_allocations
-        WHERE status = 'pending'
-          AND updated_at < now() - least(p_min_age * power(2, least(attempts - 1, 20)),
-                                         interval '1 day')
-        ORDER BY updated_at
+        SELECT ta.purchase_id FROM trainer_allocations ta
+        WHERE ta.status = 'pending'
+          AND ta.updated_at < now() - least(p_min_age * power(2, least(ta.attempts - 1, 20)),
+                                            interval '1 day')
+          AND NOT EXISTS (SELECT 1 FROM pgqueuer j
+                          WHERE j.dedupe_key = 'allocation:' || ta.purchase_id
+                            AND j.status = 'failed')
+        ORDER BY ta.updated_at
         LIMIT p_limit
     ) due
 $function$
@@ -922,11 +1013,25 @@ DECLARE
     v_rating numeric;
     v_live   integer;
 BEGIN
-    IF NEW.status <> 'approved' OR NEW.trainer_id IS NULL OR NEW.capacity_override THEN
+    IF NEW.status <> 'approved' OR NEW.trainer_id IS NULL THEN
         RETURN NEW;
     END IF;
     IF TG_OP = 'UPDATE' AND OLD.status = 'approved'
-       AND OLD.trainer_id IS NOT DISTINCT FROM NEW.trainer_id THEN
+       AND OLD.trainer_id IS NOT DISTINCT FROM NEW.trainer_id
+       AND OLD.capacity_override = NEW.capacity_override THEN
+        RETURN NEW;
+    END IF;
+    IF NEW.capacity_override THEN
+        -- Only an admin's override request for this purchase and trainer, being carried out
+        -- in this transaction (it is closed in the same one), may set the rule aside.
+        IF NOT EXISTS (SELECT 1 FROM allocation_requests r
+                       WHERE r.purchase_id = NEW.purchase_id AND r.trainer_id = NEW.trainer_id
+                         AND r.override AND r.status = 'open') THEN
+            RAISE EXCEPTION 'capacity override for trainer % without an open override request '
+                            'for purchase %', NEW.trainer_id, NEW.purchase_id
+                USING ERRCODE = 'check_violation', CONSTRAINT = 'trainer_allocations_capacity',
+                      HINT = 'use assign_trainer(purchase, trainer, true, note)';
+        END IF;
         RETURN NEW;
     END IF;
     PERFORM kc_lock_trainer(NEW.trainer_id);
@@ -944,6 +1049,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_allocations_enqueue_sessions()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     IF NEW.status = 'approved' AND NEW.trainer_id IS NOT NULL AND (
@@ -959,6 +1066,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_allocations_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     IF OLD.status = 'approved' AND NEW.status IN ('cancelled', 'completed') THEN
@@ -970,6 +1079,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_availability_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     PERFORM retry_pending_allocations(NEW.trainer_id);
@@ -979,6 +1090,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_payments_enqueue_purchase()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     IF NEW.status = 'succeeded' AND (
@@ -995,6 +1108,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_payments_refunded()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     IF NEW.status = 'refunded' AND OLD.status IS DISTINCT FROM 'refunded' THEN
@@ -1015,6 +1130,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_purchases_enqueue_allocation()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     PERFORM enqueue_stage('allocation', NEW.id);
@@ -1024,6 +1141,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_purchases_tier_raised()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     IF NEW.is_active AND NEW.purchase_tier > OLD.purchase_tier THEN
@@ -1035,6 +1154,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_sessions_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     PERFORM retry_pending_allocations(t.trainer_id)
@@ -1045,6 +1166,8 @@ $function$
 CREATE OR REPLACE FUNCTION public.trg_trainers_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
     IF NEW.status = 'active' AND (TG_OP = 'INSERT'
@@ -1069,7 +1192,7 @@ CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXEC
 CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
 CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
 CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
-CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
+CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
 CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE OF status ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_retry_pending();
 CREATE TRIGGER trainer_availability_retry_pending AFTER INSERT OR UPDATE ON public.trainer_availability FOR EACH ROW EXECUTE FUNCTION trg_availability_retry_pending();

@@ -18,6 +18,7 @@ import pytest
 from psycopg.rows import DictRow, dict_row
 
 from tests import factories as f
+from tests.helpers import drain
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
@@ -31,12 +32,17 @@ def as_user(url: str, user: str) -> str:
 
 @pytest.fixture
 def login(admin_url: str) -> Iterator[dict[str, str]]:
-    """Two login roles for this test: one in kc_worker, one in kc_operator."""
+    """Login roles for this test: one in kc_worker, one in kc_operator, one with no grants."""
     suffix = uuid.uuid4().hex[:8]
-    names = {"worker": f"kc_test_worker_{suffix}", "operator": f"kc_test_operator_{suffix}"}
+    names = {
+        "worker": f"kc_test_worker_{suffix}",
+        "operator": f"kc_test_operator_{suffix}",
+        "nobody": f"kc_test_nobody_{suffix}",
+    }
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {names['worker']} LOGIN IN ROLE kc_worker")
         conn.execute(f"CREATE ROLE {names['operator']} LOGIN IN ROLE kc_operator")
+        conn.execute(f"CREATE ROLE {names['nobody']} LOGIN")
     yield names
     with psycopg.connect(admin_url, autocommit=True) as conn:
         for name in names.values():
@@ -125,3 +131,107 @@ def test_operator_role_reads_and_replays_but_changes_nothing(
     )
     assert refused(operator_url, "CREATE TABLE scratch (id int)")
     assert refused(operator_url, "DROP VIEW purchase_trace")
+
+
+def test_no_security_definer_function_is_open_to_public(conn: Conn) -> None:
+    """Functions that run with the owner's rights are granted to a role, never to PUBLIC, and
+    pin their search_path (this fails for any such function a later migration adds)."""
+    rows = conn.execute(
+        "SELECT p.oid::regprocedure::text AS fn, "
+        "       has_function_privilege('public', p.oid, 'EXECUTE') AS public_may, "
+        "       coalesce(array_to_string(p.proconfig, ','), '') AS config "
+        "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'public' AND p.prosecdef"
+    ).fetchall()
+    assert len(rows) >= 10  # the replays, assignment, enqueue, refund, retries, triggers
+    assert [r["fn"] for r in rows if r["public_may"]] == []
+    assert [r["fn"] for r in rows if "search_path=" not in r["config"]] == []
+
+
+def test_each_role_may_run_only_its_functions(
+    conn: Conn, db_url: str, login: dict[str, str]
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    payment = f.payment(conn, f.student(conn), course, GOOD)
+    drain(db_url)
+    purchase = conn.execute("SELECT id FROM student_course_purchases").fetchone()
+    assert purchase is not None
+    before = conn.execute(
+        "SELECT (SELECT count(*) FROM tutoring_sessions WHERE status = 'scheduled') AS s, "
+        "(SELECT count(*) FROM pgqueuer) AS jobs, (SELECT count(*) FROM stage_history) AS h"
+    ).fetchone()
+
+    nobody = as_user(db_url, login["nobody"])
+    operator = as_user(db_url, login["operator"])
+    for url in (nobody, operator):
+        assert refused(url, "SELECT apply_refund(%s)", payment)
+        assert refused(url, "SELECT enqueue_stage('purchase', %s, 'succeeded')", payment)
+        assert refused(url, "SELECT enqueue_stage('sessions', %s)", uuid.uuid4())
+        assert refused(url, "SELECT retry_pending_allocations(NULL)")
+        assert refused(url, "SELECT kc_apply_refund_unchecked(%s)", payment)
+        assert refused(url, "SELECT sweep_pending_allocations('0 seconds')")
+        assert refused(url, "SELECT * FROM heal_pipeline('0 seconds')")
+    assert refused(nobody, "SELECT replay_stage('purchase', %s)", payment)
+    assert refused(nobody, "SELECT assign_trainer(%s, %s)", purchase["id"], uuid.uuid4())
+    assert refused(nobody, "SELECT * FROM stuck_rows()")
+    assert refused(nobody, "SELECT * FROM payments")
+    # Nothing changed: the purchase and its sessions stand, no job or history was added.
+    after = conn.execute(
+        "SELECT (SELECT count(*) FROM tutoring_sessions WHERE status = 'scheduled') AS s, "
+        "(SELECT count(*) FROM pgqueuer) AS jobs, (SELECT count(*) FROM stage_history) AS h"
+    ).fetchone()
+    assert after == before and before is not None and before["s"] == 10
+    assert conn.execute(
+        "SELECT is_active FROM student_course_purchases WHERE payment_id = %s", (payment,)
+    ).fetchone() == {"is_active": True}
+
+
+def test_a_writer_of_payments_starts_and_refunds_without_rights_on_the_queue(
+    conn: Conn, db_url: str, admin_url: str
+) -> None:
+    """The payment service needs rights on payments only: the triggers run as the owner."""
+    name = f"kc_test_payments_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN")
+    try:
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE ON payments TO {name}")
+        course = f.course(conn)
+        f.trainer(conn)
+        student = f.student(conn)
+        service = as_user(db_url, name)
+        with psycopg.connect(service, autocommit=True, row_factory=dict_row) as pay:
+            row = pay.execute(
+                "INSERT INTO payments (student_id, course_id, amount_cents, status, metadata) "
+                "VALUES (%s, %s, 100, 'succeeded', %s::jsonb) RETURNING id",
+                (student, course, '{"sessionCount": 10}'),
+            ).fetchone()
+            assert row is not None
+            drain(db_url)
+            assert conn.execute("SELECT count(*) AS n FROM tutoring_sessions").fetchone() == {
+                "n": 10
+            }
+            assert refused(service, "SELECT enqueue_stage('purchase', %s)", row["id"])
+            pay.execute("UPDATE payments SET status = 'refunded' WHERE id = %s", (row["id"],))
+        assert conn.execute(
+            "SELECT count(*) AS n FROM tutoring_sessions WHERE status = 'scheduled'"
+        ).fetchone() == {"n": 0}
+    finally:
+        conn.execute(f"REVOKE ALL ON payments FROM {name}")
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+def test_every_object_belongs_to_the_owner_role(conn: Conn) -> None:
+    """Migrations after 0005 run as kc_owner, even when one run takes a fresh database from
+    nothing to head (sql/migrations/before_each.sql)."""
+    strays = conn.execute(
+        "SELECT c.relname AS name, c.relowner::regrole::text AS owner FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'v', 'm', 'p') "
+        "AND c.relowner <> 'kc_owner'::regrole "
+        "UNION ALL SELECT p.oid::regprocedure::text, p.proowner::regrole::text FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace "
+        "WHERE n.nspname = 'public' AND p.proowner <> 'kc_owner'::regrole"
+    ).fetchall()
+    assert strays == []

@@ -17,18 +17,20 @@ from datetime import date, datetime, time, timedelta
 from itertools import pairwise
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.db import Conn, fetch_all, fetch_one
+from workers.db import Conn, fetch_all, fetch_one, savepoint_or_refusal
+from workers.errors import DatabaseRefusalError, InvalidTimezoneError
 from workers.matching import (
     CandidateFacts,
     Decision,
     Reason,
     capacity_for,
     decide,
+    explain_rule,
     furthest,
     sentence_for,
 )
@@ -61,8 +63,20 @@ async def load_holidays(conn: Conn, from_day: date) -> set[date]:
     return {row["day"] for row in await fetch_all(conn, q("holidays_from"), {"from_day": from_day})}
 
 
+def student_zone(name: str) -> ZoneInfo:
+    """The student's zone; a name that is no zone (changed after the purchase) fails the job
+    at once: no retry can fix it, and the job waits, held, for the row to be corrected."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise InvalidTimezoneError(
+            f"students.timezone {name[:80]!r} is not an IANA time zone such as "
+            "'Asia/Kolkata'; correct the student's row, then replay the job"
+        ) from None
+
+
 def local_tomorrow(zone_name: str) -> date:
-    return datetime.now(ZoneInfo(zone_name)).date() + timedelta(days=1)
+    return datetime.now(student_zone(zone_name)).date() + timedelta(days=1)
 
 
 def plan_sessions(
@@ -77,7 +91,7 @@ def plan_sessions(
         mode=mode,
         slot=row["preferred_time_slot"],
         duration_minutes=row["session_duration_minutes"],
-        zone=ZoneInfo(row["timezone"]),
+        zone=student_zone(row["timezone"]),
         holidays=holidays,
         first_number=first_number,
     )
@@ -229,8 +243,9 @@ async def extend_if_short(
 async def carry_out_request(
     conn: Conn, purchase: DictRow, request: DictRow, holidays: set[date], ctx: StageContext
 ) -> Outcome:
-    """An admin's assign_trainer(): the same rules, unless the request is an override (then
-    only the rules in OVERRIDABLE may fail, and the allocation records it)."""
+    """An admin's assign_trainer(): every rule is checked. An override request sets aside
+    the rules in OVERRIDABLE that fail (all of them are recorded), never the others. A write
+    the database refuses closes the request as refused, with the database's reason."""
     trainer_id: UUID = request["trainer_id"]
     live_id = purchase["live_allocation_id"]
     approved = purchase["live_allocation_status"] == "approved"
@@ -246,55 +261,63 @@ async def carry_out_request(
         return Outcome("skipped", "no sessions remain to be scheduled")
     decision = await search(conn, purchase, sessions, ctx, only=trainer_id)
     [candidate] = [c for c in decision.candidates if c.trainer_id == trainer_id]
-    failed = candidate.first_failed_rule()
-    overriding = failed is not None and bool(request["override"])
-    if failed is not None and not (overriding and failed in OVERRIDABLE):
-        why = (
-            f"{failed.value}: "
-            + decide(
-                [candidate],
-                active_trainers=1,
-                course=purchase["course_title"],
-                slot=_slot_text(purchase),
-            ).sentence
+    failed = candidate.failed_rules()
+    overridden = failed if request["override"] else ()
+    blocking = [rule for rule in failed if rule not in OVERRIDABLE or rule not in overridden]
+    if blocking:
+        why = "; ".join(
+            explain_rule(
+                rule, candidate, course=purchase["course_title"], slot=_slot_text(purchase)
+            )
+            for rule in blocking
         )
-        await _close_request(conn, request, "refused", why, None)
-        return Outcome("succeeded", f"assignment request {request['id']} refused: {why}")
-    taken = await still_fits(conn, trainer_id, purchase, sessions, ignore_capacity=overriding)
+        return await _refuse(conn, request, why)
+    over_capacity = Reason.AT_CAPACITY in overridden
+    taken = await still_fits(conn, trainer_id, purchase, sessions, ignore_capacity=over_capacity)
     if taken is not None:
-        await _close_request(conn, request, "refused", f"{taken.value}: taken meanwhile", None)
-        return Outcome("succeeded", f"assignment request {request['id']} refused: {taken.value}")
+        return await _refuse(conn, request, f"{taken.value}: taken meanwhile")
 
-    if approved:
-        await conn.execute(
-            q("replace_allocation"),
-            {
-                "allocation_id": live_id,
-                "detail": f"reassigned by request {request['id']} to trainer {trainer_id}",
-            },
-        )
     assignment = {
         "requestId": request["id"],
-        "override": overriding,
-        "overriddenRule": failed.value if failed else None,
+        "override": bool(overridden),
+        # The first rule set aside (older readers), then every one of them.
+        "overriddenRule": overridden[0].value if overridden else None,
+        "overriddenRules": [rule.value for rule in overridden],
         "note": request["note"],
     }
-    allocation_id = await write_allocation(
-        conn,
-        purchase,
-        sessions,
-        status="approved",
-        trainer=candidate,
-        decision=Decision((candidate,), None, "", decision.eliminated, decision.candidates),
-        live_pending=not approved,
-        capacity_override=failed is Reason.AT_CAPACITY,
-        assignment=assignment,
-    )
+    try:
+        async with savepoint_or_refusal(conn):
+            if approved:
+                await conn.execute(
+                    q("replace_allocation"),
+                    {
+                        "allocation_id": live_id,
+                        "detail": f"reassigned by request {request['id']} to trainer {trainer_id}",
+                    },
+                )
+            allocation_id = await write_allocation(
+                conn,
+                purchase,
+                sessions,
+                status="approved",
+                trainer=candidate,
+                decision=Decision((candidate,), None, "", decision.eliminated, decision.candidates),
+                live_pending=not approved,
+                capacity_override=over_capacity,
+                assignment=assignment,
+            )
+    except DatabaseRefusalError as exc:
+        return await _refuse(conn, request, f"refused by the database: {exc}")
     await _close_request(conn, request, "done", f"allocation {allocation_id}", allocation_id)
     return Outcome(
         "succeeded",
         f"allocation {allocation_id} approved by request {request['id']}: trainer {trainer_id}",
     )
+
+
+async def _refuse(conn: Conn, request: DictRow, why: str) -> Outcome:
+    await _close_request(conn, request, "refused", why, None)
+    return Outcome("succeeded", f"assignment request {request['id']} refused: {why}")
 
 
 async def _close_request(
@@ -466,5 +489,7 @@ async def write_allocation(
     else:
         row = await fetch_one(conn, q("insert_allocation"), params)
     if row is None:
-        raise RuntimeError(f"allocation for purchase {purchase['id']} changed under its lock")
+        raise DatabaseRefusalError(
+            f"allocation for purchase {purchase['id']} changed under its lock"
+        )
     return UUID(str(row["id"]))

@@ -11,7 +11,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from workers.errors import ConfigurationError
+from workers.errors import ConfigurationError, DatabaseRefusalError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,17 @@ async def transaction(pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
     """A connection inside a transaction: committed on exit, rolled back on error."""
     async with pool.connection() as conn, conn.transaction():
         yield conn
+
+
+@contextlib.asynccontextmanager
+async def savepoint_or_refusal(conn: Conn) -> AsyncIterator[None]:
+    """A savepoint: when the database refuses the writes inside it (a constraint, a trigger's
+    check), they are rolled back, the transaction goes on and DatabaseRefusalError says why."""
+    try:
+        async with conn.transaction():
+            yield
+    except psycopg.errors.IntegrityError as exc:
+        raise DatabaseRefusalError(exc.diag.message_primary or str(exc)) from exc
 
 
 async def fetch_one(conn: Conn, query: LiteralString, params: Params) -> DictRow | None:

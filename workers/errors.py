@@ -15,6 +15,10 @@ class EmbeddedDatabaseError(PipelineError):
     """The embedded PostgreSQL could not be initialised, started or stopped."""
 
 
+class DatabaseRefusalError(PipelineError):
+    """The database refused a write (a constraint or a trigger's check): the message says which."""
+
+
 class InvalidPurchaseError(PipelineError):
     """A payment cannot become a purchase; the payment is rejected, not retried.
 
@@ -42,3 +46,7 @@ class StageNotFoundError(PermanentJobError):
 
 class TooManyAttemptsError(PermanentJobError):
     """A job was started max_attempts times without finishing (worker crashes included)."""
+
+
+class InvalidTimezoneError(PermanentJobError):
+    """A student's time zone is not an IANA zone any more (it was changed after the purchase)."""

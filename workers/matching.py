@@ -122,6 +122,22 @@ class CandidateFacts:
             return Reason.TOO_FAR_BETWEEN_SESSIONS
         return None
 
+    def failed_rules(self) -> tuple[Reason, ...]:
+        """Every rule this trainer fails, in RULE_ORDER (an admin override must see them all,
+        not only the first). Needs every fact measured, as the search does for one named
+        trainer."""
+        failed = {
+            Reason.TRAINER_INACTIVE: not self.active,
+            Reason.NO_SPECIALTY: self.specialty_match is None,
+            Reason.GENDER_MISMATCH: not self.gender_ok,
+            Reason.OUT_OF_RANGE: self.distance_km > self.service_radius_km,
+            Reason.AT_CAPACITY: self.live_allocations >= self.capacity,
+            Reason.NO_FREE_SLOT: not self.available
+            or self._measured(self.overlapping_sessions) > 0,
+            Reason.TOO_FAR_BETWEEN_SESSIONS: self._measured(self.far_neighbours) > 0,
+        }
+        return tuple(rule for rule in RULE_ORDER if failed[rule])
+
     def _measured(self, fact: int | None) -> int:
         if fact is None:
             raise ValueError(
@@ -213,6 +229,37 @@ def decide(
         reason = furthest(list(eliminated))
     sentence = sentence_for(reason, n=len(candidates), course=course, slot=slot)
     return Decision((), reason, sentence, eliminated_json, tuple(candidates))
+
+
+def explain_rule(reason: Reason, trainer: CandidateFacts, *, course: str, slot: str) -> str:
+    """Why one trainer fails one rule, with the facts: '<code>: <sentence>'."""
+    if reason is Reason.TRAINER_INACTIVE:
+        why = "the trainer is not active"
+    elif reason is Reason.NO_SPECIALTY:
+        why = f"the trainer does not teach {course}"
+    elif reason is Reason.GENDER_MISMATCH:
+        why = "the trainer's gender does not match the student's preference"
+    elif reason is Reason.OUT_OF_RANGE:
+        why = (
+            f"the student's home is {trainer.distance_km:.1f} km from the trainer's base, "
+            f"beyond the {trainer.service_radius_km:g} km service radius"
+        )
+    elif reason is Reason.AT_CAPACITY:
+        why = f"the trainer holds {trainer.live_allocations} of {trainer.capacity} live allocations"
+    elif reason is Reason.NO_FREE_SLOT:
+        why = (
+            f"the trainer is not available at {slot} on every weekday of the schedule"
+            if not trainer.available
+            else f"{trainer.overlapping_sessions} of the trainer's sessions overlap the new ones"
+        )
+    elif reason is Reason.TOO_FAR_BETWEEN_SESSIONS:
+        why = (
+            f"{trainer.far_neighbours} of the trainer's sessions in the hour before or after "
+            "are at a home too far from this student's"
+        )
+    else:
+        why = _SENTENCES[reason].format(n=1, course=course, slot=slot)
+    return f"{reason.value}: {why}"
 
 
 def sentence_for(reason: Reason, *, n: int, course: str, slot: str) -> str:

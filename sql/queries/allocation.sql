@@ -70,9 +70,12 @@ WITH purchase AS (
                ELSE t.id = %(only_trainer)s::uuid END
 ), timed AS MATERIALIZED (
     SELECT c.*,
-           CASE WHEN c.active AND c.specialty_match IS NOT NULL AND c.gender_ok
-                     AND c.distance_km <= c.service_radius_km
-                     AND c.live_allocations < kc_trainer_capacity(c.rating) AND c.available
+           -- A named trainer (an admin request) is measured on every rule: an override
+           -- must know each rule it sets aside.
+           CASE WHEN %(only_trainer)s::uuid IS NOT NULL
+                  OR (c.active AND c.specialty_match IS NOT NULL AND c.gender_ok
+                      AND c.distance_km <= c.service_radius_km
+                      AND c.live_allocations < kc_trainer_capacity(c.rating) AND c.available)
            THEN (SELECT count(*)
                    FROM tutoring_sessions ts, bounds b
                   WHERE ts.trainer_id = c.trainer_id
@@ -87,7 +90,7 @@ SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
        t.service_radius_km, t.rating, t.available, t.overlapping_sessions,
        -- Sequential distance: the trainer's sessions ending in the hour before a new session
        -- or starting in the hour after one must be near this student's home.
-       CASE WHEN t.overlapping_sessions = 0
+       CASE WHEN t.overlapping_sessions = 0 OR %(only_trainer)s::uuid IS NOT NULL
        THEN (SELECT count(*)
                FROM tutoring_sessions ts
                JOIN students other ON other.id = ts.student_id, bounds b
@@ -176,11 +179,10 @@ WHERE ta.purchase_id = %(purchase_id)s::uuid
   AND (ts.allocation_id IS DISTINCT FROM %(replacing)s::uuid OR ts.starts_at <= now());
 
 -- name: open_request
+-- At most one (a unique index; assign_trainer supersedes an older open request).
 SELECT id, trainer_id, override, note
 FROM allocation_requests
 WHERE purchase_id = %(purchase_id)s::uuid AND status = 'open'
-ORDER BY id
-LIMIT 1
 FOR UPDATE;
 
 -- name: close_request
