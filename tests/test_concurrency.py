@@ -184,7 +184,7 @@ def test_database_caps_concurrent_approvals(conn: Conn, db_url: str) -> None:
 
 
 def test_database_refuses_concurrent_double_booking(conn: Conn, db_url: str) -> None:
-    trainer = f.trainer(conn)
+    trainer = f.trainer(conn, rating=4.9)  # capacity 8: only the time can refuse
     purchases = iter(_purchases(conn, 8))
     pick = threading.Lock()
     start = datetime(2030, 1, 7, 10, 30, tzinfo=UTC)
@@ -194,8 +194,8 @@ def test_database_refuses_concurrent_double_booking(conn: Conn, db_url: str) -> 
             purchase, student, course = next(purchases)
         row = c.execute(
             """INSERT INTO trainer_allocations (purchase_id, student_id, course_id,
-            trainer_id, status, first_session_date, allocated_at, capacity_override)
-            VALUES (%s, %s, %s, %s, 'approved', current_date + 1, now(), true) RETURNING id""",
+            trainer_id, status, first_session_date, allocated_at)
+            VALUES (%s, %s, %s, %s, 'approved', current_date + 1, now()) RETURNING id""",
             (purchase, student, course, trainer),
         ).fetchone()
         assert row is not None
