@@ -10,7 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers.errors import InvalidPurchaseError
-from workers.metadata import PurchasePlan, parse_metadata, parse_time_slot, plan_purchase
+from workers.metadata import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_DEPTH,
+    PurchasePlan,
+    decode_metadata,
+    json_depth,
+    latest_start,
+    parse_metadata,
+    parse_time_slot,
+    plan_purchase,
+)
 from workers.schedule import ScheduleMode, allowed_weekdays
 
 TODAY = date(2026, 11, 21)  # a Saturday
@@ -205,7 +215,7 @@ def test_any_json_is_a_plan_or_a_clear_rejection(raw: object) -> None:
     hour=st.integers(min_value=1, max_value=12),
     minute=st.sampled_from([0, 15, 30, 45]),
     pm=st.booleans(),
-    start=st.dates(min_value=date(2020, 1, 1), max_value=date(2030, 1, 1)),
+    start=st.dates(min_value=date(2020, 1, 1), max_value=latest_start(TODAY)),
 )
 def test_valid_metadata_always_plans(
     count: int, mode: ScheduleMode, hour: int, minute: int, pm: bool, start: date
@@ -227,10 +237,195 @@ def test_valid_metadata_always_plans(
 
 
 @pytest.mark.parametrize(
-    "name", ["x" * 20_000, "../etc/passwd", "Mars/Base", "", "Asia/Kolk ata", "/etc/localtime"]
+    "name",
+    [
+        "x" * 20_000,
+        "../etc/passwd",
+        "Mars/Base",
+        "",
+        "Asia/Kolk ata",
+        "/etc/localtime",
+        "localtime",  # the worker host's zone: not a student's
+        "posixrules",
+        "posix/Asia/Kolkata",
+        "right/UTC",
+        "asia/kolkata",
+        "IST",
+    ],
 )
 def test_bad_time_zones_are_rejections_not_crashes(name: str) -> None:
     from workers.purchase import student_zone
 
     with pytest.raises(InvalidPurchaseError, match="not an IANA time zone"):
         student_zone(name)
+
+
+# --- Issue 10: bad input that used to loop, crash or pass ---------------------------------
+
+
+def decoded(text: str) -> object:
+    return decode_metadata(text, len(text.encode()))
+
+
+def messages(exc: InvalidPurchaseError) -> str:
+    return "; ".join(f"{e['field']}: {e['message']}" for e in exc.errors)
+
+
+@pytest.mark.parametrize(
+    ("mode", "start"),
+    [("sunday_only", "9999-12-31"), ("daily", "9999-12-31"), ("weekdays", "5000-01-01")],
+)
+def test_far_start_date_is_rejected_with_the_bound(mode: str, start: str) -> None:
+    with pytest.raises(InvalidPurchaseError) as info:
+        plan({"sessionCount": 10, "scheduleMode": mode, "startDate": start})
+    assert info.value.errors == [
+        {
+            "field": "startDate",
+            "message": f"{start} is more than a year ahead; the latest start accepted today "
+            "is 2027-11-21",
+        }
+    ]
+
+
+def test_start_date_exactly_a_year_ahead_is_accepted() -> None:
+    assert plan({"sessionCount": 10, "startDate": "2027-11-21"}).start_date == date(2027, 11, 21)
+    assert latest_start(date(2028, 2, 29)) == date(2029, 2, 28)
+    assert latest_start(date.max) == date.max
+
+
+@given(
+    start=st.dates(),
+    mode=st.sampled_from(list(ScheduleMode)),
+    today=st.dates(min_value=date(2000, 1, 1), max_value=date(9999, 12, 30)),
+)
+def test_no_date_overflows(start: date, mode: ScheduleMode, today: date) -> None:
+    """Any start date on any day: a plan or a rejection, never OverflowError."""
+    meta = {"sessionCount": 30, "scheduleMode": mode.value, "startDate": start.isoformat()}
+    try:
+        result = plan_purchase(meta, today=today, holidays=(), default_time_slot=DEFAULT_SLOT)
+    except InvalidPurchaseError as exc:
+        assert exc.errors[0]["field"] == "startDate"
+    else:
+        assert today < result.start_date <= latest_start(today) + timedelta(days=7)
+
+
+def test_oversized_metadata_is_refused_before_decoding() -> None:
+    huge = 100 * 1024 * 1024
+    # Only the size is looked at: the text is not even there (the query withholds it).
+    with pytest.raises(InvalidPurchaseError) as info:
+        decode_metadata(None, huge)
+    assert info.value.errors == [
+        {
+            "field": "metadata",
+            "message": f"is {huge:,} bytes of JSON; the limit is {MAX_METADATA_BYTES:,} bytes",
+        }
+    ]
+    text = '{"sessionCount": 10, "note": "' + "x" * MAX_METADATA_BYTES + '"}'
+    with pytest.raises(InvalidPurchaseError, match="the limit is 65,536 bytes"):
+        decoded(text)
+
+
+def test_deep_nesting_is_refused_before_decoding() -> None:
+    deep = '{"sessionCount": 10, "x": ' + "[" * 1000 + "]" * 1000 + "}"
+    with pytest.raises(InvalidPurchaseError) as info:
+        decoded(deep)
+    assert messages(info.value) == (
+        f"metadata: nests 1001 levels deep; the limit is {MAX_METADATA_DEPTH} levels"
+    )
+    # Brackets inside strings are text, not nesting.
+    assert json_depth('{"a": "[[[[[[[[[[{{{{{{", "b": {"c": "\\"]]"}}') == 2
+    assert decoded('{"schedule": {"timeSlot": "4 PM"}, "pricing": {"a": [1]}}') == {
+        "schedule": {"timeSlot": "4 PM"},
+        "pricing": {"a": [1]},
+    }
+
+
+@pytest.mark.parametrize("text", ["{", '{"sessionCount": NaN}', '{"a": Infinity}', "[1,]"])
+def test_text_that_is_not_json_is_a_rejection(text: str) -> None:
+    with pytest.raises(InvalidPurchaseError, match="metadata: is not valid JSON"):
+        decoded(text)
+
+
+def test_numbers_are_decoded_exactly() -> None:
+    with pytest.raises(InvalidPurchaseError) as info:
+        plan(decoded('{"sessionCount": 10.000000000000000001}'))
+    assert info.value.errors == [
+        {
+            "field": "sessionCount",
+            "message": "must be 10, 20 or 30, a whole number, got 10.000000000000000001",
+        }
+    ]
+    assert plan(decoded('{"sessionCount": 10.0}')).session_count == 10
+    assert plan(decoded('{"sessionCount": 1E1}')).session_count == 10
+    with pytest.raises(InvalidPurchaseError, match="sessionDuration: must be a whole number"):
+        plan(decoded('{"sessionCount": 10, "sessionDuration": 60.5}'))
+    # A 5,000-digit integer is a number like any other, not a crash.
+    with pytest.raises(InvalidPurchaseError, match="sessionCount: must be 10, 20 or 30"):
+        plan(decoded('{"sessionCount": ' + "9" * 5000 + "}"))
+    with pytest.raises(InvalidPurchaseError, match="sessionCount: must be 10, 20 or 30"):
+        plan(decoded('{"sessionCount": 1E+999999999}'))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sessionCount", "\u0661\u0660"),  # Arabic-Indic 10
+        ("sessionCount", "\uff11\uff10"),  # full-width 10
+        ("sessionCount", "\u0967\u0966"),  # Devanagari 10
+        ("timeSlot", "\u0664:\u0660\u0660 PM"),
+        ("timeSlot", "\uff14 PM"),
+        ("startDate", "\u0662\u0660\u0662\u0667-\u0660\u0661-\u0660\u0661"),
+        ("sessionDuration", "\u0666\u0660"),
+    ],
+)
+def test_digits_are_ascii_in_every_field(field: str, value: str) -> None:
+    with pytest.raises(InvalidPurchaseError) as info:
+        plan({"sessionCount": 10, field: value})
+    assert [e["field"] for e in info.value.errors] == [field]
+
+
+def test_ascii_digit_strings_still_work() -> None:
+    result = plan({"sessionCount": " 20 ", "sessionDuration": "45", "timeSlot": "4 PM"})
+    assert (result.session_count, result.session_duration) == (20, 45)
+
+
+@pytest.mark.parametrize("text", ["11:00 PM - 12:00 AM", "23:00-00:00", "10 PM to 12 AM"])
+def test_slot_may_end_at_midnight(text: str) -> None:
+    result = plan({"sessionCount": 10, "timeSlot": text})
+    assert result.time_slot.hour in (22, 23)
+    assert result.session_duration == (60 if result.time_slot.hour == 23 else 120)
+
+
+def test_session_may_end_at_midnight_but_not_after() -> None:
+    assert plan({"sessionCount": 10, "timeSlot": "11 PM"}).session_duration == 60
+    with pytest.raises(InvalidPurchaseError, match="would end after midnight"):
+        plan({"sessionCount": 10, "timeSlot": "11:01 PM"})
+    with pytest.raises(InvalidPurchaseError, match="would end after midnight"):
+        plan({"sessionCount": 10, "timeSlot": "11 PM", "sessionDuration": 61})
+    with pytest.raises(ValueError, match="the end must be after the start"):
+        parse_time_slot("12:00 AM - 12:00 AM")
+
+
+@given(
+    st.one_of(
+        st.text(max_size=200),
+        json_values.map(json.dumps),
+        st.integers(min_value=0, max_value=400).map(lambda n: "[" * n + "]" * n),
+    )
+)
+def test_any_text_decodes_or_is_a_metadata_rejection(text: str) -> None:
+    try:
+        value = decoded(text)
+    except InvalidPurchaseError as exc:
+        assert [e["field"] for e in exc.errors] == ["metadata"]
+    else:
+        assert json_depth(text) <= MAX_METADATA_DEPTH
+        assert not any(isinstance(v, float) for v in _leaves(value))  # never binary floats
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]

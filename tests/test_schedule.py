@@ -10,8 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.errors import ScheduleError
-from workers.schedule import ScheduleMode, allowed_weekdays, build_schedule, session_dates
+from workers.errors import InvalidTimeZoneError, PermanentJobError, ScheduleError
+from workers.schedule import (
+    ScheduleMode,
+    allowed_weekdays,
+    build_schedule,
+    iana_zone_names,
+    session_dates,
+    slot_end,
+    zone_named,
+)
 
 KOLKATA = ZoneInfo("Asia/Kolkata")
 
@@ -124,3 +132,43 @@ def test_schedule_properties(
     assert all(s.local_date.isoweekday() in allowed_weekdays(mode) for s in sessions)
     assert all(s.ends_at - s.starts_at == timedelta(minutes=duration) for s in sessions)
     assert all(s.starts_at.astimezone(ZoneInfo(zone)).date() == s.local_date for s in sessions)
+
+
+def test_the_end_of_the_calendar_is_an_error_not_an_overflow() -> None:
+    with pytest.raises(ScheduleError, match="only 1 of 10 sunday_only sessions"):
+        session_dates(date(9999, 12, 25), 10, ScheduleMode.SUNDAY_ONLY, set())
+    # The last day exists, but its instant in a zone behind UTC is in the year 10000.
+    with pytest.raises(ScheduleError, match="beyond the calendar"):
+        build_schedule(
+            start=date(9999, 12, 31),
+            count=1,
+            mode=ScheduleMode.DAILY,
+            slot=time(22),
+            duration_minutes=60,
+            zone=ZoneInfo("America/New_York"),
+            holidays=set(),
+        )
+
+
+@pytest.mark.parametrize(
+    "name", ["localtime", "posixrules", "posix/Asia/Kolkata", "Mars/Base", "", "../../etc/passwd"]
+)
+def test_only_iana_zone_names_are_zones(name: str) -> None:
+    with pytest.raises(InvalidTimeZoneError, match="is not an IANA time zone") as info:
+        zone_named(name)
+    assert isinstance(info.value, PermanentJobError)  # a stage fails at once, no retry
+
+
+def test_every_iana_name_is_a_zone() -> None:
+    names = iana_zone_names()
+    assert {"Asia/Kolkata", "UTC", "America/New_York", "Europe/Berlin"} <= names
+    assert "localtime" not in names
+    for name in sorted(names):
+        assert zone_named(name).key == name
+
+
+def test_slot_end_allows_midnight_exactly() -> None:
+    assert slot_end(time(16), 60) == time(17)
+    assert slot_end(time(23), 60) is None  # midnight: 24:00
+    with pytest.raises(ScheduleError, match="after midnight"):
+        slot_end(time(23), 61)

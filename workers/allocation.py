@@ -40,6 +40,7 @@ from workers.schedule import (
     allowed_weekdays,
     build_schedule,
     next_valid_day,
+    slot_end,
 )
 from workers.sql import q
 from workers.stages import Outcome, StageContext
@@ -349,9 +350,8 @@ async def search(
     exclude: UUID | None = None,
 ) -> Decision:
     slot: time = purchase["preferred_time_slot"]
-    slot_end = (
-        datetime.combine(date.min, slot) + timedelta(minutes=purchase["session_duration_minutes"])
-    ).time()
+    # A session that ends exactly at midnight needs availability until 24:00.
+    end = slot_end(slot, purchase["session_duration_minutes"]) or "24:00"
     rows = await fetch_all(
         conn,
         q("candidate_facts"),
@@ -361,7 +361,7 @@ async def search(
             "ends": [s.ends_at for s in sessions],
             "weekdays": sorted(allowed_weekdays(ScheduleMode(purchase["schedule_mode"]))),
             "slot_start": slot,
-            "slot_end": slot_end,
+            "slot_end": end,
             "max_sequential_km": ctx.settings.max_sequential_distance_km,
             "only_trainer": only,
         },

@@ -26,9 +26,13 @@ class InvalidPurchaseError(PipelineError):
     (field and message) so the person fixing the row sees every problem at once.
     """
 
-    def __init__(self, reason: str, errors: list[dict[str, str]]) -> None:
+    def __init__(
+        self, reason: str, errors: list[dict[str, str]], *, keep_metadata: bool = True
+    ) -> None:
         self.reason = reason
         self.errors = errors
+        # False when the metadata itself is too large or too deep to copy into the rejection.
+        self.keep_metadata = keep_metadata
         super().__init__(f"{reason}: " + "; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
@@ -38,6 +42,14 @@ class PermanentJobError(PipelineError):
 
 class ScheduleError(PermanentJobError):
     """No schedule can be built from the given rules (for example every day is a holiday)."""
+
+
+class InvalidTimeZoneError(PermanentJobError):
+    """A time zone name that is not an IANA zone (`localtime`, a path, a typo): no retry helps."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"{name[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'")
 
 
 class StageNotFoundError(PermanentJobError):

@@ -13,45 +13,37 @@ sessions.
 from __future__ import annotations
 
 import logging
-import re
 from datetime import datetime
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_all, fetch_one
-from workers.errors import InvalidPurchaseError
-from workers.metadata import RejectReason, plan_purchase
+from workers.errors import InvalidPurchaseError, InvalidTimeZoneError
+from workers.metadata import MAX_METADATA_BYTES, RejectReason, decode_metadata, plan_purchase
+from workers.schedule import zone_named
 from workers.sql import q
 from workers.stages import Outcome, StageContext
 
 log = logging.getLogger(__name__)
 
-_ZONE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+){0,2}")
-
 
 def student_zone(name: str) -> ZoneInfo:
-    # IANA names are short ASCII paths; anything else is not looked up on disk at all.
+    """The student's IANA zone, or a rejection naming the students row's value."""
     try:
-        if not _ZONE_NAME.fullmatch(name):
-            raise ValueError(name)
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return zone_named(name)
+    except InvalidTimeZoneError as exc:
         raise InvalidPurchaseError(
-            RejectReason.INVALID_TIMEZONE,
-            [
-                {
-                    "field": "students.timezone",
-                    "message": f"{name[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'",
-                }
-            ],
+            RejectReason.INVALID_TIMEZONE, [{"field": "students.timezone", "message": str(exc)}]
         ) from None
 
 
 async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
-    payment = await fetch_one(conn, q("lock_payment"), {"payment_id": payment_id})
+    payment = await fetch_one(
+        conn, q("lock_payment"), {"payment_id": payment_id, "max_bytes": MAX_METADATA_BYTES}
+    )
     if payment is None:
         return Outcome("skipped", "payment does not exist")
     if payment["purchase_id"] is not None:
@@ -70,7 +62,7 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
                 "payment_id": payment_id,
                 "reason": exc.reason,
                 "errors": Jsonb(exc.errors),
-                "metadata": Jsonb(payment["metadata"]),
+                "keep_metadata": exc.keep_metadata,
             },
         )
         return Outcome("rejected", str(exc)[:2000])
@@ -85,7 +77,7 @@ async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
         row["day"] for row in await fetch_all(conn, q("holidays_from"), {"from_day": today})
     }
     plan = plan_purchase(
-        payment["metadata"],
+        decode_metadata(payment["metadata_text"], payment["metadata_bytes"]),
         today=today,
         holidays=holidays,
         default_time_slot=ctx.settings.default_time_slot,

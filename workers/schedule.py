@@ -5,17 +5,21 @@
 - `scheduled_date` / `scheduled_time` are wall-clock values in the student's zone; `starts_at`
   is the exact instant. A wall time that does not exist (a DST gap) moves forward by the gap,
   and the stored local time is the real one.
+- Time zones are IANA names only (`zone_named`): the list shipped with the pinned `tzdata`
+  package, so `localtime` (the worker host's zone) or a file path never means anything.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
-from zoneinfo import ZoneInfo
+from importlib import resources
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from workers.errors import ScheduleError
+from workers.errors import InvalidTimeZoneError, ScheduleError
 
 # A schedule that cannot find its days within this span is refused rather than searched forever.
 MAX_SCHEDULE_DAYS = 3 * 366
@@ -43,9 +47,41 @@ def default_duration(mode: ScheduleMode) -> int:
     return 80 if mode is ScheduleMode.SUNDAY_ONLY else 60
 
 
+@functools.cache
+def iana_zone_names() -> frozenset[str]:
+    """Every zone name of the IANA database, as listed by the pinned tzdata package."""
+    listing = resources.files("tzdata").joinpath("zones").read_text(encoding="utf-8")
+    return frozenset(listing.split())
+
+
+def zone_named(name: str) -> ZoneInfo:
+    """The IANA zone called `name`, or InvalidTimeZoneError (never an OSError or a host zone).
+
+    Pure apart from reading the zone file; callers in any stage can use it on a row's value.
+    """
+    if not isinstance(name, str) or name not in iana_zone_names():
+        raise InvalidTimeZoneError(str(name))
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise InvalidTimeZoneError(name) from None
+
+
+def slot_end(start: time, minutes: int) -> time | None:
+    """When a session starting at `start` ends the same day; None when it ends exactly at
+    midnight (PostgreSQL spells that `24:00`); ScheduleError when it would run past midnight."""
+    end = start.hour * 60 + start.minute + minutes
+    if end > 24 * 60:
+        raise ScheduleError(f"a {minutes}-minute session at {start:%H:%M} would end after midnight")
+    if end == 24 * 60:
+        return None
+    return time(end // 60, end % 60)
+
+
 def _valid_days(start: date, mode: ScheduleMode, holidays: Collection[date]) -> Iterator[date]:
     weekdays = allowed_weekdays(mode)
-    for offset in range(MAX_SCHEDULE_DAYS):
+    # Stop at the calendar's end rather than overflow: the caller then reports too few days.
+    for offset in range(min(MAX_SCHEDULE_DAYS, (date.max - start).days + 1)):
         day = start + timedelta(days=offset)
         if day.isoweekday() in weekdays and day not in holidays:
             yield day
@@ -107,17 +143,22 @@ def build_schedule(
 ) -> list[PlannedSession]:
     """N sessions numbered from `first_number`, on valid days from `start`, at `slot`."""
     sessions = []
-    for offset, day in enumerate(session_dates(start, count, mode, holidays)):
-        starts_at = local_instant(day, slot, zone)
-        local = starts_at.astimezone(zone)
-        sessions.append(
-            PlannedSession(
-                number=first_number + offset,
-                local_date=local.date(),
-                local_time=local.time().replace(tzinfo=None),
-                starts_at=starts_at,
-                ends_at=starts_at + timedelta(minutes=duration_minutes),
-                duration_minutes=duration_minutes,
+    days = session_dates(start, count, mode, holidays)
+    try:
+        for offset, day in enumerate(days):
+            starts_at = local_instant(day, slot, zone)
+            local = starts_at.astimezone(zone)
+            sessions.append(
+                PlannedSession(
+                    number=first_number + offset,
+                    local_date=local.date(),
+                    local_time=local.time().replace(tzinfo=None),
+                    starts_at=starts_at,
+                    ends_at=starts_at + timedelta(minutes=duration_minutes),
+                    duration_minutes=duration_minutes,
+                )
             )
-        )
+    except OverflowError:
+        # Only near year 9999; a bug or a hand-written row, but a clear error all the same.
+        raise ScheduleError(f"sessions from {days[0]} run beyond the calendar's end") from None
     return sessions

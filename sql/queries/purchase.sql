@@ -1,13 +1,18 @@
 -- Purchase stage: a succeeded payment becomes one student_course_purchases row.
 
 -- name: lock_payment
--- Locks the payment so duplicate jobs for it run one after the other.
-SELECT p.id, p.status, p.metadata, p.student_id, p.course_id, s.timezone,
+-- Locks the payment so duplicate jobs for it run one after the other. The metadata comes as
+-- JSON text, and only when it is within the size limit: an oversized payload never reaches
+-- the worker (metadata_bytes says how large it is).
+SELECT p.id, p.status, p.student_id, p.course_id, s.timezone,
+       m.bytes AS metadata_bytes,
+       CASE WHEN m.bytes <= %(max_bytes)s::integer THEN p.metadata::text END AS metadata_text,
        (SELECT pu.id FROM student_course_purchases pu WHERE pu.payment_id = p.id) AS purchase_id,
        (SELECT u.purchase_id FROM purchase_upgrades u WHERE u.payment_id = p.id)
            AS upgraded_purchase_id
 FROM payments p
 JOIN students s ON s.id = p.student_id
+CROSS JOIN LATERAL (SELECT octet_length(p.metadata::text) AS bytes) m
 WHERE p.id = %(payment_id)s::uuid
 FOR UPDATE OF p;
 
@@ -31,8 +36,13 @@ FROM student_course_purchases
 WHERE student_id = %(student_id)s::uuid AND course_id = %(course_id)s::uuid AND is_active;
 
 -- name: record_rejection
+-- The metadata that was rejected is copied here by the database, exactly, unless it is too
+-- large or too deep to be read back (keep_metadata false); the payment row keeps all of it.
 INSERT INTO payment_rejections (payment_id, reason, errors, metadata)
-VALUES (%(payment_id)s::uuid, %(reason)s::text, %(errors)s::jsonb, %(metadata)s::jsonb)
+SELECT p.id, %(reason)s::text, %(errors)s::jsonb,
+       CASE WHEN %(keep_metadata)s::boolean THEN p.metadata END
+FROM payments p
+WHERE p.id = %(payment_id)s::uuid
 ON CONFLICT (payment_id) DO UPDATE
 SET reason = EXCLUDED.reason,
     errors = EXCLUDED.errors,
