@@ -1,7 +1,7 @@
 """Fuzz: malformed payments (wrong types, huge strings, unknown modes, unicode, NUL bytes,
-SQL-looking text, malformed rows) are each refused by the database or rejected by the
-pipeline with a reason; the worker never crashes and good payments in the same batch go
-through."""
+SQL-looking text, malformed rows, deep nesting, oversized payloads, far dates, Unicode digits)
+are each refused by the database or rejected by the pipeline with a reason; the worker never
+crashes and good payments in the same batch go through."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -43,10 +44,29 @@ json_scalar = st.one_of(
     nasty_text,
     st.floats(allow_nan=False, allow_infinity=False),
 )
+unicode_digits = st.text(alphabet=st.characters(categories=["Nd"]), min_size=1, max_size=4)
+far_dates = st.dates().map(date.isoformat)  # year 1 .. 9999
 json_value = st.recursive(
     json_scalar,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(nasty_text, inner, max_size=3),
     max_leaves=8,
+)
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"x": value}
+    return value
+
+
+json_value = st.one_of(
+    json_value,
+    unicode_digits,
+    unicode_digits.map(lambda d: f"{d}:{d} PM"),
+    far_dates,
+    st.integers(min_value=5, max_value=300).map(nested),  # past the depth limit, and not
+    st.just("x" * 70_000),  # past the size limit
 )
 KEYS = ["sessionCount", "timeSlot", "startDate", "scheduleMode", "sessionDuration", "upgrade"]
 bad_metadata = st.one_of(
@@ -111,7 +131,7 @@ def outcome(conn: Conn, payment: UUID) -> DictRow | None:
 )
 @given(
     batch=st.lists(bad_metadata, min_size=1, max_size=6),
-    timezone=st.one_of(st.just("Asia/Kolkata"), nasty_text),
+    timezone=st.one_of(st.just("Asia/Kolkata"), st.just("localtime"), nasty_text),
 )
 def test_malformed_payments_are_refused_or_rejected(
     conn: Conn, worker: subprocess.Popen[bytes], batch: list[Any], timezone: str
