@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.errors import InvalidTimeZoneError, PermanentJobError, ScheduleError
+from workers.errors import InvalidTimezoneError, PermanentJobError, ScheduleError
 from workers.schedule import (
     ScheduleMode,
     allowed_weekdays,
@@ -154,7 +154,7 @@ def test_the_end_of_the_calendar_is_an_error_not_an_overflow() -> None:
     "name", ["localtime", "posixrules", "posix/Asia/Kolkata", "Mars/Base", "", "../../etc/passwd"]
 )
 def test_only_iana_zone_names_are_zones(name: str) -> None:
-    with pytest.raises(InvalidTimeZoneError, match="is not an IANA time zone") as info:
+    with pytest.raises(InvalidTimezoneError, match="is not an IANA time zone") as info:
         zone_named(name)
     assert isinstance(info.value, PermanentJobError)  # a stage fails at once, no retry
 

@@ -17,7 +17,7 @@ from datetime import date, datetime, time, timedelta
 from itertools import pairwise
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
@@ -41,6 +41,7 @@ from workers.schedule import (
     build_schedule,
     next_valid_day,
     slot_end,
+    zone_named,
 )
 from workers.sql import q
 from workers.stages import Outcome, StageContext
@@ -68,11 +69,10 @@ def student_zone(name: str) -> ZoneInfo:
     """The student's zone; a name that is no zone (changed after the purchase) fails the job
     at once: no retry can fix it, and the job waits, held, for the row to be corrected."""
     try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return zone_named(name)
+    except InvalidTimezoneError as exc:
         raise InvalidTimezoneError(
-            f"students.timezone {name[:80]!r} is not an IANA time zone such as "
-            "'Asia/Kolkata'; correct the student's row, then replay the job"
+            f"students.timezone {exc}; correct the student's row, then replay the job"
         ) from None
 
 

@@ -44,14 +44,6 @@ class ScheduleError(PermanentJobError):
     """No schedule can be built from the given rules (for example every day is a holiday)."""
 
 
-class InvalidTimeZoneError(PermanentJobError):
-    """A time zone name that is not an IANA zone (`localtime`, a path, a typo): no retry helps."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(f"{name[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'")
-
-
 class StageNotFoundError(PermanentJobError):
     """A job names a stage or a row that does not exist."""
 
@@ -61,4 +53,5 @@ class TooManyAttemptsError(PermanentJobError):
 
 
 class InvalidTimezoneError(PermanentJobError):
-    """A student's time zone is not an IANA zone any more (it was changed after the purchase)."""
+    """A time zone name that is not an IANA zone (`localtime`, a path, a typo), for instance a
+    student's changed after the purchase: no retry helps."""

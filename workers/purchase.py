@@ -21,7 +21,7 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_all, fetch_one
-from workers.errors import InvalidPurchaseError, InvalidTimeZoneError
+from workers.errors import InvalidPurchaseError, InvalidTimezoneError
 from workers.metadata import MAX_METADATA_BYTES, RejectReason, decode_metadata, plan_purchase
 from workers.schedule import zone_named
 from workers.sql import q
@@ -34,7 +34,7 @@ def student_zone(name: str) -> ZoneInfo:
     """The student's IANA zone, or a rejection naming the students row's value."""
     try:
         return zone_named(name)
-    except InvalidTimeZoneError as exc:
+    except InvalidTimezoneError as exc:
         raise InvalidPurchaseError(
             RejectReason.INVALID_TIMEZONE, [{"field": "students.timezone", "message": str(exc)}]
         ) from None

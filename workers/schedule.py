@@ -19,7 +19,7 @@ from enum import StrEnum
 from importlib import resources
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from workers.errors import InvalidTimeZoneError, ScheduleError
+from workers.errors import InvalidTimezoneError, ScheduleError
 
 # A schedule that cannot find its days within this span is refused rather than searched forever.
 MAX_SCHEDULE_DAYS = 3 * 366
@@ -55,16 +55,18 @@ def iana_zone_names() -> frozenset[str]:
 
 
 def zone_named(name: str) -> ZoneInfo:
-    """The IANA zone called `name`, or InvalidTimeZoneError (never an OSError or a host zone).
+    """The IANA zone called `name`, or InvalidTimezoneError (never an OSError or a host zone).
 
     Pure apart from reading the zone file; callers in any stage can use it on a row's value.
     """
-    if not isinstance(name, str) or name not in iana_zone_names():
-        raise InvalidTimeZoneError(str(name))
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise InvalidTimeZoneError(name) from None
+    if isinstance(name, str) and name in iana_zone_names():
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            pass
+    raise InvalidTimezoneError(
+        f"{str(name)[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'"
+    )
 
 
 def slot_end(start: time, minutes: int) -> time | None:
