@@ -375,10 +375,9 @@ def plan_purchase(
         )
     else:
         requested = max(meta.start_date, earliest)
-    try:
-        start = next_valid_day(requested, mode, holidays)
-    except ScheduleError as exc:
-        raise _invalid("startDate", str(exc)) from None
+    # Holidays on every day for years are not the payment's fault: ScheduleError fails the
+    # job at once (held for an operator, replayable), it does not reject the payment.
+    start = next_valid_day(requested, mode, holidays)
 
     return PurchasePlan(
         session_count=meta.session_count,
