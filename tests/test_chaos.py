@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import date, timedelta
 from pathlib import Path
 
 import psycopg
@@ -67,7 +68,9 @@ def payments_metadata(rnd: random.Random) -> list[dict[str, object]]:
             "scheduleMode": rnd.choice(["daily", "weekdays", "weekdays", "sunday_only"]),
         }
         if rnd.random() < 0.3:
-            meta["startDate"] = rnd.choice(["2020-01-01", "2031-02-03", "2027-06-01"])
+            # a past date (moves forward) and two within the one-year bound on start dates
+            ahead = [date.today() + timedelta(days=d) for d in (40, 300)]
+            meta["startDate"] = rnd.choice(["2020-01-01", *(d.isoformat() for d in ahead)])
         if i % 50 == 0:
             meta["sessionCount"] = 25  # a bad payment now and then: a recorded rejection
         out.append(meta)
