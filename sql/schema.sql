@@ -138,7 +138,12 @@ TABLE student_course_purchases (
     defaults_applied text[] NOT NULL DEFAULT '{}'::text[],
     is_active boolean NOT NULL DEFAULT true,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
-    deactivated_at timestamp with time zone
+    deactivated_at timestamp with time zone,
+    learning_mode text NOT NULL DEFAULT 'home'::text,
+    group_size smallint NOT NULL DEFAULT 1,
+    preferred_trainer_id uuid,
+    unused_metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+    unused_keys text[] NOT NULL DEFAULT '{}'::text[]
 );
 TABLE students (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -199,7 +204,8 @@ TABLE tutoring_sessions (
     duration_minutes smallint NOT NULL,
     status text NOT NULL DEFAULT 'scheduled'::text,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
-    cancelled_at timestamp with time zone
+    cancelled_at timestamp with time zone,
+    delivery text NOT NULL DEFAULT 'home'::text
 );
 
 -- CONSTRAINTS
@@ -240,6 +246,9 @@ CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
 CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
 CONSTRAINT student_course_purchases.student_course_purchases_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT student_course_purchases.student_course_purchases_group_size_check CHECK (((group_size >= 1) AND (group_size <= 3)));
+CONSTRAINT student_course_purchases.student_course_purchases_hybrid_is_30 CHECK (((learning_mode <> 'hybrid'::text) OR (purchase_tier = 30)));
+CONSTRAINT student_course_purchases.student_course_purchases_learning_mode_check CHECK ((learning_mode = ANY (ARRAY['home'::text, 'hybrid'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
 CONSTRAINT student_course_purchases.student_course_purchases_payment_id_key UNIQUE (payment_id);
 CONSTRAINT student_course_purchases.student_course_purchases_pkey PRIMARY KEY (id);
@@ -247,6 +256,7 @@ CONSTRAINT student_course_purchases.student_course_purchases_purchase_tier_check
 CONSTRAINT student_course_purchases.student_course_purchases_schedule_mode_check CHECK ((schedule_mode = ANY (ARRAY['daily'::text, 'weekdays'::text, 'sunday_only'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_session_duration_minutes_check CHECK (((session_duration_minutes >= 15) AND (session_duration_minutes <= 240)));
 CONSTRAINT student_course_purchases.student_course_purchases_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT student_course_purchases.student_course_purchases_unused_metadata_check CHECK ((jsonb_typeof(unused_metadata) = 'object'::text));
 CONSTRAINT students.students_full_name_check CHECK ((btrim(full_name) <> ''::text));
 CONSTRAINT students.students_home_lat_check CHECK (((home_lat >= ('-90'::integer)::double precision) AND (home_lat <= (90)::double precision)));
 CONSTRAINT students.students_home_lng_check CHECK (((home_lng >= ('-180'::integer)::double precision) AND (home_lng <= (180)::double precision)));
@@ -276,6 +286,7 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_fkey FOREIGN KEY (a
 CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_session_number_key UNIQUE (allocation_id, session_number);
 CONSTRAINT tutoring_sessions.tutoring_sessions_check CHECK ((ends_at = (starts_at + make_interval(mins => (duration_minutes)::integer))));
 CONSTRAINT tutoring_sessions.tutoring_sessions_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_delivery_check CHECK ((delivery = ANY (ARRAY['home'::text, 'online'::text])));
 CONSTRAINT tutoring_sessions.tutoring_sessions_duration_minutes_check CHECK (((duration_minutes >= 15) AND (duration_minutes <= 240)));
 CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
 CONSTRAINT tutoring_sessions.tutoring_sessions_pkey PRIMARY KEY (id);
@@ -410,7 +421,13 @@ VIEW purchase_trace AS
     se.error AS sessions_error,
     ss.written AS sessions_written,
     ss.first_at AS first_session_at,
-    ss.written_at AS sessions_at
+    ss.written_at AS sessions_at,
+    pu.learning_mode,
+    pu.group_size,
+    pu.preferred_trainer_id,
+    (ta.metadata -> 'preferredTrainer'::text) ->> 'outcome'::text AS preferred_trainer_outcome,
+    pu.defaults_applied,
+    pu.unused_keys
    FROM payments p
      LEFT JOIN student_course_purchases pu ON pu.payment_id = p.id
      LEFT JOIN payment_rejections rj ON rj.payment_id = p.id AND rj.resolved_at IS NULL
@@ -845,6 +862,17 @@ BEGIN
     END IF;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_session_delivery(p_learning_mode text, p_number integer)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$
+    SELECT CASE
+        WHEN p_learning_mode = 'home' THEN 'home'
+        WHEN p_number <= 6 OR (p_number - 6) % 2 = 1 THEN 'online'
+        ELSE 'home'
+    END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
  RETURNS integer
  LANGUAGE sql
@@ -1151,6 +1179,25 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_sessions_check_delivery()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_mode text;
+BEGIN
+    SELECT pu.learning_mode INTO v_mode
+    FROM trainer_allocations ta
+    JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+    WHERE ta.id = NEW.allocation_id;
+    IF NEW.delivery IS DISTINCT FROM kc_session_delivery(v_mode, NEW.session_number) THEN
+        RAISE EXCEPTION 'session % of a % course is %, not %', NEW.session_number, v_mode,
+            kc_session_delivery(v_mode, NEW.session_number), NEW.delivery
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'tutoring_sessions_delivery';
+    END IF;
+    RETURN NEW;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_sessions_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1197,4 +1244,5 @@ CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF st
 CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE OF status ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_retry_pending();
 CREATE TRIGGER trainer_availability_retry_pending AFTER INSERT OR UPDATE ON public.trainer_availability FOR EACH ROW EXECUTE FUNCTION trg_availability_retry_pending();
 CREATE TRIGGER trainers_retry_pending AFTER INSERT OR UPDATE ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_retry_pending();
+CREATE TRIGGER tutoring_sessions_check_delivery BEFORE INSERT OR UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
 CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();

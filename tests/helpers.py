@@ -47,6 +47,16 @@ def one(conn: psycopg.Connection[DictRow], sql: str, *params: object) -> DictRow
     return row
 
 
+def allocation_of(conn: psycopg.Connection[DictRow], student: UUID) -> DictRow:
+    """The student's live (pending or approved) allocation."""
+    return one(
+        conn,
+        "SELECT * FROM trainer_allocations WHERE student_id = %s "
+        "AND status IN ('pending', 'approved')",
+        student,
+    )
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

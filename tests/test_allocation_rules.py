@@ -10,20 +10,11 @@ import pytest
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from tests.helpers import drain, one
+from tests.helpers import allocation_of, drain, one
 from workers.sql import all_queries
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
-
-
-def allocation_of(conn: Conn, student: UUID) -> DictRow:
-    return one(
-        conn,
-        "SELECT * FROM trainer_allocations WHERE student_id = %s "
-        "AND status IN ('pending', 'approved')",
-        student,
-    )
 
 
 def test_gender_preference_is_respected(conn: Conn, db_url: str) -> None:
@@ -228,6 +219,7 @@ def test_candidate_search_uses_its_indexes(conn: Conn) -> None:
         "purchase_id": f"'{UUID(str(purchase))}'",
         "starts": "'{2030-01-01 10:30+00}'",
         "ends": "'{2030-01-01 11:30+00}'",
+        "at_home": "'{true}'",
         "weekdays": "'{1,2,3,4,5,6,7}'",
         "slot_start": "'16:00'",
         "slot_end": "'17:00'",

@@ -9,7 +9,15 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.matching import RULE_ORDER, CandidateFacts, Reason, capacity_for, decide
+from workers.matching import (
+    RULE_ORDER,
+    CandidateFacts,
+    Reason,
+    capacity_for,
+    decide,
+    judge_preference,
+    try_order,
+)
 
 
 def facts(**overrides: object) -> CandidateFacts:
@@ -105,3 +113,40 @@ def test_decision_properties(pool: list[CandidateFacts], rnd: random.Random) -> 
     again = decide(shuffled, active_trainers=len(pool) + 1, course="X", slot="16:00")
     assert again.ranked == decision.ranked
     assert again.reason == decision.reason
+
+
+def test_the_students_eligible_choice_is_tried_first() -> None:
+    best, second, third = facts(distance_km=1), facts(distance_km=2), facts(distance_km=3)
+    decision = decide([third, best, second], active_trainers=3, course="X", slot="16:00")
+    assert list(decision.ranked) == [best, second, third]
+    choice = judge_preference(third.trainer_id, third, course="X", slot="16:00")
+    assert choice.eligible
+    assert try_order(decision, choice) == [third, best, second]
+    assert try_order(decision, None) == [best, second, third]
+    assert choice.summary(third.trainer_id) == {
+        "trainerId": str(third.trainer_id),
+        "chosen": True,
+        "outcome": "chosen",
+        "reason": None,
+    }
+
+
+def test_a_choice_that_fails_a_rule_says_which_and_is_not_tried_first() -> None:
+    other = facts()
+    busy = facts(available=False)
+    decision = decide([other, busy], active_trainers=2, course="Robotics", slot="16:00")
+    choice = judge_preference(busy.trainer_id, busy, course="Robotics", slot="16:00")
+    assert (choice.eligible, choice.outcome) == (False, "no_free_slot")
+    assert choice.reason == (
+        "no_free_slot: the trainer is not available at 16:00 on every weekday of the schedule"
+    )
+    assert try_order(decision, choice) == [other]
+    assert choice.summary(other.trainer_id)["outcome"] == "no_free_slot"
+    inactive = judge_preference(uuid.uuid4(), facts(active=False), course="Robotics", slot="16:00")
+    assert (inactive.outcome, inactive.reason) == (
+        "trainer_inactive",
+        "trainer_inactive: the trainer is not active",
+    )
+    unknown = judge_preference(uuid.uuid4(), None, course="Robotics", slot="16:00")
+    assert (unknown.outcome, unknown.reason) == ("unknown_trainer", "no trainer has this id")
+    assert unknown.summary(None)["chosen"] is False

@@ -21,7 +21,7 @@ from workers.metadata import (
     parse_time_slot,
     plan_purchase,
 )
-from workers.schedule import ScheduleMode, allowed_weekdays
+from workers.schedule import LearningMode, ScheduleMode, allowed_weekdays
 
 TODAY = date(2026, 11, 21)  # a Saturday
 DEFAULT_SLOT = time(16, 0)
@@ -76,9 +76,12 @@ def test_full_metadata_becomes_typed_plan() -> None:
             "timeSlot": "7:00 AM - 8:30 AM",
             "startDate": "2026-12-01",
             "scheduleMode": "weekdays",
+            "learningMode": "home",
+            "groupSize": 2,
         }
     )
     assert result.session_count == 20
+    assert (result.learning_mode, result.group_size) == (LearningMode.HOME, 2)
     assert result.time_slot == time(7)
     assert result.session_duration == 90
     assert result.start_date == date(2026, 12, 1)
@@ -97,7 +100,11 @@ def test_defaults_are_named_not_silent() -> None:
         "scheduleMode",
         "startDate",
         "sessionDuration",
+        "learningMode",
+        "groupSize",
     }
+    assert (result.learning_mode, result.group_size) == (LearningMode.HOME, 1)
+    assert result.preferred_trainer_id is None
 
 
 def test_sunday_only_defaults_to_80_minutes_and_starts_on_sunday() -> None:

@@ -27,14 +27,20 @@ from workers.errors import DatabaseRefusalError, InvalidTimezoneError
 from workers.matching import (
     CandidateFacts,
     Decision,
+    Preference,
     Reason,
     capacity_for,
     decide,
     explain_rule,
     furthest,
+    judge_preference,
     sentence_for,
+    try_order,
 )
+from workers.metadata import learnings_metadata
 from workers.schedule import (
+    Delivery,
+    LearningMode,
     PlannedSession,
     ScheduleMode,
     allowed_weekdays,
@@ -95,6 +101,7 @@ def plan_sessions(
         zone=student_zone(row["timezone"]),
         holidays=holidays,
         first_number=first_number,
+        learning_mode=LearningMode(row["learning_mode"]),
     )
 
 
@@ -148,7 +155,32 @@ async def handle(conn: Conn, purchase_id: UUID, ctx: StageContext) -> Outcome:
     if not sessions:
         return Outcome("skipped", "no sessions remain to be scheduled")
     decision = await search(conn, purchase, sessions, ctx)
-    return await allocate_best(conn, purchase, sessions, decision, replacing=None)
+    preference = await preferred_trainer(conn, purchase, sessions, decision, ctx)
+    return await allocate_best(
+        conn, purchase, sessions, decision, replacing=None, preference=preference
+    )
+
+
+async def preferred_trainer(
+    conn: Conn,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    decision: Decision,
+    ctx: StageContext,
+) -> Preference | None:
+    """The student's choice (payment metadata trainerId) judged by every rule. The search
+    measured them already when they are active and teach the course; otherwise they are
+    measured alone, so the allocation can say which rule they fail."""
+    trainer_id: UUID | None = purchase["preferred_trainer_id"]
+    if trainer_id is None:
+        return None
+    facts = next((c for c in decision.candidates if c.trainer_id == trainer_id), None)
+    if facts is None:
+        alone = await search(conn, purchase, sessions, ctx, only=trainer_id)
+        facts = next(iter(alone.candidates), None)
+    return judge_preference(
+        trainer_id, facts, course=purchase["course_title"], slot=_slot_text(purchase)
+    )
 
 
 async def allocate_best(
@@ -158,9 +190,10 @@ async def allocate_best(
     decision: Decision,
     *,
     replacing: UUID | None,
+    preference: Preference | None = None,
 ) -> Outcome:
     lost: list[Reason] = []
-    for candidate in decision.ranked:
+    for candidate in try_order(decision, preference):
         if (why := await still_fits(conn, candidate.trainer_id, purchase, sessions)) is None:
             if replacing is not None:
                 await conn.execute(
@@ -178,11 +211,18 @@ async def allocate_best(
                 trainer=candidate,
                 decision=decision,
                 live_pending=replacing is None,
+                preference=preference,
             )
             return Outcome(
                 "succeeded", f"allocation {allocation_id} approved: trainer {candidate.trainer_id}"
             )
         lost.append(why)
+        if preference is not None and candidate.trainer_id == preference.trainer_id:
+            preference = Preference(
+                candidate.trainer_id,
+                why.value,
+                f"{why.value}: taken by another purchase between the search and the booking",
+            )
         log.info(
             "trainer %s no longer fits purchase %s (%s); trying the next",
             candidate.trainer_id,
@@ -210,6 +250,7 @@ async def allocate_best(
         trainer=None,
         decision=decision,
         live_pending=True,
+        preference=preference,
     )
     return Outcome("succeeded", f"allocation {allocation_id} pending: {decision.reason}")
 
@@ -359,6 +400,7 @@ async def search(
             "purchase_id": purchase["id"],
             "starts": [s.starts_at for s in sessions],
             "ends": [s.ends_at for s in sessions],
+            "at_home": [s.delivery is Delivery.HOME for s in sessions],
             "weekdays": sorted(allowed_weekdays(ScheduleMode(purchase["schedule_mode"]))),
             "slot_start": slot,
             "slot_end": end,
@@ -453,21 +495,28 @@ async def write_allocation(
     live_pending: bool,
     capacity_override: bool = False,
     assignment: dict[str, Any] | None = None,
+    preference: Preference | None = None,
 ) -> UUID:
     first_day = sessions[0].local_date
-    metadata: dict[str, Any] = {
-        # Older readers look for these two keys.
-        "startDate": first_day.isoformat(),
-        "schedule": {
-            "timeSlot": _slot_text(purchase),
-            "mode": purchase["schedule_mode"],
-            "durationMinutes": purchase["session_duration_minutes"],
-            "sessionCount": purchase["purchase_tier"],
-            "firstNumber": sessions[0].number,
-            "lastDate": sessions[-1].local_date.isoformat(),
-        },
-        "match": decision.explain(trainer),
+    metadata = learnings_metadata(
+        session_count=purchase["purchase_tier"],
+        time_slot=purchase["preferred_time_slot"],
+        first_day=first_day,
+        mode=ScheduleMode(purchase["schedule_mode"]),
+        group_size=purchase["group_size"],
+        learning_mode=LearningMode(purchase["learning_mode"]),
+    )
+    metadata["schedule"] |= {
+        "durationMinutes": purchase["session_duration_minutes"],
+        "sessionCount": purchase["purchase_tier"],
+        "firstNumber": sessions[0].number,
+        "lastDate": sessions[-1].local_date.isoformat(),
+        "online": sum(s.delivery is Delivery.ONLINE for s in sessions),
+        "atHome": sum(s.delivery is Delivery.HOME for s in sessions),
     }
+    metadata["match"] = decision.explain(trainer)
+    if preference is not None:
+        metadata["preferredTrainer"] = preference.summary(trainer.trainer_id if trainer else None)
     if assignment is not None:
         metadata["assignment"] = assignment
     params = {

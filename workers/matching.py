@@ -269,3 +269,53 @@ def sentence_for(reason: Reason, *, n: int, course: str, slot: str) -> str:
 def furthest(reasons: list[Reason]) -> Reason:
     """The rule reached by the candidate that got furthest (see `decide`)."""
     return max(reasons, key=RULE_ORDER.index)
+
+
+@dataclass(frozen=True)
+class Preference:
+    """The trainer the student picked in the app, and whether they can take the purchase.
+
+    `outcome` is 'eligible' (tried first), a rule's code (the first they fail), or
+    'unknown_trainer' (no trainer has this id): never an error, always recorded.
+    """
+
+    trainer_id: UUID
+    outcome: str
+    reason: str | None = None
+
+    @property
+    def eligible(self) -> bool:
+        return self.outcome == "eligible"
+
+    def summary(self, chosen: UUID | None) -> dict[str, Any]:
+        taken = chosen == self.trainer_id
+        return {
+            "trainerId": str(self.trainer_id),
+            "chosen": taken,
+            "outcome": "chosen" if taken else self.outcome,
+            "reason": None if taken else self.reason,
+        }
+
+
+def judge_preference(
+    trainer_id: UUID, facts: CandidateFacts | None, *, course: str, slot: str
+) -> Preference:
+    """Whether the student's chosen trainer passes every rule; if not, the first rule they
+    fail, with the facts."""
+    if facts is None:
+        return Preference(trainer_id, "unknown_trainer", "no trainer has this id")
+    failed = facts.first_failed_rule()
+    if failed is None:
+        return Preference(trainer_id, "eligible")
+    return Preference(
+        trainer_id, failed.value, explain_rule(failed, facts, course=course, slot=slot)
+    )
+
+
+def try_order(decision: Decision, preference: Preference | None) -> list[CandidateFacts]:
+    """The ranked trainers in the order to try them: the student's choice first when they
+    are eligible, then the ranking."""
+    ranked = list(decision.ranked)
+    if preference is None or not preference.eligible:
+        return ranked
+    return sorted(ranked, key=lambda c: c.trainer_id != preference.trainer_id)

@@ -1,14 +1,28 @@
 """Payment metadata -> a validated purchase plan. Pure: no I/O, no clock (today is an argument).
 
-What the app sends (`payments.metadata`):
-  sessionCount     10 | 20 | 30                      required, no default
-  timeSlot         "4:00 PM" | "16:00" | "4 PM" | "7:00 AM - 8:00 AM"
-                   default: KC_DEFAULT_TIME_SLOT (16:00)
-  startDate        "YYYY-MM-DD"                      default: next valid day (student's zone)
-  scheduleMode     daily | weekdays | sunday_only    default: daily
-  sessionDuration  minutes, 15..240                  default: slot range, else 60 (80 sunday_only)
-  upgrade          true for a larger pack of an existing purchase
-Every default that is used is named in `PurchasePlan.defaults_applied` (and stored).
+The app (and the old services) write the same things under several names, at the top level
+of `payments.metadata` or inside its `schedule` object. FIELDS lists every field, its names and
+their precedence: the canonical name, then its aliases, at the top level; then the same names,
+then the schedule-only short names, inside `schedule`. Every name present is validated; when
+two names for a field hold values that differ (after parsing: "4 PM" and "16:00" agree), the
+payment is rejected with both fields and both values named, never a silent choice. JSON null
+counts as absent. Keys the pipeline does not read are kept with the purchase and listed.
+
+  field            names (precedence order)                          default
+  sessionCount     sessionCount, purchaseTier                        required, no default
+  timeSlot         timeSlot, preferredTimeSlot, classTime;           KC_DEFAULT_TIME_SLOT
+                   schedule.time
+  startDate        startDate, preferredDate, date                    next valid day
+  scheduleMode     scheduleMode, scheduleType, schedule_mode;        daily
+                   schedule.mode, schedule.type
+  sessionDuration  sessionDuration                                   slot range, else 60 (80)
+  upgrade          upgrade                                           false
+  learningMode     learningMode                                      home
+  groupSize        groupSize                                         1
+  trainerId        trainerId                                         none
+Every default that is used is named in `PurchasePlan.defaults_applied` (and stored). A
+rejection lists every problem found in one pass: each field, and each cross-field rule
+(duration against slot, midnight, start date, hybrid count) whose inputs are valid.
 
 Bad input is refused before it can cost anything: the metadata's JSON text is at most
 MAX_METADATA_BYTES and MAX_METADATA_DEPTH levels deep (checked before decoding); numbers are
@@ -20,17 +34,25 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import date, time, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from workers.errors import InvalidPurchaseError, ScheduleError
-from workers.schedule import ScheduleMode, default_duration, next_valid_day, slot_end
+from workers.schedule import (
+    HYBRID_SESSIONS,
+    LearningMode,
+    ScheduleMode,
+    default_duration,
+    next_valid_day,
+    slot_end,
+)
 
 MAX_TEXT = 200  # longer strings are certainly not one of the formats we accept
 # What the app sends is well under 2 KiB and 3 levels deep; anything near these limits is not
@@ -47,6 +69,7 @@ class RejectReason(StrEnum):
     ACTIVE_PURCHASE_EXISTS = "active_purchase_exists"
     NO_PURCHASE_TO_UPGRADE = "no_purchase_to_upgrade"
     UPGRADE_NOT_LARGER = "upgrade_not_larger"
+    UPGRADE_CHANGES_MODE = "upgrade_changes_mode"
 
 
 def _invalid(field: str, message: str, *, keep_metadata: bool = True) -> InvalidPurchaseError:
@@ -201,9 +224,7 @@ def _session_count(value: object) -> int:
     return count
 
 
-def _start_date(value: object) -> date | None:
-    if value is None:
-        return None
+def _start_date(value: object) -> date:
     if not isinstance(value, str) or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value.strip()):
         raise ValueError(f"must be a date 'YYYY-MM-DD', got {_shown(value)}")
     try:
@@ -212,22 +233,70 @@ def _start_date(value: object) -> date | None:
         raise ValueError(f"{value!r} is not a real calendar date") from None
 
 
-def _schedule_mode(value: object) -> ScheduleMode | None:
-    if value is None:
-        return None
+# Mode words, compared without case or separators ("Sunday-Only" = "sunday_only" = "SUNDAY ONLY").
+# WEEKDAY_DAILY is every day, as the old booking service's schedule generator had it.
+MODE_WORDS: dict[str, ScheduleMode] = {
+    "daily": ScheduleMode.DAILY,
+    "everyday": ScheduleMode.DAILY,
+    "weekdaydaily": ScheduleMode.DAILY,
+    "weekdays": ScheduleMode.WEEKDAYS,
+    "sundayonly": ScheduleMode.SUNDAY_ONLY,
+    "sunday": ScheduleMode.SUNDAY_ONLY,
+    "sundayfocus": ScheduleMode.SUNDAY_ONLY,
+}
+# What the app's learnings screen shows: it reads schedule.mode (then scheduleType) and shows
+# "Sunday Only" for any word with "sunday", "Everyday" for "everyday", else the word
+# capitalised. These words and labels keep that screen right for every mode.
+APP_MODE_WORDS: dict[ScheduleMode, str] = {
+    ScheduleMode.DAILY: "everyday",
+    ScheduleMode.WEEKDAYS: "weekdays",
+    ScheduleMode.SUNDAY_ONLY: "sunday",
+}
+APP_MODE_LABELS: dict[ScheduleMode, str] = {
+    ScheduleMode.DAILY: "Everyday",
+    ScheduleMode.WEEKDAYS: "Weekdays",
+    ScheduleMode.SUNDAY_ONLY: "Sunday Only",
+}
+_SEPARATORS = re.compile(r"[\s_\-]+", re.ASCII)
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+
+
+def _schedule_mode(value: object) -> ScheduleMode:
     if isinstance(value, str) and len(value) <= MAX_TEXT:
-        normalised = value.strip().lower().replace("-", "_").replace(" ", "_")
+        mode = MODE_WORDS.get(_SEPARATORS.sub("", value.strip().lower()))
+        if mode is not None:
+            return mode
+    raise ValueError(
+        "must be daily (or everyday, WEEKDAY_DAILY), weekdays, or sunday_only (or sunday, "
+        f"SUNDAY_ONLY), got {_shown(value)}"
+    )
+
+
+def _learning_mode(value: object) -> LearningMode:
+    if isinstance(value, str) and len(value) <= MAX_TEXT:
         try:
-            return ScheduleMode(normalised)
+            return LearningMode(value.strip().lower())
         except ValueError:
             pass
-    choices = ", ".join(mode.value for mode in ScheduleMode)
-    raise ValueError(f"must be one of {choices}, got {_shown(value)}")
+    raise ValueError(f"must be home or hybrid, got {_shown(value)}")
 
 
-def _duration(value: object) -> int | None:
-    if value is None:
-        return None
+def _group_size(value: object) -> int:
+    size = whole_number(value, "1, 2 or 3")
+    if not 1 <= size <= 3:
+        raise ValueError(f"must be 1, 2 or 3, got {size}")
+    return size
+
+
+def _trainer_id(value: object) -> UUID:
+    if isinstance(value, UUID):
+        return value
+    if isinstance(value, str) and _UUID.fullmatch(value.strip().lower()):
+        return UUID(value.strip())
+    raise ValueError(f"must be a trainer id (a UUID), got {_shown(value)}")
+
+
+def _duration(value: object) -> int:
     value = whole_number(value, "a whole number of minutes")
     if not 15 <= value <= 240:
         raise ValueError(f"must be between 15 and 240 minutes, got {value}")
@@ -235,8 +304,6 @@ def _duration(value: object) -> int | None:
 
 
 def _strict_bool(value: object) -> bool:
-    if value is None:
-        return False
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, got {_shown(value)}")
     return value
@@ -247,66 +314,196 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class PaymentMetadata(BaseModel):
-    """The metadata the app attaches to a payment, validated. Unknown keys are ignored."""
-
-    model_config = ConfigDict(
-        frozen=True, extra="ignore", populate_by_name=True, arbitrary_types_allowed=True
-    )
-
-    session_count: Annotated[int, BeforeValidator(_session_count)] = Field(alias="sessionCount")
-    time_slot: Annotated[
-        TimeSlot | None, BeforeValidator(lambda v: None if v is None else parse_time_slot(v))
-    ] = Field(None, alias="timeSlot")
-    start_date: Annotated[date | None, BeforeValidator(_start_date)] = Field(
-        None, alias="startDate"
-    )
-    schedule_mode: Annotated[ScheduleMode | None, BeforeValidator(_schedule_mode)] = Field(
-        None, alias="scheduleMode"
-    )
-    session_duration: Annotated[int | None, BeforeValidator(_duration)] = Field(
-        None, alias="sessionDuration"
-    )
-    upgrade: Annotated[bool, BeforeValidator(_strict_bool)] = False
-
-
 @dataclass(frozen=True)
-class PurchasePlan:
-    """Everything a purchase row needs, in typed fields."""
+class FieldSpec:
+    """One field of the metadata: its names, where they are read, and its validator."""
 
-    session_count: int
-    start_date: date
-    time_slot: time
-    schedule_mode: ScheduleMode
-    session_duration: int
-    upgrade: bool
-    defaults_applied: tuple[str, ...]
+    name: str  # canonical, at the top level
+    attribute: str  # in PaymentMetadata and PurchasePlan
+    adapter: TypeAdapter[Any]  # pydantic, wrapping the field's validator
+    aliases: tuple[str, ...] = ()  # other names, at the top level and inside `schedule`
+    schedule_only: tuple[str, ...] = ()  # names read only inside `schedule`
+
+    def sources(self) -> list[tuple[str, ...]]:
+        """Every place the field may be, in precedence order."""
+        names = (self.name, *self.aliases)
+        return [(n,) for n in names] + [("schedule", n) for n in (*names, *self.schedule_only)]
+
+
+def _spec(
+    name: str,
+    attribute: str,
+    validator: Callable[[object], Any],
+    aliases: tuple[str, ...] = (),
+    schedule_only: tuple[str, ...] = (),
+) -> FieldSpec:
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[Any, BeforeValidator(validator)])
+    return FieldSpec(name, attribute, adapter, aliases, schedule_only)
+
+
+# The order is the order of the error list.
+FIELDS: tuple[FieldSpec, ...] = (
+    _spec("sessionCount", "session_count", _session_count, ("purchaseTier",)),
+    _spec("timeSlot", "time_slot", parse_time_slot, ("preferredTimeSlot", "classTime"), ("time",)),
+    _spec("startDate", "start_date", _start_date, ("preferredDate", "date")),
+    _spec(
+        "scheduleMode",
+        "schedule_mode",
+        _schedule_mode,
+        ("scheduleType", "schedule_mode"),
+        ("mode", "type"),
+    ),
+    _spec("sessionDuration", "session_duration", _duration),
+    _spec("upgrade", "upgrade", _strict_bool),
+    _spec("learningMode", "learning_mode", _learning_mode),
+    _spec("groupSize", "group_size", _group_size),
+    _spec("trainerId", "trainer_id", _trainer_id),
+)
+TOP_LEVEL_NAMES = frozenset(
+    {"schedule"} | {n for spec in FIELDS for n in (spec.name, *spec.aliases)}
+)
+SCHEDULE_NAMES = frozenset(
+    n for spec in FIELDS for n in (spec.name, *spec.aliases, *spec.schedule_only)
+)
+
+
+class PaymentMetadata(BaseModel):
+    """The metadata's fields, each read from wherever it was sent, validated and agreed."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    session_count: Literal[10, 20, 30]
+    time_slot: TimeSlot | None = None
+    start_date: date | None = None
+    schedule_mode: ScheduleMode | None = None
+    session_duration: int | None = Field(None, ge=15, le=240)
+    upgrade: bool = False
+    learning_mode: LearningMode | None = None
+    group_size: int | None = Field(None, ge=1, le=3)
+    trainer_id: UUID | None = None
+    # Where each field was read from (its first name in precedence order), and what was not
+    # read at all.
+    sources: dict[str, str] = Field(default_factory=dict)
+    unused_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class Reading:
+    """What read_metadata found: valid values, where from, problems, and unread keys."""
+
+    values: dict[str, Any] = field(default_factory=dict)  # attribute -> typed value
+    sources: dict[str, str] = field(default_factory=dict)  # canonical name -> path read
+    given: set[str] = field(default_factory=set)  # canonical names present, valid or not
+    errors: list[dict[str, str]] = field(default_factory=list)
+    unused_top: tuple[str, ...] = ()
+    unused_schedule: tuple[str, ...] = ()
+
+    @property
+    def unused_keys(self) -> tuple[str, ...]:
+        return self.unused_top + tuple(f"schedule.{k}" for k in self.unused_schedule)
+
+
+def _validated(spec: FieldSpec, value: object) -> Any:
+    try:
+        return spec.adapter.validate_python(value)
+    except ValidationError as exc:
+        message = str(exc.errors(include_url=False)[0]["msg"])
+        raise ValueError(message.removeprefix("Value error, ")) from None
+
+
+def read_metadata(raw: object) -> Reading:
+    """Every field from every name it may have, validated; conflicts between names are
+    problems. Never raises: the caller adds its own checks and reports all of them."""
+    reading = Reading()
+    if not isinstance(raw, Mapping):
+        reading.errors.append(
+            {"field": "metadata", "message": f"must be a JSON object, got {type(raw).__name__}"}
+        )
+        return reading
+    schedule = raw.get("schedule")
+    if schedule is None:
+        schedule = {}
+    elif not isinstance(schedule, Mapping):
+        reading.errors.append(
+            {
+                "field": "schedule",
+                "message": 'must be an object such as {"timeSlot": "6:00 PM", "startDate": '
+                f'"2026-12-01"}}, got {_shown(schedule)}',
+            }
+        )
+        schedule = {}
+    for spec in FIELDS:
+        problems_before = len(reading.errors)
+        found: list[tuple[str, object, Any]] = []
+        for path in spec.sources():
+            value = (raw if len(path) == 1 else schedule).get(path[-1])
+            if value is None:
+                continue
+            label = ".".join(path)
+            reading.given.add(spec.name)
+            try:
+                found.append((label, value, _validated(spec, value)))
+            except ValueError as exc:
+                reading.errors.append({"field": label, "message": str(exc)})
+        for label, value, parsed in found[1:]:
+            first_label, first_raw, first_value = found[0]
+            if parsed != first_value:
+                reading.errors.append(
+                    {
+                        "field": label,
+                        "message": f"{_shown(value)} disagrees with {first_label} "
+                        f"{_shown(first_raw)}: send one of them, or the same value in both",
+                    }
+                )
+        if found and len(reading.errors) == problems_before:
+            reading.values[spec.attribute] = found[0][2]
+            reading.sources[spec.name] = found[0][0]
+    # Sorted: jsonb keeps its own key order, so the order sent is not known anyway.
+    reading.unused_top = tuple(sorted(str(k) for k in raw if k not in TOP_LEVEL_NAMES))
+    reading.unused_schedule = tuple(sorted(str(k) for k in schedule if k not in SCHEDULE_NAMES))
+    return reading
 
 
 def parse_metadata(raw: object) -> PaymentMetadata:
     """Validate raw metadata; InvalidPurchaseError lists every problem, field by field."""
-    if not isinstance(raw, Mapping):
-        raise InvalidPurchaseError(
-            RejectReason.INVALID_METADATA,
-            [{"field": "metadata", "message": f"must be a JSON object, got {type(raw).__name__}"}],
-        )
-    try:
-        return PaymentMetadata.model_validate(dict(raw))
-    except ValidationError as exc:
-        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, _errors(exc)) from None
+    reading = read_metadata(raw)
+    errors = reading.errors + _required(reading)
+    if errors:
+        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, errors)
+    return PaymentMetadata(
+        **reading.values, sources=reading.sources, unused_keys=reading.unused_keys
+    )
 
 
-def _errors(exc: ValidationError) -> list[dict[str, str]]:
-    out = []
-    for error in exc.errors(include_url=False, include_input=False):
-        field = ".".join(str(part) for part in error["loc"]) or "metadata"
-        message = str(error["msg"]).removeprefix("Value error, ")
-        if error["type"] == "missing":
-            message = "is required"
-            if field == "sessionCount":
-                message = "is required (10, 20 or 30); there is no default"
-        out.append({"field": field, "message": message})
-    return out
+def _required(reading: Reading) -> list[dict[str, str]]:
+    if "sessionCount" in reading.given:
+        return []
+    return [{"field": "sessionCount", "message": "is required (10, 20 or 30); there is no default"}]
+
+
+class PurchasePlan(BaseModel):
+    """Everything a purchase row needs, in typed fields (checked again by pydantic)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_count: Literal[10, 20, 30]
+    start_date: date
+    time_slot: time
+    schedule_mode: ScheduleMode
+    session_duration: int = Field(ge=15, le=240)
+    upgrade: bool
+    defaults_applied: tuple[str, ...]
+    learning_mode: LearningMode = LearningMode.HOME
+    learning_mode_given: bool = False
+    group_size: int = Field(1, ge=1, le=3)
+    preferred_trainer_id: UUID | None = None
+    # Keys not read, at the top level and inside `schedule`: kept with the purchase.
+    unused_top: tuple[str, ...] = ()
+    unused_schedule: tuple[str, ...] = ()
+
+    @property
+    def unused_keys(self) -> tuple[str, ...]:
+        return self.unused_top + tuple(f"schedule.{k}" for k in self.unused_schedule)
 
 
 def latest_start(today: date) -> date:
@@ -322,80 +519,141 @@ def latest_start(today: date) -> date:
 def plan_purchase(
     raw: object, *, today: date, holidays: Collection[date], default_time_slot: time
 ) -> PurchasePlan:
-    """Metadata + the student's local today -> PurchasePlan, or InvalidPurchaseError.
+    """Metadata + the student's local today -> PurchasePlan, or InvalidPurchaseError listing
+    every problem (fields, conflicts between names, and the rules across fields).
 
     The first session is on the first day allowed by the schedule mode, not a holiday, on or
-    after max(startDate, tomorrow): a missing or past start date moves forward.
+    after max(startDate, tomorrow): a missing or past start date moves forward; one more than
+    a year ahead is refused.
     """
-    meta = parse_metadata(raw)
+    reading = read_metadata(raw)
+    errors = reading.errors + _required(reading)
     defaults: list[str] = []
 
-    mode = meta.schedule_mode
-    if mode is None:
-        mode = ScheduleMode.DAILY
-        defaults.append("scheduleMode")
+    def value(name: str, default: Any = None, *, listed: bool = True) -> Any:
+        """The field's value; its default when absent (named in defaults_applied); None
+        when it was given but is invalid (its problem is listed already)."""
+        spec = next(s for s in FIELDS if s.name == name)
+        if spec.attribute in reading.values:
+            return reading.values[spec.attribute]
+        if name in reading.given:
+            return None
+        if default is not None and listed:
+            defaults.append(name)
+        return default
 
-    slot = meta.time_slot
-    if slot is None:
-        slot = TimeSlot(default_time_slot)
-        defaults.append("timeSlot")
+    def problem(name: str, message: str) -> None:
+        errors.append({"field": reading.sources.get(name, name), "message": message})
 
-    duration = meta.session_duration
-    if slot.minutes is not None and duration is not None and slot.minutes != duration:
-        raise InvalidPurchaseError(
-            RejectReason.INVALID_METADATA,
-            [
-                {
-                    "field": "sessionDuration",
-                    "message": f"is {duration} minutes but timeSlot spans {slot.minutes} minutes",
-                }
-            ],
-        )
-    if duration is None:
-        duration = slot.minutes if slot.minutes is not None else default_duration(mode)
-        if slot.minutes is None:
+    count = value("sessionCount")
+    mode = value("scheduleMode", ScheduleMode.DAILY)
+    slot = value("timeSlot", TimeSlot(default_time_slot))
+    learning = value("learningMode", LearningMode.HOME)
+    group = value("groupSize", 1)
+    upgrade = value("upgrade", False, listed=False)
+    trainer = value("trainerId")
+
+    duration: int | None = None
+    duration_ok = "sessionDuration" not in reading.given or "session_duration" in reading.values
+    if slot is not None and mode is not None and duration_ok:
+        asked = reading.values.get("session_duration")
+        if asked is not None and slot.minutes is not None and asked != slot.minutes:
+            problem(
+                "sessionDuration",
+                f"is {asked} minutes but {reading.sources['timeSlot']} spans "
+                f"{slot.minutes} minutes",
+            )
+        elif asked is not None:
+            duration = asked
+        elif slot.minutes is not None:
+            duration = slot.minutes
+        else:
+            duration = default_duration(mode)
             defaults.append("sessionDuration")
-    if not 15 <= duration <= 240:
-        raise _invalid("timeSlot", f"spans {duration} minutes; expected 15..240")
-    try:
-        slot_end(slot.start, duration)
-    except ScheduleError as exc:
-        raise _invalid("timeSlot", str(exc)) from None
+    if duration is not None and not 15 <= duration <= 240:
+        problem("timeSlot", f"spans {duration} minutes; expected 15..240")
+        duration = None
+    if duration is not None:
+        try:
+            slot_end(slot.start, duration)
+        except ScheduleError as exc:
+            problem("timeSlot", str(exc))
 
     earliest = today + timedelta(days=1)
     latest = latest_start(today)
-    if meta.start_date is None:
+    asked_start: date | None = value("startDate")
+    if "startDate" not in reading.given:
         defaults.append("startDate")
-        requested = earliest
-    elif meta.start_date > latest:
-        raise _invalid(
+        asked_start = earliest
+    elif asked_start is not None and asked_start > latest:
+        problem(
             "startDate",
-            f"{meta.start_date} is more than a year ahead; the latest start accepted today is "
-            f"{latest}",
+            f"{asked_start} is more than a year ahead; the latest start accepted today is {latest}",
         )
-    else:
-        requested = max(meta.start_date, earliest)
+        asked_start = None
+    if learning is LearningMode.HYBRID and count is not None and count != HYBRID_SESSIONS:
+        problem(
+            "sessionCount",
+            f"is {count}, but learningMode hybrid is exactly {HYBRID_SESSIONS} sessions "
+            "(18 online, 12 at home)",
+        )
+
+    if errors:
+        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, errors)
     # Holidays on every day for years are not the payment's fault: ScheduleError fails the
     # job at once (held for an operator, replayable), it does not reject the payment.
-    start = next_valid_day(requested, mode, holidays)
-
-    return PurchasePlan(
-        session_count=meta.session_count,
-        start_date=start,
-        time_slot=slot.start,
-        schedule_mode=mode,
-        session_duration=duration,
-        upgrade=meta.upgrade,
-        defaults_applied=tuple(defaults),
+    assert asked_start is not None and mode is not None, "each missing value has its problem"
+    start = next_valid_day(max(asked_start, earliest), mode, holidays)
+    # Every value is known here (any missing one made a problem above); pydantic checks the
+    # typed plan once more, so a slip in this function cannot write a wrong row.
+    return PurchasePlan.model_validate(
+        {
+            "session_count": count,
+            "start_date": start,
+            "time_slot": slot.start,
+            "schedule_mode": mode,
+            "session_duration": duration,
+            "upgrade": upgrade,
+            "defaults_applied": tuple(defaults),
+            "learning_mode": learning,
+            "learning_mode_given": "learningMode" in reading.given,
+            "group_size": group,
+            "preferred_trainer_id": trainer,
+            "unused_top": reading.unused_top,
+            "unused_schedule": reading.unused_schedule,
+        }
     )
 
 
-def describe(plan: PurchasePlan) -> dict[str, Any]:
-    """JSON-friendly summary (for allocation metadata and logs)."""
+def learnings_metadata(
+    *,
+    session_count: int,
+    time_slot: time,
+    first_day: date,
+    mode: ScheduleMode,
+    group_size: int,
+    learning_mode: LearningMode,
+) -> dict[str, Any]:
+    """What the app's learnings screen reads from trainer_allocations.metadata, in its words
+    (and the two keys older readers look for: startDate and schedule.timeSlot)."""
+    slot = time_slot.strftime("%H:%M")
+    start = first_day.isoformat()
     return {
-        "sessionCount": plan.session_count,
-        "startDate": plan.start_date.isoformat(),
-        "timeSlot": plan.time_slot.strftime("%H:%M"),
-        "scheduleMode": plan.schedule_mode.value,
-        "sessionDuration": plan.session_duration,
+        "schedule": {
+            "timeSlot": slot,
+            "startDate": start,
+            "date": start,
+            "mode": APP_MODE_WORDS[mode],
+        },
+        "sessionCount": session_count,
+        "timeSlot": slot,
+        "startDate": start,
+        "date": start,
+        "preferredTimeSlot": slot,
+        "preferredDate": start,
+        "scheduleMode": APP_MODE_WORDS[mode],
+        "scheduleType": APP_MODE_LABELS[mode],
+        "isSundayOnly": mode is ScheduleMode.SUNDAY_ONLY,
+        "groupSize": group_size,
+        "learningMode": learning_mode.value,
     }

@@ -22,7 +22,13 @@ from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_all, fetch_one
 from workers.errors import InvalidPurchaseError, InvalidTimezoneError
-from workers.metadata import MAX_METADATA_BYTES, RejectReason, decode_metadata, plan_purchase
+from workers.metadata import (
+    MAX_METADATA_BYTES,
+    PurchasePlan,
+    RejectReason,
+    decode_metadata,
+    plan_purchase,
+)
 from workers.schedule import zone_named
 from workers.sql import q
 from workers.stages import Outcome, StageContext
@@ -83,7 +89,7 @@ async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
         default_time_slot=ctx.settings.default_time_slot,
     )
     if plan.upgrade:
-        return await _upgrade(conn, payment, plan.session_count)
+        return await _upgrade(conn, payment, plan)
     row = await fetch_one(
         conn,
         q("insert_purchase"),
@@ -97,6 +103,12 @@ async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
             "schedule_mode": plan.schedule_mode.value,
             "duration": plan.session_duration,
             "defaults_applied": list(plan.defaults_applied),
+            "learning_mode": plan.learning_mode.value,
+            "group_size": plan.group_size,
+            "preferred_trainer_id": plan.preferred_trainer_id,
+            "unused_top": list(plan.unused_top),
+            "unused_schedule": list(plan.unused_schedule),
+            "unused_keys": list(plan.unused_keys),
         },
     )
     if row is None:
@@ -119,7 +131,8 @@ async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
     return Outcome("succeeded", f"purchase {row['id']}")
 
 
-async def _upgrade(conn: Conn, payment: DictRow, to_tier: int) -> Outcome:
+async def _upgrade(conn: Conn, payment: DictRow, plan: PurchasePlan) -> Outcome:
+    to_tier = plan.session_count
     active = await fetch_one(
         conn,
         q("lock_active_purchase"),
@@ -133,6 +146,17 @@ async def _upgrade(conn: Conn, payment: DictRow, to_tier: int) -> Outcome:
                     "field": "upgrade",
                     "message": "the student has no active purchase of this course to upgrade; "
                     "send it without upgrade: true",
+                }
+            ],
+        )
+    if plan.learning_mode_given and plan.learning_mode != active["learning_mode"]:
+        raise InvalidPurchaseError(
+            RejectReason.UPGRADE_CHANGES_MODE,
+            [
+                {
+                    "field": "learningMode",
+                    "message": f"the purchase being upgraded is {active['learning_mode']}; an "
+                    f"upgrade cannot make it {plan.learning_mode}",
                 }
             ],
         )

@@ -5,6 +5,9 @@
 - `scheduled_date` / `scheduled_time` are wall-clock values in the student's zone; `starts_at`
   is the exact instant. A wall time that does not exist (a DST gap) moves forward by the gap,
   and the stored local time is the real one.
+- `hybrid` courses (the old booking service's rule): exactly 30 sessions; 1-6 online, then
+  alternating from 7, online first: 18 online and 12 at home. `home` courses: all at home.
+  Where a session happens depends on its number only, so it survives reassignments.
 - Time zones are IANA names only (`zone_named`): the list shipped with the pinned `tzdata`
   package, so `localtime` (the worker host's zone) or a file path never means anything.
 """
@@ -29,6 +32,31 @@ class ScheduleMode(StrEnum):
     DAILY = "daily"
     WEEKDAYS = "weekdays"
     SUNDAY_ONLY = "sunday_only"
+
+
+class LearningMode(StrEnum):
+    HOME = "home"
+    HYBRID = "hybrid"
+
+
+class Delivery(StrEnum):
+    """Where one session happens (tutoring_sessions.delivery)."""
+
+    HOME = "home"
+    ONLINE = "online"
+
+
+HYBRID_SESSIONS = 30
+HYBRID_ONLINE_FIRST = 6  # then alternating, online first
+
+
+def delivery_for(mode: LearningMode, number: int) -> Delivery:
+    """Where session `number` (1-based) of a course happens; kc_session_delivery in SQL."""
+    if mode is LearningMode.HOME:
+        return Delivery.HOME
+    if number <= HYBRID_ONLINE_FIRST or (number - HYBRID_ONLINE_FIRST) % 2 == 1:
+        return Delivery.ONLINE
+    return Delivery.HOME
 
 
 _WEEKDAYS: dict[ScheduleMode, frozenset[int]] = {
@@ -123,6 +151,7 @@ class PlannedSession:
     starts_at: datetime  # aware, UTC
     ends_at: datetime  # aware, UTC
     duration_minutes: int
+    delivery: Delivery = Delivery.HOME
 
 
 def local_instant(day: date, at: time, zone: ZoneInfo) -> datetime:
@@ -142,8 +171,10 @@ def build_schedule(
     zone: ZoneInfo,
     holidays: Collection[date],
     first_number: int = 1,
+    learning_mode: LearningMode = LearningMode.HOME,
 ) -> list[PlannedSession]:
-    """N sessions numbered from `first_number`, on valid days from `start`, at `slot`."""
+    """N sessions numbered from `first_number`, on valid days from `start`, at `slot`; each
+    at home or online by its number (`delivery_for`)."""
     sessions = []
     days = session_dates(start, count, mode, holidays)
     try:
@@ -158,6 +189,7 @@ def build_schedule(
                     starts_at=starts_at,
                     ends_at=starts_at + timedelta(minutes=duration_minutes),
                     duration_minutes=duration_minutes,
+                    delivery=delivery_for(learning_mode, first_number + offset),
                 )
             )
     except OverflowError:

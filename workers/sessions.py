@@ -57,6 +57,7 @@ async def handle(conn: Conn, allocation_id: UUID, ctx: StageContext) -> Outcome:
             "times": [s.local_time for s in sessions],
             "starts": [s.starts_at for s in sessions],
             "ends": [s.ends_at for s in sessions],
+            "deliveries": [s.delivery.value for s in sessions],
         },
     )
     return Outcome(

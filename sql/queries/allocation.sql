@@ -4,6 +4,7 @@
 -- Locks the purchase: two jobs for one purchase never allocate at once.
 SELECT pu.id, pu.student_id, pu.course_id, pu.purchase_tier, pu.start_date,
        pu.preferred_time_slot, pu.schedule_mode, pu.session_duration_minutes, pu.is_active,
+       pu.learning_mode, pu.group_size, pu.preferred_trainer_id,
        s.timezone, s.gender AS student_gender, c.title AS course_title,
        live.id AS live_allocation_id, live.status AS live_allocation_status,
        live.trainer_id AS live_trainer_id
@@ -33,13 +34,15 @@ WITH purchase AS (
     JOIN courses c ON c.id = pu.course_id
     WHERE pu.id = %(purchase_id)s::uuid
 ), bounds AS MATERIALIZED (
-    -- The new sessions as one multirange (and widened by an hour for the neighbour rule):
-    -- one && per existing session instead of a join against every new session.
+    -- The new sessions as one multirange (and the ones at home widened by an hour for the
+    -- neighbour rule, which concerns travel between homes only): one && per existing session
+    -- instead of a join against every new session.
     SELECT min(t.starts_at) AS first_start, max(t.ends_at) AS last_end,
            range_agg(tstzrange(t.starts_at, t.ends_at)) AS busy,
            range_agg(tstzrange(t.starts_at - interval '1 hour', t.ends_at + interval '1 hour'))
-               AS near
-    FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[]) AS t(starts_at, ends_at)
+               FILTER (WHERE t.at_home) AS near
+    FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[], %(at_home)s::boolean[])
+         AS t(starts_at, ends_at, at_home)
 ), cheap AS MATERIALIZED (
     SELECT t.id AS trainer_id,
            t.status = 'active' AS active,
@@ -88,14 +91,16 @@ WITH purchase AS (
 )
 SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
        t.service_radius_km, t.rating, t.available, t.overlapping_sessions,
-       -- Sequential distance: the trainer's sessions ending in the hour before a new session
-       -- or starting in the hour after one must be near this student's home.
+       -- Sequential distance: the trainer's sessions at a home ending in the hour before a new
+       -- session at home or starting in the hour after one must be near this student's home
+       -- (an online session on either side needs no travel).
        CASE WHEN t.overlapping_sessions = 0 OR %(only_trainer)s::uuid IS NOT NULL
        THEN (SELECT count(*)
                FROM tutoring_sessions ts
                JOIN students other ON other.id = ts.student_id, bounds b
               WHERE ts.trainer_id = t.trainer_id
                 AND ts.status = 'scheduled'
+                AND ts.delivery = 'home'
                 AND ts.starts_at < b.last_end + interval '1 hour'
                 AND ts.ends_at > b.first_start - interval '1 hour'
                 AND tstzrange(ts.starts_at, ts.ends_at) && b.near
@@ -131,7 +136,7 @@ FROM locked l;
 -- Approved allocations of a trainer whose sessions are not written yet: their time is
 -- already promised, so a new purchase must not take it.
 SELECT ta.id, ta.first_session_date, pu.purchase_tier, pu.schedule_mode,
-       pu.preferred_time_slot, pu.session_duration_minutes, s.timezone
+       pu.preferred_time_slot, pu.session_duration_minutes, pu.learning_mode, s.timezone
 FROM trainer_allocations ta
 JOIN student_course_purchases pu ON pu.id = ta.purchase_id
 JOIN students s ON s.id = ta.student_id

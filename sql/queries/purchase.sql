@@ -21,12 +21,26 @@ SELECT day FROM holidays WHERE day >= %(from_day)s::date ORDER BY day;
 
 -- name: insert_purchase
 -- DO NOTHING on any unique conflict: the caller tells "already active" from the result.
+-- The keys the pipeline does not read (named by the caller, at the top level and inside
+-- `schedule`) are copied from the payment's metadata as they are.
 INSERT INTO student_course_purchases (
     payment_id, student_id, course_id, purchase_tier, start_date, preferred_time_slot,
-    schedule_mode, session_duration_minutes, defaults_applied)
-VALUES (%(payment_id)s::uuid, %(student_id)s::uuid, %(course_id)s::uuid, %(tier)s::smallint,
-        %(start_date)s::date, %(time_slot)s::time, %(schedule_mode)s::text,
-        %(duration)s::smallint, %(defaults_applied)s::text[])
+    schedule_mode, session_duration_minutes, defaults_applied, learning_mode, group_size,
+    preferred_trainer_id, unused_metadata, unused_keys)
+SELECT p.id, %(student_id)s::uuid, %(course_id)s::uuid, %(tier)s::smallint,
+       %(start_date)s::date, %(time_slot)s::time, %(schedule_mode)s::text,
+       %(duration)s::smallint, %(defaults_applied)s::text[], %(learning_mode)s::text,
+       %(group_size)s::smallint, %(preferred_trainer_id)s::uuid,
+       coalesce((SELECT jsonb_object_agg(k, p.metadata -> k)
+                 FROM unnest(%(unused_top)s::text[]) AS k), '{}'::jsonb)
+       || CASE WHEN cardinality(%(unused_schedule)s::text[]) > 0
+               THEN jsonb_build_object('schedule',
+                        (SELECT jsonb_object_agg(k, p.metadata -> 'schedule' -> k)
+                         FROM unnest(%(unused_schedule)s::text[]) AS k))
+               ELSE '{}'::jsonb END,
+       %(unused_keys)s::text[]
+FROM payments p
+WHERE p.id = %(payment_id)s::uuid
 ON CONFLICT DO NOTHING
 RETURNING id;
 
@@ -56,7 +70,7 @@ UPDATE payment_rejections SET resolved_at = now()
 WHERE payment_id = %(payment_id)s::uuid AND resolved_at IS NULL;
 
 -- name: lock_active_purchase
-SELECT id, purchase_tier FROM student_course_purchases
+SELECT id, purchase_tier, learning_mode FROM student_course_purchases
 WHERE student_id = %(student_id)s::uuid AND course_id = %(course_id)s::uuid AND is_active
 FOR UPDATE;
 

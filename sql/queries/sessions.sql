@@ -6,7 +6,7 @@
 -- this allocation's own last date.
 SELECT ta.id, ta.status, ta.trainer_id, ta.student_id, ta.course_id, ta.first_session_date,
        pu.purchase_tier, pu.schedule_mode, pu.preferred_time_slot,
-       pu.session_duration_minutes, s.timezone,
+       pu.session_duration_minutes, pu.learning_mode, s.timezone,
        standing.delivered, standing.last_number, standing.last_date, standing.own_last_date
 FROM trainer_allocations ta
 JOIN student_course_purchases pu ON pu.id = ta.purchase_id
@@ -28,11 +28,11 @@ FOR UPDATE OF ta;
 -- replay writes nothing twice.
 INSERT INTO tutoring_sessions (
     allocation_id, session_number, student_id, trainer_id, course_id, scheduled_date,
-    scheduled_time, starts_at, ends_at, duration_minutes)
+    scheduled_time, starts_at, ends_at, duration_minutes, delivery)
 SELECT %(allocation_id)s::uuid, n.session_number, %(student_id)s::uuid, %(trainer_id)s::uuid,
        %(course_id)s::uuid, n.scheduled_date, n.scheduled_time, n.starts_at, n.ends_at,
-       %(duration)s::smallint
+       %(duration)s::smallint, n.delivery
 FROM unnest(%(numbers)s::smallint[], %(dates)s::date[], %(times)s::time[],
-            %(starts)s::timestamptz[], %(ends)s::timestamptz[])
-     AS n(session_number, scheduled_date, scheduled_time, starts_at, ends_at)
+            %(starts)s::timestamptz[], %(ends)s::timestamptz[], %(deliveries)s::text[])
+     AS n(session_number, scheduled_date, scheduled_time, starts_at, ends_at, delivery)
 ON CONFLICT (allocation_id, session_number) DO NOTHING;
