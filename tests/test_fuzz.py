@@ -1,5 +1,6 @@
 """Fuzz: malformed payments (wrong types, huge strings, unknown modes, unicode, NUL bytes,
-SQL-looking text, malformed rows, deep nesting, oversized payloads, far dates, Unicode digits)
+SQL-looking text, malformed rows, deep nesting, oversized payloads, far dates, Unicode digits,
+every alias at the top level and inside `schedule`, hybrid, group sizes and trainer ids)
 are each refused by the database or rejected by the pipeline with a reason; the worker never
 crashes and good payments in the same batch go through."""
 
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from psycopg.rows import DictRow
 
 from tests import factories as f
+from workers.metadata import SCHEDULE_NAMES, TOP_LEVEL_NAMES
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "weekdays"}
@@ -68,10 +70,22 @@ json_value = st.one_of(
     st.integers(min_value=5, max_value=300).map(nested),  # past the depth limit, and not
     st.just("x" * 70_000),  # past the size limit
 )
-KEYS = ["sessionCount", "timeSlot", "startDate", "scheduleMode", "sessionDuration", "upgrade"]
+# Every name the pipeline reads (issue 11: aliases, learningMode, groupSize, trainerId), at the
+# top level and inside `schedule`, plus values the app really sends for the new fields.
+KEYS = sorted(TOP_LEVEL_NAMES - {"schedule"})
+app_value = st.one_of(
+    json_value,
+    st.sampled_from(["hybrid", "home", "HYBRID", "everyday", "SUNDAY_ONLY", "WEEKDAY_DAILY"]),
+    st.sampled_from([1, 2, 3, "2", 30, "30", 0, 4]),
+    st.uuids().map(str),
+)
+schedule_object = st.dictionaries(st.sampled_from(sorted(SCHEDULE_NAMES)), app_value, max_size=4)
 bad_metadata = st.one_of(
-    st.dictionaries(st.sampled_from(KEYS), json_value, max_size=6),
-    st.fixed_dictionaries({}, optional={k: json_value for k in KEYS}).map(lambda d: {**GOOD, **d}),
+    st.dictionaries(st.sampled_from(KEYS), app_value, max_size=6),
+    st.fixed_dictionaries({}, optional={k: app_value for k in KEYS}).map(lambda d: {**GOOD, **d}),
+    st.fixed_dictionaries({"schedule": st.one_of(schedule_object, json_value)}).map(
+        lambda d: {**GOOD, **d}
+    ),
     json_value,  # not even an object
 )
 
