@@ -41,17 +41,27 @@ FROM generate_series(1, current_setting('kc.students')::int) AS i;
 
 -- Booked history: purchases already allocated and scheduled, written without triggers
 -- (session_replication_role = replica, set by the caller) and without overlaps: allocation k
--- of a trainer teaches at hour 8 + 2k, daily, 20 sessions from tomorrow.
+-- of a trainer teaches at hour 8 + 2k, daily, 20 sessions from tomorrow. Each booking obeys
+-- the matching rules (a course of the trainer's first specialty, the student's home within
+-- 2 km of the trainer's base, no gender conflict), so the lifecycle job finds nothing to move.
 CREATE TEMP TABLE bench_booked AS
 SELECT gen_random_uuid() AS payment_id, gen_random_uuid() AS purchase_id,
        gen_random_uuid() AS allocation_id, s.id AS student_id, t.id AS trainer_id,
-       (SELECT id FROM courses ORDER BY title LIMIT 1) AS course_id,
+       (SELECT c.id FROM courses c WHERE c.category = t.specialties[1] ORDER BY c.title LIMIT 1)
+           AS course_id,
        make_time(8 + 2 * k, 0, 0) AS slot
-FROM (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM trainers) t
+FROM (SELECT id, specialties, row_number() OVER (ORDER BY id) AS rn FROM trainers) t
 CROSS JOIN generate_series(0, 4) AS k
 JOIN (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM students) s
   ON s.rn = (t.rn - 1) * 5 + k + 1
 WHERE (t.rn - 1) * 5 + k < current_setting('kc.booked_allocations')::int;
+
+UPDATE students s
+SET home_lat = t.base_lat + (random() - 0.5) * 0.02,
+    home_lng = t.base_lng + (random() - 0.5) * 0.02,
+    gender = coalesce(t.gender, s.gender)
+FROM bench_booked b JOIN trainers t ON t.id = b.trainer_id
+WHERE s.id = b.student_id;
 
 INSERT INTO payments (id, student_id, course_id, amount_cents, status, metadata, confirmed_at)
 SELECT payment_id, student_id, course_id, 499900, 'succeeded', '{"sessionCount": 20}', now()
