@@ -10,7 +10,7 @@ PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install run-workers test lint format migrate psql db-stop schema clean \
-	status trace failures replay doctor bench
+	status trace failures replay reschedule doctor bench
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
@@ -71,6 +71,10 @@ replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID:
 	@test -n "$$STAGE" || { echo "usage: make replay STAGE=purchase|allocation|sessions [ID=<uuid>]"; exit 2; }
 	@if [ -n "$$ID" ]; then $(PY) -m workers replay "$$STAGE" "$$ID"; \
 	else $(PY) -m workers replay "$$STAGE" --failed; fi
+
+reschedule: $(STAMP) ## move what is ahead: make reschedule ID=<purchase> [SLOT="4 PM"] [DATE=YYYY-MM-DD] [MODE=weekdays]
+	@test -n "$(ID)" || { echo 'usage: make reschedule ID=<purchase id> [SLOT="4 PM"] [DATE=YYYY-MM-DD] [MODE=daily|weekdays|sunday_only]'; exit 2; }
+	@$(PY) -m workers reschedule $(ID) $(if $(SLOT),--time-slot "$(SLOT)",) $(if $(DATE),--start-date $(DATE),) $(if $(MODE),--mode $(MODE),)
 
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor

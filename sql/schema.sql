@@ -115,6 +115,22 @@ TABLE purchase_upgrades (
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     reverted_at timestamp with time zone
 );
+TABLE schedule_changes (
+    id bigint NOT NULL IDENTITY,
+    purchase_id uuid NOT NULL,
+    from_time_slot time without time zone NOT NULL,
+    to_time_slot time without time zone NOT NULL,
+    from_start_date date NOT NULL,
+    to_start_date date NOT NULL,
+    from_schedule_mode text NOT NULL,
+    to_schedule_mode text NOT NULL,
+    requested_by text NOT NULL DEFAULT SESSION_USER,
+    requested_at timestamp with time zone NOT NULL DEFAULT now(),
+    status text NOT NULL DEFAULT 'open'::text,
+    outcome text,
+    decided_at timestamp with time zone,
+    allocation_id uuid
+);
 TABLE stage_history (
     id bigint NOT NULL IDENTITY,
     stage text NOT NULL,
@@ -143,7 +159,8 @@ TABLE student_course_purchases (
     group_size smallint NOT NULL DEFAULT 1,
     preferred_trainer_id uuid,
     unused_metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
-    unused_keys text[] NOT NULL DEFAULT '{}'::text[]
+    unused_keys text[] NOT NULL DEFAULT '{}'::text[],
+    completed_at timestamp with time zone
 );
 TABLE students (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -241,10 +258,16 @@ CONSTRAINT purchase_upgrades.purchase_upgrades_check CHECK ((to_tier > from_tier
 CONSTRAINT purchase_upgrades.purchase_upgrades_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
 CONSTRAINT purchase_upgrades.purchase_upgrades_pkey PRIMARY KEY (payment_id);
 CONSTRAINT purchase_upgrades.purchase_upgrades_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text])));
+CONSTRAINT schedule_changes.schedule_changes_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT schedule_changes.schedule_changes_check CHECK (((status = 'open'::text) = (decided_at IS NULL)));
+CONSTRAINT schedule_changes.schedule_changes_pkey PRIMARY KEY (id);
+CONSTRAINT schedule_changes.schedule_changes_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT schedule_changes.schedule_changes_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text])));
+CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text])));
 CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
 CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
+CONSTRAINT student_course_purchases.student_course_purchases_completed_check CHECK (((completed_at IS NULL) OR ((NOT is_active) AND (deactivated_at IS NOT NULL))));
 CONSTRAINT student_course_purchases.student_course_purchases_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
 CONSTRAINT student_course_purchases.student_course_purchases_group_size_check CHECK (((group_size >= 1) AND (group_size <= 3)));
 CONSTRAINT student_course_purchases.student_course_purchases_hybrid_is_30 CHECK (((learning_mode <> 'hybrid'::text) OR (purchase_tier = 30)));
@@ -267,7 +290,7 @@ CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'ap
 CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
 CONSTRAINT trainer_allocations.trainer_allocations_pkey PRIMARY KEY (id);
 CONSTRAINT trainer_allocations.trainer_allocations_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'trainer_inactive'::text, 'refunded'::text, 'reassigned'::text])));
+CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'trainer_inactive'::text, 'refunded'::text, 'reassigned'::text, 'trainer_left'::text, 'rescheduled'::text])));
 CONSTRAINT trainer_allocations.trainer_allocations_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'cancelled'::text, 'completed'::text])));
 CONSTRAINT trainer_allocations.trainer_allocations_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
 CONSTRAINT trainer_allocations.trainer_allocations_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
@@ -291,7 +314,7 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_duration_minutes_check CHECK (((d
 CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
 CONSTRAINT tutoring_sessions.tutoring_sessions_pkey PRIMARY KEY (id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_session_number_check CHECK ((session_number >= 1));
-CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'completed'::text, 'cancelled'::text])));
+CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'completed'::text, 'missed'::text, 'cancelled'::text])));
 CONSTRAINT tutoring_sessions.tutoring_sessions_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
 
@@ -325,6 +348,8 @@ CREATE UNIQUE INDEX pgqueuer_unique_dedupe_key ON public.pgqueuer USING btree (d
 CREATE INDEX pgqueuer_updated_id_id1_idx ON public.pgqueuer USING btree (updated, id DESC) INCLUDE (id) WHERE (status = 'picked'::pgqueuer_status);
 CREATE UNIQUE INDEX purchase_upgrades_pkey ON public.purchase_upgrades USING btree (payment_id);
 CREATE INDEX purchase_upgrades_purchase_idx ON public.purchase_upgrades USING btree (purchase_id);
+CREATE INDEX schedule_changes_open_idx ON public.schedule_changes USING btree (purchase_id, id) WHERE (status = 'open'::text);
+CREATE UNIQUE INDEX schedule_changes_pkey ON public.schedule_changes USING btree (id);
 CREATE UNIQUE INDEX stage_history_pkey ON public.stage_history USING btree (id);
 CREATE INDEX stage_history_ref_idx ON public.stage_history USING btree (ref_id, at);
 CREATE INDEX stage_history_stage_at_idx ON public.stage_history USING btree (stage, at);
@@ -341,12 +366,42 @@ CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USI
 CREATE INDEX trainers_active_specialties_idx ON public.trainers USING gin (specialties_norm) WHERE (status = 'active'::text);
 CREATE UNIQUE INDEX trainers_pkey ON public.trainers USING btree (id);
 CREATE UNIQUE INDEX tutoring_sessions_allocation_id_session_number_key ON public.tutoring_sessions USING btree (allocation_id, session_number);
+CREATE INDEX tutoring_sessions_due_idx ON public.tutoring_sessions USING btree (ends_at) WHERE (status = 'scheduled'::text);
 CREATE INDEX tutoring_sessions_no_trainer_overlap ON public.tutoring_sessions USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at)) WHERE (status = 'scheduled'::text);
 CREATE UNIQUE INDEX tutoring_sessions_pkey ON public.tutoring_sessions USING btree (id);
 CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btree (student_id, starts_at);
 CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
 
 -- VIEWS
+VIEW course_progress AS
+ SELECT pu.id AS purchase_id,
+    pu.purchase_tier,
+    pu.is_active,
+    pu.completed_at,
+    COALESCE(n.completed, 0::bigint) AS sessions_completed,
+    COALESCE(n.missed, 0::bigint) AS sessions_missed,
+    COALESCE(n.cancelled, 0::bigint) AS sessions_cancelled,
+    COALESCE(n.ahead, 0::bigint) AS sessions_ahead,
+    n.next_at AS next_session_at,
+    ended.reason AS last_change,
+    ended.reason_detail AS last_change_detail,
+    ended.updated_at AS last_change_at
+   FROM student_course_purchases pu
+     LEFT JOIN LATERAL ( SELECT count(*) FILTER (WHERE ts.status = 'completed'::text) AS completed,
+            count(*) FILTER (WHERE ts.status = 'missed'::text) AS missed,
+            count(*) FILTER (WHERE ts.status = 'cancelled'::text) AS cancelled,
+            count(*) FILTER (WHERE ts.status = 'scheduled'::text AND ts.starts_at > now()) AS ahead,
+            min(ts.starts_at) FILTER (WHERE ts.status = 'scheduled'::text AND ts.starts_at > now()) AS next_at
+           FROM tutoring_sessions ts
+             JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+          WHERE ta.purchase_id = pu.id) n ON true
+     LEFT JOIN LATERAL ( SELECT ta.reason,
+            ta.reason_detail,
+            ta.updated_at
+           FROM trainer_allocations ta
+          WHERE ta.purchase_id = pu.id AND ta.status = 'cancelled'::text AND (ta.reason = ANY (ARRAY['reassigned'::text, 'trainer_left'::text, 'rescheduled'::text]))
+          ORDER BY ta.updated_at DESC
+         LIMIT 1) ended ON true;
 VIEW failed_jobs AS
  SELECT j.job_id,
     j.stage,
@@ -391,7 +446,7 @@ VIEW live_jobs AS
     pgqueuer.attempts
    FROM pgqueuer
   WHERE (pgqueuer.status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND kc_job_ref(pgqueuer.entrypoint, pgqueuer.dedupe_key) IS NOT NULL;
-VIEW purchase_trace AS
+VIEW purchase_stages AS
  SELECT p.id AS payment_id,
     p.student_id,
     p.course_id,
@@ -462,6 +517,54 @@ VIEW purchase_trace AS
      LEFT JOIN stage_last_error pe ON pe.stage = 'purchase'::text AND pe.ref_id = p.id AND pe.at >= p.updated_at
      LEFT JOIN stage_last_error ae ON ae.stage = 'allocation'::text AND ae.ref_id = pu.id AND ae.at >= pu.created_at
      LEFT JOIN stage_last_error se ON se.stage = 'sessions'::text AND se.ref_id = ta.id AND se.at >= ta.created_at;
+VIEW purchase_trace AS
+ SELECT s.payment_id,
+    s.student_id,
+    s.course_id,
+    s.payment_status,
+    s.payment_at,
+    s.purchase_job,
+    s.purchase_attempts,
+    s.purchase_error,
+    s.rejected_reason,
+    s.rejected_errors,
+    s.purchase_id,
+    s.purchase_at,
+    s.purchase_tier,
+    s.is_active,
+    s.allocation_job,
+    s.allocation_attempts,
+    s.allocation_error,
+    s.allocation_id,
+    s.allocation_status,
+    s.trainer_id,
+    s.allocation_reason,
+    s.allocation_reason_detail,
+    s.allocation_tries,
+    s.allocated_at,
+    s.sessions_job,
+    s.sessions_attempts,
+    s.sessions_error,
+    s.sessions_written,
+    s.first_session_at,
+    s.sessions_at,
+    s.learning_mode,
+    s.group_size,
+    s.preferred_trainer_id,
+    s.preferred_trainer_outcome,
+    s.defaults_applied,
+    s.unused_keys,
+    cp.completed_at,
+    cp.sessions_completed,
+    cp.sessions_missed,
+    cp.sessions_cancelled,
+    cp.sessions_ahead,
+    cp.next_session_at,
+    cp.last_change,
+    cp.last_change_detail,
+    cp.last_change_at
+   FROM purchase_stages s
+     LEFT JOIN course_progress cp ON cp.purchase_id = s.purchase_id;
 VIEW rejected_payments AS
  SELECT r.payment_id,
     p.student_id,
@@ -553,6 +656,55 @@ VIEW stuck AS
     stuck_rows.waiting_for,
     stuck_rows.job_status
    FROM stuck_rows() stuck_rows(stage, ref_id, since, waiting_for, job_status);
+VIEW unfit_allocations AS
+ SELECT ta.id AS allocation_id,
+    ta.purchase_id,
+    ta.student_id,
+    ta.trainer_id,
+    why.reason AS why,
+        CASE why.reason
+            WHEN 'inactive'::text THEN 'the trainer is inactive'::text
+            WHEN 'no_specialty'::text THEN 'the trainer no longer teaches '::text || c.title
+            WHEN 'gender_mismatch'::text THEN 'the trainer no longer matches the student''s gender '::text || 'preference'::text
+            WHEN 'out_of_range'::text THEN 'the student''s home is outside the trainer''s service radius'::text
+            ELSE 'the trainer''s availability no longer covers the slot on a session day'::text
+        END AS detail
+   FROM trainer_allocations ta
+     JOIN trainers t ON t.id = ta.trainer_id
+     JOIN students s ON s.id = ta.student_id
+     JOIN courses c ON c.id = ta.course_id
+     JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+     CROSS JOIN LATERAL ( SELECT COALESCE((ta.metadata #>> '{assignment,override}'::text[])::boolean, false) AS overridden) o
+     CROSS JOIN LATERAL ( SELECT
+                CASE
+                    WHEN t.status <> 'active'::text THEN 'inactive'::text
+                    WHEN NOT o.overridden AND NOT t.specialties_norm && array_remove(ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL::text) THEN 'no_specialty'::text
+                    WHEN NOT o.overridden AND lower(btrim(t.gender)) <> lower(btrim(s.gender)) THEN 'gender_mismatch'::text
+                    WHEN NOT o.overridden AND kc_haversine_km(s.home_lat, s.home_lng, t.base_lat, t.base_lng) > t.service_radius_km::double precision THEN 'out_of_range'::text
+                    WHEN (EXISTS ( SELECT 1
+                       FROM ( SELECT DISTINCT EXTRACT(isodow FROM ts.scheduled_date)::smallint AS weekday,
+                                ts.scheduled_time AS slot_start,
+                                kc_slot_end(ts.scheduled_time, ts.duration_minutes::integer) AS slot_end
+                               FROM tutoring_sessions ts
+                              WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'::text AND ts.starts_at > now()
+                            UNION ALL
+                             SELECT d.d,
+                                pu.preferred_time_slot,
+                                kc_slot_end(pu.preferred_time_slot, pu.session_duration_minutes::integer) AS kc_slot_end
+                               FROM unnest(kc_mode_weekdays(pu.schedule_mode)) d(d)
+                              WHERE NOT (EXISTS ( SELECT 1
+                                       FROM tutoring_sessions x
+                                      WHERE x.allocation_id = ta.id))) need
+                      WHERE NOT (EXISTS ( SELECT 1
+                               FROM trainer_availability av
+                              WHERE av.trainer_id = ta.trainer_id AND av.weekday = need.weekday AND av.slot_start <= need.slot_start AND av.slot_end >= need.slot_end)))) THEN 'unavailable'::text
+                    ELSE NULL::text
+                END AS reason) why
+  WHERE ta.status = 'approved'::text AND why.reason IS NOT NULL AND ((EXISTS ( SELECT 1
+           FROM tutoring_sessions ts
+          WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'::text AND ts.starts_at > now())) OR NOT (EXISTS ( SELECT 1
+           FROM tutoring_sessions ts
+          WHERE ts.allocation_id = ta.id)));
 
 -- FUNCTIONS
 CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
@@ -604,6 +756,96 @@ BEGIN
     WHERE id = ANY (v_superseded);
     PERFORM enqueue_stage('allocation', p_purchase);
     RETURN v_request;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.complete_finished(p_grace interval DEFAULT '01:00:00'::interval, p_limit integer DEFAULT 2000)
+ RETURNS TABLE(sessions_completed integer, courses_completed integer)
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_locked uuid[];
+BEGIN
+    WITH due AS (
+        SELECT id FROM tutoring_sessions
+        WHERE status = 'scheduled' AND ends_at < now() - p_grace
+        ORDER BY ends_at
+        LIMIT p_limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE tutoring_sessions ts SET status = 'completed' FROM due WHERE ts.id = due.id;
+    GET DIAGNOSTICS sessions_completed = ROW_COUNT;
+
+    SELECT coalesce(array_agg(l.id), '{}') INTO v_locked
+    FROM (SELECT pu.id FROM student_course_purchases pu
+          WHERE pu.is_active AND pu.id IN (
+                SELECT ta.purchase_id FROM trainer_allocations ta
+                WHERE ta.status = 'approved'
+                  AND EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id)
+                  AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts
+                                  WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled')
+                ORDER BY ta.allocated_at
+                LIMIT p_limit)
+          FOR UPDATE SKIP LOCKED) l;
+
+    -- A new statement: it sees what committed while the locks were taken.
+    WITH finished AS (
+        UPDATE trainer_allocations ta SET status = 'completed', updated_at = now()
+        FROM student_course_purchases pu
+        WHERE pu.id = ta.purchase_id AND pu.id = ANY (v_locked) AND pu.is_active
+          AND ta.status = 'approved'
+          AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts
+                          WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled')
+          AND (SELECT count(*) FROM tutoring_sessions ts
+               JOIN trainer_allocations a2 ON a2.id = ts.allocation_id
+               WHERE a2.purchase_id = pu.id AND ts.status <> 'cancelled') >= pu.purchase_tier
+          AND NOT EXISTS (SELECT 1 FROM schedule_changes sc
+                          WHERE sc.purchase_id = pu.id AND sc.status = 'open')
+          AND NOT EXISTS (SELECT 1 FROM allocation_requests r
+                          WHERE r.purchase_id = pu.id AND r.status = 'open')
+        RETURNING ta.id, ta.purchase_id, ta.trainer_id
+    ), closed AS (
+        UPDATE student_course_purchases pu
+        SET is_active = false, deactivated_at = now(), completed_at = now()
+        FROM finished f WHERE pu.id = f.purchase_id
+        RETURNING pu.id
+    )
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    SELECT 'allocation', f.purchase_id, 'completed',
+           format('course finished: %s sessions completed, %s missed, %s cancelled; '
+                  'allocation %s completed, trainer %s freed', n.completed, n.missed,
+                  n.cancelled, f.id, f.trainer_id)
+    FROM finished f
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE ts.status = 'completed') AS completed,
+               count(*) FILTER (WHERE ts.status = 'missed') AS missed,
+               count(*) FILTER (WHERE ts.status = 'cancelled') AS cancelled
+        FROM tutoring_sessions ts JOIN trainer_allocations a ON a.id = ts.allocation_id
+        WHERE a.purchase_id = f.purchase_id
+    ) n;
+    GET DIAGNOSTICS courses_completed = ROW_COUNT;
+    RETURN NEXT;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.end_allocation(p_allocation uuid, p_reason text, p_detail text)
+ RETURNS integer
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_cancelled integer;
+BEGIN
+    PERFORM 1 FROM trainer_allocations WHERE id = p_allocation FOR UPDATE;
+    UPDATE trainer_allocations
+    SET status = 'cancelled', reason = p_reason, reason_detail = p_detail, updated_at = now(),
+        metadata = metadata || jsonb_build_object('ended', jsonb_build_object(
+            'reason', p_reason, 'detail', p_detail, 'at', now()))
+    WHERE id = p_allocation AND status IN ('pending', 'approved');
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    UPDATE tutoring_sessions SET status = 'cancelled', cancelled_at = now()
+    WHERE allocation_id = p_allocation AND status = 'scheduled' AND starts_at > now();
+    GET DIAGNOSTICS v_cancelled = ROW_COUNT;
+    RETURN v_cancelled;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.enqueue_stage(p_stage text, p_ref uuid, p_event text DEFAULT 'enqueued'::text, p_delay interval DEFAULT '00:00:00'::interval)
@@ -809,6 +1051,25 @@ BEGIN
     RETURN v_detail;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_check_trainers(p_trainers uuid[])
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    SELECT count(kc_enqueue_allocation(u.purchase_id, 'trainer_changed',
+                                       'trainer ' || u.trainer_id || ': ' || u.detail))::integer
+    FROM unfit_allocations u
+    WHERE u.trainer_id = ANY (p_trainers)
+$function$
+CREATE OR REPLACE FUNCTION public.kc_enqueue_allocation(p_purchase uuid, p_event text, p_detail text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    VALUES ('allocation', p_purchase, p_event, p_detail);
+    RETURN enqueue_stage('allocation', p_purchase);
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
  RETURNS double precision
  LANGUAGE sql
@@ -846,6 +1107,53 @@ CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  IMMUTABLE PARALLEL SAFE STRICT
 AS $function$ SELECT coalesce(array_agg(lower(btrim(item)) ORDER BY ord), '{}')
       FROM unnest(items) WITH ORDINALITY AS t(item, ord) WHERE item IS NOT NULL $function$
+CREATE OR REPLACE FUNCTION public.kc_mode_weekdays(p_mode text)
+ RETURNS smallint[]
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT CASE p_mode WHEN 'daily' THEN '{1,2,3,4,5,6,7}'::smallint[]
+                         WHEN 'weekdays' THEN '{1,2,3,4,5}'::smallint[]
+                         WHEN 'sunday_only' THEN '{7}'::smallint[] END $function$
+CREATE OR REPLACE FUNCTION public.kc_parse_clock(p_text text)
+ RETURNS time without time zone
+ LANGUAGE plpgsql
+ IMMUTABLE STRICT
+AS $function$
+DECLARE
+    v_parts  text[];
+    v_hour   integer;
+    v_minute integer;
+BEGIN
+    IF length(p_text) <= 200 THEN
+        v_parts := regexp_match(
+            p_text, '^\s*([0-9]{1,2})(?::([0-9]{2}))?\s*([ap]\.?\s*m\.?)?\s*$', 'i');
+    END IF;
+    IF v_parts IS NULL THEN
+        RAISE EXCEPTION '% is not a time like ''4:00 PM'', ''4 PM'' or ''16:00''',
+            quote_literal(left(p_text, 80)) USING ERRCODE = 'invalid_datetime_format';
+    END IF;
+    v_hour := v_parts[1]::integer;
+    v_minute := coalesce(v_parts[2]::integer, 0);
+    IF v_minute > 59 THEN
+        RAISE EXCEPTION '%: minutes must be 00..59', quote_literal(p_text)
+            USING ERRCODE = 'invalid_datetime_format';
+    END IF;
+    IF v_parts[3] IS NOT NULL THEN
+        IF v_hour NOT BETWEEN 1 AND 12 THEN
+            RAISE EXCEPTION '%: with AM/PM the hour must be 1..12', quote_literal(p_text)
+                USING ERRCODE = 'invalid_datetime_format';
+        END IF;
+        v_hour := v_hour % 12 + CASE WHEN lower(left(v_parts[3], 1)) = 'p' THEN 12 ELSE 0 END;
+    ELSIF v_parts[2] IS NULL THEN
+        RAISE EXCEPTION '%: a 24-hour time needs minutes (''16:00''), or add AM/PM',
+            quote_literal(p_text) USING ERRCODE = 'invalid_datetime_format';
+    ELSIF v_hour > 23 THEN
+        RAISE EXCEPTION '%: the hour must be 0..23', quote_literal(p_text)
+            USING ERRCODE = 'invalid_datetime_format';
+    END IF;
+    RETURN make_time(v_hour, v_minute, 0);
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_require_refunded(p_payment uuid)
  RETURNS void
  LANGUAGE plpgsql
@@ -873,6 +1181,12 @@ AS $function$
         ELSE 'home'
     END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_minutes integer)
+ RETURNS time without time zone
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes >= 86400 THEN time '24:00'
+                  ELSE p_start + make_interval(mins => p_minutes) END $function$
 CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
  RETURNS integer
  LANGUAGE sql
@@ -966,6 +1280,85 @@ BEGIN
     RETURN enqueue_stage(p_stage, p_ref, 'replayed');
 END
 $function$
+CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_purchase student_course_purchases%ROWTYPE;
+    v_today    date;
+    v_slot     time;
+    v_start    date;
+    v_mode     text;
+    v_started  integer;
+    v_request  bigint;
+BEGIN
+    SELECT * INTO v_purchase FROM student_course_purchases WHERE id = p_purchase FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no purchase %', p_purchase USING ERRCODE = 'no_data_found';
+    ELSIF v_purchase.completed_at IS NOT NULL THEN
+        RAISE EXCEPTION 'purchase % is finished (completed at %); a new payment starts the '
+                        'course again', p_purchase, v_purchase.completed_at
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    ELSIF NOT v_purchase.is_active THEN
+        RAISE EXCEPTION 'purchase % is not active (refunded at %)', p_purchase,
+            v_purchase.deactivated_at USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF p_time_slot IS NULL AND p_start_date IS NULL AND p_schedule_mode IS NULL THEN
+        RAISE EXCEPTION 'nothing to change: give a time slot, a start date or a schedule mode '
+                        '(NULL keeps one)' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    v_slot := coalesce(kc_parse_clock(p_time_slot), v_purchase.preferred_time_slot);
+    v_mode := coalesce(replace(replace(lower(btrim(p_schedule_mode)), '-', '_'), ' ', '_'),
+                       v_purchase.schedule_mode);
+    IF v_mode NOT IN ('daily', 'weekdays', 'sunday_only') THEN
+        RAISE EXCEPTION 'schedule mode % is not one of daily, weekdays, sunday_only',
+            quote_literal(left(p_schedule_mode, 80)) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT (now() AT TIME ZONE s.timezone)::date INTO v_today
+    FROM students s WHERE s.id = v_purchase.student_id;
+    IF p_start_date < v_today THEN
+        RAISE EXCEPTION 'start date % is in the past (today is % in the student''s time zone)',
+            p_start_date, v_today USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_start := coalesce(p_start_date, v_purchase.start_date);
+    IF extract(epoch FROM v_slot) + 60 * v_purchase.session_duration_minutes > 86400 THEN
+        RAISE EXCEPTION 'a %-minute session at % would end after midnight',
+            v_purchase.session_duration_minutes, to_char(v_slot, 'HH24:MI')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (v_slot, v_start, v_mode) = (v_purchase.preferred_time_slot, v_purchase.start_date,
+                                    v_purchase.schedule_mode) THEN
+        RAISE EXCEPTION 'nothing changes: purchase % already runs % at % from %', p_purchase,
+            v_mode, to_char(v_slot, 'HH24:MI'), v_start
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT count(*) INTO v_started
+    FROM tutoring_sessions ts JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    WHERE ta.purchase_id = p_purchase AND ts.status <> 'cancelled' AND ts.starts_at <= now();
+    IF v_started >= v_purchase.purchase_tier THEN
+        RAISE EXCEPTION 'every session of purchase % has started: nothing is left to reschedule',
+            p_purchase USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+
+    UPDATE student_course_purchases
+    SET preferred_time_slot = v_slot, start_date = v_start, schedule_mode = v_mode
+    WHERE id = p_purchase;
+    INSERT INTO schedule_changes (purchase_id, from_time_slot, to_time_slot, from_start_date,
+                                  to_start_date, from_schedule_mode, to_schedule_mode)
+    VALUES (p_purchase, v_purchase.preferred_time_slot, v_slot, v_purchase.start_date, v_start,
+            v_purchase.schedule_mode, v_mode)
+    RETURNING id INTO v_request;
+    PERFORM kc_enqueue_allocation(p_purchase, 'rescheduled', format(
+        'request %s: %s at %s from %s -> %s at %s from %s', v_request,
+        v_purchase.schedule_mode, to_char(v_purchase.preferred_time_slot, 'HH24:MI'),
+        v_purchase.start_date, v_mode, to_char(v_slot, 'HH24:MI'), v_start));
+    RETURN v_request;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.retry_pending_allocations(p_trainer uuid DEFAULT NULL::uuid)
  RETURNS integer
  LANGUAGE sql
@@ -1015,6 +1408,23 @@ AS $function$
     LEFT JOIN stage_jobs j ON j.stage = 'sessions' AND j.ref_id = ta.id
     WHERE ta.status = 'approved' AND ta.allocated_at < now() - p_older_than
       AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id)
+$function$
+CREATE OR REPLACE FUNCTION public.sweep_lifecycle(p_limit integer DEFAULT 500)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    SELECT count(enqueue_stage('allocation', due.purchase_id, 'healed'))::integer
+    FROM (
+        SELECT DISTINCT d.purchase_id
+        FROM (SELECT u.purchase_id FROM unfit_allocations u
+              UNION ALL
+              SELECT sc.purchase_id FROM schedule_changes sc
+              WHERE sc.status = 'open' AND sc.requested_at < now() - interval '1 minute') d
+        WHERE NOT EXISTS (SELECT 1 FROM pgqueuer j
+                          WHERE j.dedupe_key = 'allocation:' || d.purchase_id
+                            AND j.status IN ('queued', 'picked', 'failed'))
+        LIMIT p_limit
+    ) due
 $function$
 CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval DEFAULT '00:05:00'::interval, p_limit integer DEFAULT 500)
  RETURNS integer
@@ -1101,6 +1511,17 @@ BEGIN
     IF OLD.status = 'approved' AND NEW.status IN ('cancelled', 'completed') THEN
         PERFORM retry_pending_allocations(OLD.trainer_id);
     END IF;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_availability_check_live_allocations()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_check_trainers(ARRAY(SELECT DISTINCT trainer_id FROM removed_availability));
     RETURN NULL;
 END
 $function$
@@ -1198,6 +1619,57 @@ BEGIN
     RETURN NEW;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_sessions_guard_status()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.status = OLD.status THEN
+        RETURN NEW;
+    ELSIF OLD.status = 'cancelled' THEN
+        RAISE EXCEPTION 'session % (number %) is cancelled and stays cancelled', OLD.id,
+            OLD.session_number
+            USING ERRCODE = 'check_violation',
+                  HINT = 'its time may be taken and a make-up may exist; reschedule instead';
+    ELSIF NEW.status = 'scheduled' THEN
+        RAISE EXCEPTION 'session % (number %) is % and cannot become scheduled again', OLD.id,
+            OLD.session_number, OLD.status USING ERRCODE = 'check_violation';
+    ELSIF NEW.status IN ('completed', 'missed') AND NEW.starts_at > now() THEN
+        RAISE EXCEPTION 'session % (number %) starts at %: it can be marked % once it has '
+                        'started', OLD.id, OLD.session_number, NEW.starts_at, NEW.status
+            USING ERRCODE = 'check_violation';
+    ELSIF NEW.status = 'cancelled' THEN
+        NEW.cancelled_at := coalesce(NEW.cancelled_at, now());
+    END IF;
+    RETURN NEW;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_sessions_makeup()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_enqueue_allocation(short.purchase_id, 'makeup',
+                                  'session(s) ' || short.numbers || ' cancelled')
+    FROM (
+        SELECT pu.id AS purchase_id,
+               string_agg(n.session_number::text, ', ' ORDER BY n.session_number) AS numbers
+        FROM new_sessions n
+        JOIN old_sessions o ON o.id = n.id
+        JOIN trainer_allocations ta ON ta.id = n.allocation_id
+        JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+        WHERE n.status = 'cancelled' AND o.status <> 'cancelled'
+          AND ta.status = 'approved' AND pu.is_active
+          AND (SELECT count(*) FROM tutoring_sessions ts
+               JOIN trainer_allocations a2 ON a2.id = ts.allocation_id
+               WHERE a2.purchase_id = pu.id AND ts.status <> 'cancelled') < pu.purchase_tier
+        GROUP BY pu.id
+    ) short;
+    RETURN NULL;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_sessions_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1207,6 +1679,17 @@ AS $function$
 BEGIN
     PERFORM retry_pending_allocations(t.trainer_id)
     FROM (SELECT DISTINCT trainer_id FROM updated_sessions WHERE status = 'cancelled') t;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_trainers_check_live_allocations()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_check_trainers(ARRAY[NEW.id]);
     RETURN NULL;
 END
 $function$
@@ -1242,7 +1725,12 @@ CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tie
 CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
 CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE OF status ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_retry_pending();
+CREATE TRIGGER trainer_availability_narrowed AFTER UPDATE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
+CREATE TRIGGER trainer_availability_removed AFTER DELETE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
 CREATE TRIGGER trainer_availability_retry_pending AFTER INSERT OR UPDATE ON public.trainer_availability FOR EACH ROW EXECUTE FUNCTION trg_availability_retry_pending();
+CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
 CREATE TRIGGER trainers_retry_pending AFTER INSERT OR UPDATE ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER tutoring_sessions_check_delivery BEFORE INSERT OR UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
+CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();
+CREATE TRIGGER tutoring_sessions_makeup AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_makeup();
 CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();

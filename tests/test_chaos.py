@@ -5,11 +5,8 @@ holds and nothing is lost or duplicated."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import date, timedelta
@@ -20,31 +17,13 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from bench import world
+from tests.helpers import spawn_worker
 from tests.invariants import violations
 
 Conn = psycopg.Connection[DictRow]
 PAYMENTS = 2000
 WORKERS = 3
 SETTLE_TIMEOUT = 600
-
-
-def start_worker(db_url: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": db_url,
-        "KC_LOG_LEVEL": "WARNING",
-        "KC_HEARTBEAT_SECONDS": "2",
-        "KC_MAX_ATTEMPTS": "100",
-        "KC_IDLE_POLL_SECONDS": "0.5",
-        "KC_POOL_SIZE": "4",
-    }
-    with open(log, "ab") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
-            env=env,
-            stdout=sink,
-            stderr=sink,
-        )
 
 
 def payments_metadata(rnd: random.Random) -> list[dict[str, object]]:
@@ -82,7 +61,7 @@ def test_chaos(conn: Conn, db_url: str, tmp_path: Path) -> None:
     rnd = random.Random(7)
     metadata = payments_metadata(rnd)
     log = tmp_path / "workers.log"
-    workers = [start_worker(db_url, log) for _ in range(WORKERS)]
+    workers = [spawn_worker(db_url, log) for _ in range(WORKERS)]
     kills = 0
     terminated_backends = 0
 
@@ -123,7 +102,7 @@ def test_chaos(conn: Conn, db_url: str, tmp_path: Path) -> None:
             victim = rnd.randrange(WORKERS)
             workers[victim].send_signal(signal.SIGKILL)
             workers[victim].wait()
-            workers[victim] = start_worker(db_url, log)
+            workers[victim] = spawn_worker(db_url, log)
             kills += 1
             if terminated_backends == 0 and time.monotonic() > terminate_at:
                 row = conn.execute(

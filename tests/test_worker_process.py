@@ -111,7 +111,9 @@ def test_assign_cli_reassigns_through_the_running_worker(
     assert "needs a note" in no_note.stderr
     schedules = conn.execute("SELECT entrypoint FROM pgqueuer_schedules").fetchall()
     assert sorted(s["entrypoint"] for s in schedules) == [
+        "complete_finished",
         "heal_pipeline",
         "prune_history",
+        "sweep_lifecycle",
         "sweep_pending_allocations",
     ]

@@ -1,8 +1,10 @@
 """Allocation stage: a purchase -> one live trainer_allocations row (approved, or pending).
 
 1. Lock the purchase. An open admin request is carried out first (same rules unless it is an
-   override; see `carry_out_request`). An approved allocation whose schedule is complete ends
-   the job; one that is short of sessions (an upgrade) keeps its trainer when free.
+   override; see `carry_out_request`), then an open reschedule, or a move away from a trainer
+   who can no longer teach it (`workers/lifecycle.py`). An approved allocation whose schedule
+   is complete ends the job; one that is short of sessions (an upgrade, a make-up) keeps its
+   trainer when free.
 2. Plan the remaining schedule (the same generator and rules the sessions stage uses).
 3. Measure every candidate in one set-based query; `matching.decide` applies the rules.
 4. For the best candidate: lock the trainer row and re-check capacity and overlaps (including
@@ -148,6 +150,10 @@ async def handle(conn: Conn, purchase_id: UUID, ctx: StageContext) -> Outcome:
     holidays = await load_holidays(conn, purchase["start_date"])
     if request is not None:
         return await carry_out_request(conn, purchase, request, holidays, ctx)
+    from workers import lifecycle  # built on this module: reschedules, trainers who left
+
+    if (changed := await lifecycle.before_allocation(conn, purchase, holidays, ctx)) is not None:
+        return changed
     if purchase["live_allocation_status"] == "approved":
         return await extend_if_short(conn, purchase, holidays, ctx)
 

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import date
 from typing import Any
 from uuid import UUID
 
@@ -101,45 +102,63 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_assign(args: argparse.Namespace, settings: Settings) -> int:
-    import time
-    from uuid import UUID
+    params = {
+        "purchase_id": UUID(args.purchase),
+        "trainer_id": UUID(args.trainer),
+        "override": args.override,
+        "note": args.note,
+    }
+    return _submit(settings, "request_assignment", params, "request_status", args.wait)
 
+
+def _submit(
+    settings: Settings, query: str, params: dict[str, Any], status_query: str, wait: float
+) -> int:
+    """Record a request with a SQL function, then wait for the allocation stage's answer."""
     import psycopg
-    from psycopg.rows import dict_row
 
     from workers.sql import q
 
-    url = database.pipeline_url(settings)
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+    with _ops_connection(settings) as conn:
         try:
-            row = conn.execute(
-                q("request_assignment"),
-                {
-                    "purchase_id": UUID(args.purchase),
-                    "trainer_id": UUID(args.trainer),
-                    "override": args.override,
-                    "note": args.note,
-                },
-            ).fetchone()
+            row = conn.execute(q(query), params).fetchone()
         except psycopg.Error as exc:
             print(f"refused: {exc.diag.message_primary or exc}", file=sys.stderr)
             return 1
         assert row is not None
-        request_id = row["request_id"]
-        print(f"request {request_id} recorded; the allocation stage carries it out")
-        deadline = time.monotonic() + args.wait
-        while time.monotonic() < deadline:
-            status = conn.execute(q("request_status"), {"request_id": request_id}).fetchone()
-            if status is not None and status["status"] != "open":
-                print(f"request {request_id} {status['status']}: {status['outcome']}")
-                return 0 if status["status"] == "done" else 1
-            time.sleep(0.2)
+        return _await_request(conn, status_query, row["request_id"], wait)
+
+
+def _await_request(conn: Any, status_query: str, request_id: int, wait: float) -> int:
+    """Wait for the allocation stage to decide a request: 0 done, 1 refused, 3 still open."""
+    import time
+
+    from workers.sql import q
+
+    print(f"request {request_id} recorded; the allocation stage carries it out")
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        status = conn.execute(q(status_query), {"request_id": request_id}).fetchone()
+        if status is not None and status["status"] != "open":
+            print(f"request {request_id} {status['status']}: {status['outcome']}")
+            return 0 if status["status"] == "done" else 1
+        time.sleep(0.2)
     print(
-        f"request {request_id} is still open after {args.wait}s: is a worker running "
+        f"request {request_id} is still open after {wait}s: is a worker running "
         "(make run-workers)?",
         file=sys.stderr,
     )
     return 3
+
+
+def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
+    params = {
+        "purchase_id": args.purchase,
+        "time_slot": args.time_slot,
+        "start_date": args.start_date,
+        "schedule_mode": args.mode,
+    }
+    return _submit(settings, "request_reschedule", params, "schedule_change_status", args.wait)
 
 
 def _ops_connection(settings: Settings) -> Any:
@@ -202,6 +221,16 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
             "backlog, failures"
         )
     return 1 if problems else 0
+
+
+def _add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the outcome (default 30)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,14 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
         "fail (never an overlap or an inactive trainer); needs --note",
     )
     assign.add_argument("--note", help="why (recorded with the request)")
-    assign.add_argument(
-        "--wait",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long to wait for the outcome (default 30)",
-    )
+    _add_wait(assign)
     assign.set_defaults(func=cmd_assign)
+
+    resched = sub.add_parser(
+        "reschedule",
+        help="move a purchase's future sessions to another slot, start date or mode",
+        description="Records the request (SQL: reschedule) and waits for the allocation stage "
+        "to re-plan what is ahead: same trainer when free, else the best one, else pending. "
+        "Options left out keep their value. Exit 0: done; 1: refused; 3: not processed in time.",
+    )
+    resched.add_argument("purchase", type=UUID, help="student_course_purchases.id")
+    resched.add_argument(
+        "--time-slot", "--slot", dest="time_slot", help="new start time: '4:00 PM', '4 PM', '16:00'"
+    )
+    resched.add_argument(
+        "--start-date",
+        "--date",
+        dest="start_date",
+        type=date.fromisoformat,
+        help="re-plan from this day, YYYY-MM-DD (today or later; sessions start tomorrow at the "
+        "earliest)",
+    )
+    resched.add_argument("--mode", help="daily, weekdays or sunday_only")
+    _add_wait(resched)
+    resched.set_defaults(func=cmd_reschedule)
 
     status = sub.add_parser(
         "status",

@@ -33,6 +33,8 @@ class Reason(StrEnum):
     TRAINER_INACTIVE = "trainer_inactive"
     REFUNDED = "refunded"
     REASSIGNED = "reassigned"
+    TRAINER_LEFT = "trainer_left"  # the trainer can no longer teach a live allocation
+    RESCHEDULED = "rescheduled"  # the student asked for another slot, date or mode
 
 
 # The rules a candidate can fail, in the order they are checked.

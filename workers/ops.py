@@ -43,9 +43,15 @@ def status(conn: Conn, settings: Settings) -> str:
     counts = conn.execute(
         q("pipeline_counts"), {"stuck_after": timedelta(seconds=settings.heal_after_seconds)}
     ).fetchone()
+    lifecycle = conn.execute(
+        q("lifecycle_counts"), {"grace": timedelta(minutes=settings.completion_grace_minutes)}
+    ).fetchone()
     parts = [table(overview)]
-    if counts:
-        parts.append("  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()))
+    parts += [
+        "  ".join(f"{k.replace('_', ' ')}: {v}" for k, v in row.items())
+        for row in (counts, lifecycle)
+        if row
+    ]
     return "\n\n".join(parts)
 
 

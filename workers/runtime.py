@@ -1,5 +1,5 @@
 """The worker process: pgqueuer's QueueManager with the three stage entrypoints, and its
-SchedulerManager with the periodic jobs (sweep, heal, prune).
+SchedulerManager with the periodic jobs (sweeps, heal, completion, prune).
 
 Queue traffic (dequeue, heartbeats, job log) uses the driver's two autocommit connections;
 stage work runs in transactions on a small pool.
@@ -34,7 +34,7 @@ from pgqueuer.sm import SchedulerManager
 from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
-from workers import allocation, purchase, sessions
+from workers import allocation, lifecycle, purchase, sessions
 from workers.db import Conn, fetch_all, fetch_one, make_pool, transaction
 from workers.driver import ListeningDriver
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
@@ -159,6 +159,21 @@ def register_schedules(
                 "healed: %s %s had no next stage and no live job; enqueued it again",
                 row["stage"],
                 row["ref_id"],
+            )
+
+    @sm.schedule("complete_finished", "* * * * *")
+    async def complete(schedule: Schedule) -> None:
+        counts = await lifecycle.complete(pool, settings)
+        if any(counts.values()):
+            log.info("completed: %s", counts)
+
+    @sm.schedule("sweep_lifecycle", "*/10 * * * *")
+    async def sweep_lifecycle(schedule: Schedule) -> None:
+        if enqueued := await lifecycle.sweep(pool, settings):
+            log.warning(
+                "lifecycle sweep: %d purchase(s) whose trainer left or whose reschedule was "
+                "not carried out enqueued again",
+                enqueued,
             )
 
     @sm.schedule("prune_history", "17 3 * * *")

@@ -86,6 +86,21 @@ class Settings(BaseSettings):
         validation_alias="KC_STATEMENT_TIMEOUT_SECONDS",
         description="Longest statement of a stage; a stuck one is cancelled and retried.",
     )
+    completion_grace_minutes: int = Field(
+        default=60,
+        ge=0,
+        le=7 * 24 * 60,
+        validation_alias="KC_COMPLETION_GRACE_MINUTES",
+        description="After a session ends, how long the app may still mark it missed or "
+        "cancelled before the lifecycle job records it completed.",
+    )
+    lifecycle_batch: int = Field(
+        default=2000,
+        ge=1,
+        le=100_000,
+        validation_alias="KC_LIFECYCLE_BATCH",
+        description="Most sessions, and most courses, the lifecycle job completes per run.",
+    )
     retention_days: int = Field(
         default=30,
         ge=1,

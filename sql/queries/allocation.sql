@@ -172,15 +172,19 @@ WHERE id = %(allocation_id)s::uuid AND status = 'pending'
 RETURNING id;
 
 -- name: purchase_progress
--- Sessions of a purchase that stand: not cancelled, and (when reassigning) not in the future
--- of the allocation being replaced. The remaining schedule continues after them.
-SELECT count(*) AS delivered,
-       coalesce(max(ts.session_number), 0) AS last_number,
-       max(ts.scheduled_date) AS last_date
+-- Sessions of a purchase that stand (not cancelled), leaving out (when reassigning) the future
+-- of the allocation being replaced. The remaining schedule continues after them and after
+-- the live allocation's cancelled sessions (a make-up comes after the session it replaces),
+-- as the sessions stage numbers and dates it.
+SELECT count(*) FILTER (WHERE ts.status <> 'cancelled') AS delivered,
+       coalesce(max(ts.session_number)
+                FILTER (WHERE ts.status <> 'cancelled' OR ta.status = 'approved'), 0)
+           AS last_number,
+       max(ts.scheduled_date) FILTER (WHERE ts.status <> 'cancelled' OR ta.status = 'approved')
+           AS last_date
 FROM tutoring_sessions ts
 JOIN trainer_allocations ta ON ta.id = ts.allocation_id
 WHERE ta.purchase_id = %(purchase_id)s::uuid
-  AND ts.status <> 'cancelled'
   AND (ts.allocation_id IS DISTINCT FROM %(replacing)s::uuid OR ts.starts_at <= now());
 
 -- name: open_request
@@ -198,21 +202,13 @@ WHERE id = %(request_id)s::bigint;
 
 -- name: replace_allocation
 -- Reassignment: the old allocation ends and its future sessions are cancelled; the past stays.
-WITH ended AS (
-    UPDATE trainer_allocations
-    SET status = 'cancelled', reason = 'reassigned', reason_detail = %(detail)s::text,
-        updated_at = now()
-    WHERE id = %(allocation_id)s::uuid AND status IN ('pending', 'approved')
-    RETURNING id
-)
-UPDATE tutoring_sessions ts
-SET status = 'cancelled', cancelled_at = now()
-FROM ended
-WHERE ts.allocation_id = ended.id AND ts.status = 'scheduled' AND ts.starts_at > now();
+SELECT end_allocation(%(allocation_id)s::uuid, 'reassigned', %(detail)s::text) AS cancelled;
 
 -- name: enqueue_sessions
 SELECT enqueue_stage('sessions', %(allocation_id)s::uuid) AS job_id;
 
 -- name: count_allocation_sessions
+-- Zero: the sessions stage has not written this allocation yet (cancelled sessions count:
+-- an allocation whose every session was cancelled is owed make-ups, not a first schedule).
 SELECT count(*) AS n FROM tutoring_sessions
-WHERE allocation_id = %(allocation_id)s::uuid AND status <> 'cancelled';
+WHERE allocation_id = %(allocation_id)s::uuid;

@@ -2,8 +2,9 @@
 
 -- name: lock_allocation_for_sessions
 -- Locks the allocation and reads where the purchase's schedule stands: sessions that are not
--- cancelled, over every allocation of the purchase (delivered, last number, last date), and
--- this allocation's own last date.
+-- cancelled, over every allocation of the purchase (delivered), and where the schedule ends
+-- (last number, last date): after those and after this allocation's own sessions, cancelled
+-- ones included, so a make-up follows the session it replaces and never reuses its number.
 SELECT ta.id, ta.status, ta.trainer_id, ta.student_id, ta.course_id, ta.first_session_date,
        pu.purchase_tier, pu.schedule_mode, pu.preferred_time_slot,
        pu.session_duration_minutes, pu.learning_mode, s.timezone,
@@ -12,13 +13,16 @@ FROM trainer_allocations ta
 JOIN student_course_purchases pu ON pu.id = ta.purchase_id
 JOIN students s ON s.id = ta.student_id
 CROSS JOIN LATERAL (
-    SELECT count(*) AS delivered,
-           coalesce(max(ts.session_number), 0) AS last_number,
-           max(ts.scheduled_date) AS last_date,
+    SELECT count(*) FILTER (WHERE ts.status <> 'cancelled') AS delivered,
+           coalesce(max(ts.session_number)
+                    FILTER (WHERE ts.status <> 'cancelled' OR ts.allocation_id = ta.id), 0)
+               AS last_number,
+           max(ts.scheduled_date)
+               FILTER (WHERE ts.status <> 'cancelled' OR ts.allocation_id = ta.id) AS last_date,
            max(ts.scheduled_date) FILTER (WHERE ts.allocation_id = ta.id) AS own_last_date
     FROM tutoring_sessions ts
     JOIN trainer_allocations other ON other.id = ts.allocation_id
-    WHERE other.purchase_id = ta.purchase_id AND ts.status <> 'cancelled'
+    WHERE other.purchase_id = ta.purchase_id
 ) standing
 WHERE ta.id = %(allocation_id)s::uuid
 FOR UPDATE OF ta;
