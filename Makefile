@@ -58,8 +58,8 @@ db-stop: $(STAMP) ## stop the embedded PostgreSQL
 status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
 	@$(PY) -m workers status
 
-# ID and STAGE reach the commands through the environment ("$$ID"), never pasted into the
-# recipe's shell text: a value cannot run a command. The CLI validates them.
+# ID, STAGE, SLOT, DATE and MODE reach the commands through the environment ("$$ID"), never
+# pasted into the recipe's shell text: a value cannot run a command. The CLI validates them.
 trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocation|student id>
 	@test -n "$$ID" || { echo "usage: make trace ID=<uuid>"; exit 2; }
 	@$(PY) -m workers trace "$$ID"
@@ -73,8 +73,12 @@ replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID:
 	else $(PY) -m workers replay "$$STAGE" --failed; fi
 
 reschedule: $(STAMP) ## move what is ahead: make reschedule ID=<purchase> [SLOT="4 PM"] [DATE=YYYY-MM-DD] [MODE=weekdays]
-	@test -n "$(ID)" || { echo 'usage: make reschedule ID=<purchase id> [SLOT="4 PM"] [DATE=YYYY-MM-DD] [MODE=daily|weekdays|sunday_only]'; exit 2; }
-	@$(PY) -m workers reschedule $(ID) $(if $(SLOT),--time-slot "$(SLOT)",) $(if $(DATE),--start-date $(DATE),) $(if $(MODE),--mode $(MODE),)
+	@test -n "$$ID" || { echo 'usage: make reschedule ID=<purchase id> [SLOT="4 PM"] [DATE=YYYY-MM-DD] [MODE=daily|weekdays|sunday_only]'; exit 2; }
+	@args=("$$ID"); \
+	if [ -n "$$SLOT" ]; then args+=(--time-slot "$$SLOT"); fi; \
+	if [ -n "$$DATE" ]; then args+=(--start-date "$$DATE"); fi; \
+	if [ -n "$$MODE" ]; then args+=(--mode "$$MODE"); fi; \
+	$(PY) -m workers reschedule "$${args[@]}"
 
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
