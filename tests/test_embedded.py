@@ -1,0 +1,88 @@
+"""The embedded server: its own cluster, never TCP, and as root an unprivileged user with its own
+group and no supplementary groups, in a layout that works from a folder only root may enter.
+
+pytest's tmp_path lies under /tmp/pytest-of-<user>/, mode 0700: for root that is the folder a
+fresh machine's home or `mktemp -d` gives."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from workers.embedded import OS_USER, EmbeddedServer, server_version
+from workers.errors import EmbeddedDatabaseError
+
+
+def _status_field(pid: int, field: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    created = EmbeddedServer(tmp_path / "pgdata")
+    try:
+        yield created
+    finally:
+        created.stop()
+        if created.cluster_dir != created.root:
+            shutil.rmtree(created.cluster_dir, ignore_errors=True)
+
+
+def test_a_fresh_cluster_answers_on_its_socket_only(server: EmbeddedServer, tmp_path: Path) -> None:
+    modes_before = {p: p.stat().st_mode for p in (tmp_path, *tmp_path.parents)}
+    url = server.ensure_running()
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('listen_addresses'), "
+            "current_setting('data_directory'), current_database()"
+        ).fetchone()
+    assert row == (server_version(), "", str(server.data_dir), "koding")
+    assert {p: p.stat().st_mode for p in (tmp_path, *tmp_path.parents)} == modes_before
+    assert server.is_running()
+    assert server.stop() is True
+    assert server.server_pid() is None
+    assert server.stop() is False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server user exists only when run as root")
+def test_as_root_the_server_runs_as_its_own_user_and_group_outside_a_private_clone(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    assert stat.S_IMODE(tmp_path.parent.stat().st_mode) & 0o077 == 0, "the test needs a 0700 folder"
+    server.ensure_running()
+    pid = server.server_pid()
+    assert pid is not None
+    uid = _status_field(pid, "Uid").split()
+    gid = _status_field(pid, "Gid").split()
+    assert len(set(uid)) == 1 and uid[0] != "0", uid
+    assert len(set(gid)) == 1 and gid[0] != "0", gid
+    # Only its own group: root's group 0 (or any other) would grant access by group bits.
+    assert _status_field(pid, "Groups") in ("", gid[0])
+    import pwd
+
+    entry = pwd.getpwnam(OS_USER)
+    assert (int(uid[0]), int(gid[0])) == (entry.pw_uid, entry.pw_gid)
+    assert not server.cluster_dir.is_relative_to(tmp_path)
+    assert server.cluster_dir.stat().st_uid == entry.pw_uid
+    assert (server.root / "cluster").read_text().splitlines()[0] == str(server.cluster_dir)
+
+
+def test_a_cluster_of_another_major_version_is_refused_with_what_to_do(
+    server: EmbeddedServer,
+) -> None:
+    server.ensure_running()
+    server.stop()
+    (server.data_dir / "PG_VERSION").write_text("16\n")
+    with pytest.raises(EmbeddedDatabaseError, match="made by PostgreSQL 16") as caught:
+        server.ensure_running()
+    assert str(server.cluster_dir) in str(caught.value)
+    assert server.server_pid() is None
