@@ -1,6 +1,9 @@
 -- The whole schema as the migrations leave it: regenerate with `make schema`.
 -- Read-only reference; change the schema with a new migration in sql/migrations/.
 
+-- EXTENSIONS
+EXTENSION btree_gist SCHEMA extensions;
+
 -- TYPES
 TYPE pgqueuer_status AS ENUM ('queued', 'picked', 'successful', 'exception', 'canceled', 'deleted', 'failed');
 
@@ -311,7 +314,7 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_check CHECK ((ends_at = (starts_a
 CONSTRAINT tutoring_sessions.tutoring_sessions_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_delivery_check CHECK ((delivery = ANY (ARRAY['home'::text, 'online'::text])));
 CONSTRAINT tutoring_sessions.tutoring_sessions_duration_minutes_check CHECK (((duration_minutes >= 15) AND (duration_minutes <= 240)));
-CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
+CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (trainer_id WITH =, tstzrange(starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
 CONSTRAINT tutoring_sessions.tutoring_sessions_pkey PRIMARY KEY (id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_session_number_check CHECK ((session_number >= 1));
 CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'completed'::text, 'missed'::text, 'cancelled'::text])));
@@ -367,7 +370,7 @@ CREATE INDEX trainers_active_specialties_idx ON public.trainers USING gin (speci
 CREATE UNIQUE INDEX trainers_pkey ON public.trainers USING btree (id);
 CREATE UNIQUE INDEX tutoring_sessions_allocation_id_session_number_key ON public.tutoring_sessions USING btree (allocation_id, session_number);
 CREATE INDEX tutoring_sessions_due_idx ON public.tutoring_sessions USING btree (ends_at) WHERE (status = 'scheduled'::text);
-CREATE INDEX tutoring_sessions_no_trainer_overlap ON public.tutoring_sessions USING gist (kc_trainer_time_box(trainer_id, starts_at, ends_at)) WHERE (status = 'scheduled'::text);
+CREATE INDEX tutoring_sessions_no_trainer_overlap ON public.tutoring_sessions USING gist (trainer_id, tstzrange(starts_at, ends_at)) WHERE (status = 'scheduled'::text);
 CREATE UNIQUE INDEX tutoring_sessions_pkey ON public.tutoring_sessions USING btree (id);
 CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btree (student_id, starts_at);
 CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
@@ -1196,15 +1199,6 @@ AS $function$ SELECT CASE WHEN rating >= 4.6 THEN 8
                   WHEN rating >= 3.6 THEN 6
                   WHEN rating >= 3.1 THEN 5
                   ELSE 4 END $function$
-CREATE OR REPLACE FUNCTION public.kc_trainer_time_box(trainer_id uuid, starts_at timestamp with time zone, ends_at timestamp with time zone)
- RETURNS box
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT box(
-          point(('x' || substr(md5(trainer_id::text), 1, 13))::bit(52)::bigint::float8,
-                extract(epoch FROM starts_at AT TIME ZONE 'UTC')::float8),
-          point(('x' || substr(md5(trainer_id::text), 1, 13))::bit(52)::bigint::float8,
-                extract(epoch FROM ends_at AT TIME ZONE 'UTC')::float8 - 0.001)) $function$
 CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
  RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
  LANGUAGE sql

@@ -297,6 +297,53 @@ def test_database_refuses_overlapping_sessions(conn: Conn, db_url: str) -> None:
         )
 
 
+def test_overlap_rule_allows_back_to_back_other_trainers_and_cancelled(
+    conn: Conn, db_url: str
+) -> None:
+    """The exclusion constraint forbids only a real overlap of one trainer's live sessions."""
+    course, student, trainer = world(conn)
+    f.payment(conn, student, course, GOOD)
+    drain(db_url)
+    other = f.trainer(conn, name="other")  # after the allocation, which cannot choose it
+    first = one(conn, "SELECT * FROM tutoring_sessions WHERE session_number = 1")
+    assert first["trainer_id"] == trainer
+    insert = (
+        "INSERT INTO tutoring_sessions (allocation_id, session_number, student_id, "
+        "trainer_id, course_id, scheduled_date, scheduled_time, starts_at, ends_at, "
+        "duration_minutes, status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 60, %s)"
+    )
+
+    def add(number: int, who: UUID, shift: timedelta, status: str = "scheduled") -> None:
+        starts = first["starts_at"] + shift
+        conn.execute(
+            insert,
+            (
+                first["allocation_id"],
+                number,
+                student,
+                who,
+                course,
+                first["scheduled_date"],
+                first["scheduled_time"],
+                starts,
+                starts + timedelta(minutes=60),
+                status,
+            ),
+        )
+
+    add(90, trainer, timedelta(minutes=60))  # starts as the first one ends
+    add(91, trainer, timedelta(minutes=-60))  # ends as the first one starts
+    add(92, other, timedelta(0))  # same time, another trainer
+    add(93, trainer, timedelta(minutes=30), status="cancelled")
+    with pytest.raises(psycopg.errors.ExclusionViolation):
+        add(94, trainer, timedelta(minutes=59))
+    count = one(
+        conn,
+        "SELECT count(*) AS n FROM tutoring_sessions WHERE session_number >= 90",
+    )["n"]
+    assert count == 4
+
+
 def test_database_refuses_allocations_over_capacity(conn: Conn, db_url: str) -> None:
     course = f.course(conn)
     trainer = f.trainer(conn, rating=None)  # capacity 4
