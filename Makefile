@@ -10,13 +10,13 @@ PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install run-workers test lint format migrate psql db-stop schema clean \
-	status trace failures replay reschedule doctor bench
+	status trace failures replay reschedule doctor bench embedded-smoke
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | \
-		awk -F'\t' '{ printf "  make %-12s %s\n", $$1, $$2 }'
+		awk -F'\t' '{ printf "  make %-15s %s\n", $$1, $$2 }'
 	@echo
 	@echo "Database: DATABASE_URL, or (unset) the embedded PostgreSQL in .pgdata/."
 
@@ -31,7 +31,7 @@ install: $(STAMP) ## create .venv and install the project with its dev tools
 run-workers: $(STAMP) ## migrate, run WORKERS processes (default 2) in the foreground; Ctrl-C stops
 	$(PY) -m workers run $${WORKERS:+--processes "$$WORKERS"}
 
-test: $(STAMP) ## run the whole test suite against a real PostgreSQL
+test: $(STAMP) ## run the whole test suite against a real PostgreSQL (KC_TEST_SERVER=embedded: the embedded one)
 	@url="$${TEST_DATABASE_URL:-}"; \
 	if [ -z "$$url" ]; then url="$$($(PY) -m workers db-url --for-tests)" || exit 1; fi; \
 	echo "tests use the server at $$url"; \
@@ -86,6 +86,9 @@ doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, bac
 bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench $(if $(QUICK),--quick,) $${BACKLOGS:+--backlogs $$BACKLOGS}
+
+embedded-smoke: ## a fresh clone of HEAD in a private folder: run-workers, one payment, 10 sessions, db-stop
+	bash .ci/embedded-smoke
 
 schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review the diff)
 	$(PY) -m workers schema

@@ -15,8 +15,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from workers import database
 from workers.embedded import OS_USER, EmbeddedServer, server_version
 from workers.errors import EmbeddedDatabaseError
+from workers.settings import Settings
 
 
 def _status_field(pid: int, field: str) -> str:
@@ -86,3 +88,20 @@ def test_a_cluster_of_another_major_version_is_refused_with_what_to_do(
         server.ensure_running()
     assert str(server.cluster_dir) in str(caught.value)
     assert server.server_pid() is None
+
+
+def test_kc_test_server_embedded_never_picks_the_local_server(tmp_path: Path) -> None:
+    settings = Settings(KC_TEST_SERVER="embedded", KC_EMBEDDED_DIR=tmp_path / "pgdata")  # type: ignore[call-arg]
+    server = EmbeddedServer(settings.embedded_dir)
+    try:
+        url = database.test_admin_url(settings)
+        assert url == server.url("postgres")
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT inet_server_port(), current_setting('data_directory')"
+            ).fetchone()
+        assert row == (None, str(server.data_dir))
+    finally:
+        server.stop()
+        if server.cluster_dir != server.root:
+            shutil.rmtree(server.cluster_dir, ignore_errors=True)

@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     url.add_argument(
         "--for-tests",
         action="store_true",
-        help="the admin URL tests use: 127.0.0.1:5432 if it answers, else embedded",
+        help="the admin URL tests use: 127.0.0.1:5432 if it answers, else embedded "
+        "(KC_TEST_SERVER=local|embedded forces one)",
     )
     url.set_defaults(func=cmd_db_url)
 

@@ -7,6 +7,7 @@ import logging
 import psycopg
 
 from workers.embedded import EmbeddedServer
+from workers.errors import ConfigurationError
 from workers.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,20 @@ def pipeline_url(settings: Settings) -> str:
 
 def test_admin_url(settings: Settings) -> str:
     """A server on which tests may create and drop databases (they never touch the
-    pipeline's own database): the local server on 127.0.0.1:5432 when one answers,
-    otherwise the embedded one."""
-    try:
-        with psycopg.connect(LOCAL_SERVER_URL, connect_timeout=3):
-            return LOCAL_SERVER_URL
-    except psycopg.OperationalError as exc:
-        log.info(
-            "no PostgreSQL on 127.0.0.1:5432 (%s); using the embedded server",
-            str(exc).strip().splitlines()[0] if str(exc).strip() else exc,
-        )
+    pipeline's own database). KC_TEST_SERVER: 'local' = 127.0.0.1:5432, 'embedded' = the
+    embedded one, 'auto' = local when one answers there, otherwise embedded."""
+    if settings.test_server != "embedded":
+        try:
+            with psycopg.connect(LOCAL_SERVER_URL, connect_timeout=3):
+                return LOCAL_SERVER_URL
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            if settings.test_server == "local":
+                raise ConfigurationError(
+                    f"KC_TEST_SERVER=local but no PostgreSQL answers on 127.0.0.1:5432 "
+                    f"as user postgres ({reason})"
+                ) from None
+            log.info("no PostgreSQL on 127.0.0.1:5432 (%s); using the embedded server", reason)
     server = embedded(settings)
     server.ensure_running()
     return server.url("postgres")

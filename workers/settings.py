@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         description="Folder of the embedded PostgreSQL (data, socket, log; as root: the "
         "lock and a pointer to its cluster under /var/lib/kcpg).",
     )
+    test_server: Literal["auto", "local", "embedded"] = Field(
+        default="auto",
+        validation_alias="KC_TEST_SERVER",
+        description="Server `make test` creates its databases on: 'local' = 127.0.0.1:5432, "
+        "'embedded' = the embedded one, 'auto' = local when it answers, else embedded.",
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod
