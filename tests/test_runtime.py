@@ -3,6 +3,7 @@ database drops every connection, and a bounded, clean stop on SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -138,3 +139,27 @@ def test_sigterm_stops_claiming_and_exits_within_the_bound(
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=30) == 0
     assert "leaving them to be picked again" in log.read_text()
+
+
+def test_workers_exit_when_their_supervisor_is_killed(
+    conn: Conn, db_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "run.log"
+    supervisor = start(db_url, log, "--processes", "2")
+    children: list[psutil.Process] = []
+    try:
+        wait_for(lambda: listeners(conn) == 2, 30, "two worker processes")
+        children = psutil.Process(supervisor.pid).children()
+        assert len(children) == 2
+        supervisor.send_signal(signal.SIGKILL)
+        supervisor.wait(timeout=30)
+        # No orphan keeps working: each worker stops by itself, cleanly (SIGTERM).
+        _, alive = psutil.wait_procs(children, timeout=60)
+        assert alive == [], f"workers still running after their supervisor died: {alive}"
+        wait_for(lambda: listeners(conn) == 0, 30, "no worker listening")
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    stopped = [line for line in log.read_text().splitlines() if "workers.runtime: worker" in line]
+    assert sum(line.endswith(" stopped") for line in stopped) == 2, stopped

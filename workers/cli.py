@@ -35,6 +35,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     # A stop request while starting up (connecting, migrating) is a clean exit too; once the
     # worker runs, its own handler finishes the jobs in flight first.
     signal.signal(signal.SIGTERM, _exit_quietly)
+    if args.single:
+        from workers.supervisor import exit_with_supervisor
+
+        exit_with_supervisor()
     url = database.pipeline_url(settings)
     if not args.no_migrate:
         migrate.upgrade(url)

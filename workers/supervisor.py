@@ -4,11 +4,13 @@ The supervisor migrates once, then starts `python -m workers run --single` N tim
 same DATABASE_URL. A child that exits without being asked to is logged and restarted after a
 backoff (1 s, doubling to 30 s; reset once it has lived a minute). SIGTERM or SIGINT is passed
 on to every child; each finishes its jobs in flight (KC_SHUTDOWN_SECONDS) and the supervisor
-exits 0 when all have stopped.
+exits 0 when all have stopped. A supervisor that dies (even by SIGKILL) takes its children
+with it: each asked the kernel for SIGTERM when its parent goes (exit_with_supervisor).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -32,9 +34,31 @@ class Child:
     restarts: int = field(default=0)
 
 
+# Set for each worker process: it exits when this process (its supervisor) is gone.
+SUPERVISOR_PID_VARIABLE = "KC_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def exit_with_supervisor() -> None:
+    """In a worker process: get SIGTERM (a clean stop) when the supervisor dies, even by
+    SIGKILL, instead of running on as an orphan. Linux: PR_SET_PDEATHSIG; the parent pid
+    check covers a supervisor that died before that call, and other systems at start."""
+    expected = os.environ.get(SUPERVISOR_PID_VARIABLE)
+    if not expected:
+        return
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if str(os.getppid()) != expected:
+        log.warning("supervisor (pid %s) is gone; this worker stops", expected)
+        raise SystemExit(0)
+
+
 def _spawn(child: Child, env: dict[str, str]) -> None:
     child.process = subprocess.Popen(
-        [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"], env=env
+        [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
+        env={**env, SUPERVISOR_PID_VARIABLE: str(os.getpid())},
     )
     child.started_at = time.monotonic()
     log.info("worker process %d started (pid %d)", child.slot, child.process.pid)
