@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -17,6 +18,8 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import wait_for
+from workers.runtime import idle_poll, recovery_bound
+from workers.settings import Settings
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
@@ -185,3 +188,49 @@ def test_workers_exit_when_their_supervisor_is_killed(
                 child.kill()
     stopped = [line for line in log.read_text().splitlines() if "workers.runtime: worker" in line]
     assert sum(line.endswith(" stopped") for line in stopped) == 2, stopped
+
+
+def test_the_default_recovery_bound_is_ten_seconds_or_less() -> None:
+    assert recovery_bound(Settings()) <= timedelta(seconds=10)
+
+
+def test_idle_poll_follows_the_heartbeat_and_the_setting() -> None:
+    slow = Settings(KC_HEARTBEAT_SECONDS=60, KC_IDLE_POLL_SECONDS=5)  # type: ignore[call-arg]
+    assert idle_poll(slow) == timedelta(seconds=5)
+    assert recovery_bound(slow) == timedelta(seconds=65)
+    fast = Settings(KC_HEARTBEAT_SECONDS=4, KC_IDLE_POLL_SECONDS=5)  # type: ignore[call-arg]
+    assert idle_poll(fast) == timedelta(seconds=1)
+
+
+def test_a_job_of_a_killed_worker_is_done_by_another_with_the_default_heartbeat(
+    conn: Conn, db_url: str, tmp_path: Path
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    log = tmp_path / "workers.log"
+    crashing = start(db_url, log, "--single")
+    other: subprocess.Popen[bytes] | None = None
+    blocker = psycopg.connect(db_url)
+    try:
+        # The purchase stage's INSERT waits on this lock: the job is in flight in `crashing`.
+        blocker.execute("LOCK TABLE student_course_purchases IN EXCLUSIVE MODE")
+        payment = f.payment(conn, f.student(conn), course, GOOD)
+        wait_for(lambda: starts(conn) == 1, 30, "the first worker to start the job")
+        other = start(db_url, log, "--single")
+        wait_for(lambda: listeners(conn) == 2, 30, "the second worker")
+        crashing.send_signal(signal.SIGKILL)
+        crashing.wait(timeout=30)
+        blocker.rollback()
+        wait_for(lambda: starts(conn) == 2, 60, "another worker to pick the job again")
+        wait_for(lambda: sessions_for(conn, payment) == 10, 30, "the payment's sessions")
+    finally:
+        blocker.close()
+        for proc in (crashing, other):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+
+
+def starts(conn: Conn) -> int:
+    row = conn.execute("SELECT coalesce(max(starts), 0) AS n FROM job_starts").fetchone()
+    return int(row["n"]) if row else 0

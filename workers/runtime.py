@@ -127,6 +127,19 @@ async def run_job(
         raise RetryRequested(delay=backoff(starts), reason=str(exc)[:500]) from exc
 
 
+def idle_poll(settings: Settings) -> timedelta:
+    """How long an idle worker waits for a notification before it looks at the queue. It
+    also looks for jobs whose worker died (heartbeat older than KC_HEARTBEAT_SECONDS), so it
+    looks often enough for such a job to be picked again within recovery_bound()."""
+    return timedelta(seconds=min(settings.idle_poll_seconds, settings.heartbeat_seconds / 4))
+
+
+def recovery_bound(settings: Settings) -> timedelta:
+    """Longest time from a worker's crash until another (idle) worker picks its jobs again:
+    the heartbeat turns stale, then one idle poll (plus the queries' own time)."""
+    return timedelta(seconds=settings.heartbeat_seconds) + idle_poll(settings)
+
+
 def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings: Settings) -> None:
     for stage, handler in HANDLERS.items():
 
@@ -232,7 +245,7 @@ async def run_worker(
         try:
             queue = qm.run(
                 batch_size=settings.batch_size,
-                dequeue_timeout=timedelta(seconds=settings.idle_poll_seconds),
+                dequeue_timeout=idle_poll(settings),
                 heartbeat_timeout=timedelta(seconds=settings.heartbeat_seconds),
                 # Claim no more than the pool can serve: unbounded, a backlog made a worker
                 # claim batch after batch whose jobs then waited 30 s for a connection, failed
