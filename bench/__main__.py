@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from bench import pipeline, report, search, world
+from bench.progress import Progress
 from workers.database import test_admin_url
 from workers.settings import REPO_ROOT, load_settings
 
@@ -41,26 +40,6 @@ QUICK = {
     "idle_samples_pgqueuer": 2,
     "search_samples": 30,
 }
-
-
-class Progress:
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.started = time.monotonic()
-
-    def __call__(self, done: int, total: int) -> None:
-        width = 30
-        filled = int(width * min(done / total, 1.0)) if total else width
-        sys.stderr.write(
-            f"\r  {self.label:<34} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done}/{total} {time.monotonic() - self.started:5.0f}s"
-        )
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        sys.stderr.write(
-            f"\r  {self.label:<34} done in {time.monotonic() - self.started:.1f}s" + " " * 40 + "\n"
-        )
 
 
 def step(label: str) -> Progress:
