@@ -134,6 +134,11 @@ TABLE schedule_changes (
     decided_at timestamp with time zone,
     allocation_id uuid
 );
+TABLE stage_followups (
+    stage text NOT NULL,
+    ref_id uuid NOT NULL,
+    asked_at timestamp with time zone NOT NULL DEFAULT now()
+);
 TABLE stage_history (
     id bigint NOT NULL IDENTITY,
     stage text NOT NULL,
@@ -266,6 +271,8 @@ CONSTRAINT schedule_changes.schedule_changes_check CHECK (((status = 'open'::tex
 CONSTRAINT schedule_changes.schedule_changes_pkey PRIMARY KEY (id);
 CONSTRAINT schedule_changes.schedule_changes_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
 CONSTRAINT schedule_changes.schedule_changes_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text])));
+CONSTRAINT stage_followups.stage_followups_pkey PRIMARY KEY (stage, ref_id);
+CONSTRAINT stage_followups.stage_followups_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
 CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text])));
 CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
 CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
@@ -353,6 +360,7 @@ CREATE UNIQUE INDEX purchase_upgrades_pkey ON public.purchase_upgrades USING btr
 CREATE INDEX purchase_upgrades_purchase_idx ON public.purchase_upgrades USING btree (purchase_id);
 CREATE INDEX schedule_changes_open_idx ON public.schedule_changes USING btree (purchase_id, id) WHERE (status = 'open'::text);
 CREATE UNIQUE INDEX schedule_changes_pkey ON public.schedule_changes USING btree (id);
+CREATE UNIQUE INDEX stage_followups_pkey ON public.stage_followups USING btree (stage, ref_id);
 CREATE UNIQUE INDEX stage_history_pkey ON public.stage_history USING btree (id);
 CREATE INDEX stage_history_ref_idx ON public.stage_history USING btree (ref_id, at);
 CREATE INDEX stage_history_stage_at_idx ON public.stage_history USING btree (stage, at);
@@ -860,6 +868,7 @@ AS $function$
 DECLARE
     v_key    text := p_stage || ':' || p_ref;
     v_job_id bigint;
+    v_running boolean;
 BEGIN
     IF p_stage IS NULL OR p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
         RAISE EXCEPTION 'unknown stage %', p_stage
@@ -901,8 +910,14 @@ BEGIN
         INSERT INTO pgqueuer_log (job_id, status, entrypoint, priority)
         VALUES (v_job_id, 'queued', p_stage, 0);
     ELSE
-        SELECT id INTO v_job_id FROM pgqueuer
+        SELECT id, status = 'picked' INTO v_job_id, v_running FROM pgqueuer
         WHERE dedupe_key = v_key AND status IN ('queued', 'picked');
+        -- A running job may have read the row before this change: run the stage once more
+        -- after it (trg_pgqueuer_followups enqueues it when the running job is gone).
+        IF v_running THEN
+            INSERT INTO stage_followups (stage, ref_id) VALUES (p_stage, p_ref)
+            ON CONFLICT DO NOTHING;
+        END IF;
     END IF;
 
     INSERT INTO stage_history (stage, ref_id, event, job_id)
@@ -1570,6 +1585,25 @@ BEGIN
     RETURN NEW;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_pgqueuer_followups()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_enqueued integer;
+BEGIN
+    WITH due AS (
+        DELETE FROM stage_followups f
+        USING finished j
+        WHERE f.stage = j.entrypoint AND f.ref_id = kc_job_ref(j.entrypoint, j.dedupe_key)
+        RETURNING f.stage, f.ref_id
+    )
+    SELECT count(enqueue_stage(due.stage, due.ref_id)) INTO v_enqueued FROM due;
+    RETURN NULL;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_purchases_enqueue_allocation()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1713,6 +1747,7 @@ $function$
 CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
 CREATE TRIGGER payments_refunded AFTER UPDATE OF status ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_refunded();
 CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_touch();
+CREATE TRIGGER pgqueuer_followups AFTER DELETE ON public.pgqueuer REFERENCING OLD TABLE AS finished FOR EACH STATEMENT EXECUTE FUNCTION trg_pgqueuer_followups();
 CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
 CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
 CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();

@@ -461,3 +461,30 @@ def test_the_sweep_catches_what_no_trigger_enqueued(conn: Conn, db_url: str) -> 
     assert {s["scheduled_time"] for s in sessions_of(conn, student)} == {time(18)}
     assert run_periodic(db_url, lifecycle.sweep) == 0
     assert violations(conn) == {}
+
+
+def test_a_change_while_the_allocation_job_runs_is_carried_out_after_it(
+    conn: Conn, db_url: str
+) -> None:
+    """enqueue_stage dedupes onto the row's live job; when that job is already running it may
+    have read the row before the change, so the stage runs once more after it (0011)."""
+    student = enrolled(conn, db_url)
+    purchase = purchase_of(conn, student)["id"]
+    # The allocation job for this purchase is running (as a worker's claim marks it) ...
+    job = one(conn, "SELECT enqueue_stage('allocation', %s) AS id", purchase)["id"]
+    conn.execute("UPDATE pgqueuer SET status = 'picked' WHERE id = %s", (job,))
+    # ... when a session is cancelled: the make-up's enqueue lands on the running job.
+    conn.execute("UPDATE tutoring_sessions SET status = 'cancelled' WHERE session_number = 4")
+    assert one(conn, "SELECT enqueue_stage('allocation', %s) AS id", purchase)["id"] == job
+    assert conn.execute("SELECT stage, ref_id FROM stage_followups").fetchall() == [
+        {"stage": "allocation", "ref_id": purchase}
+    ]
+    # The running job finishes without having seen the cancellation (pgqueuer deletes it).
+    conn.execute("DELETE FROM pgqueuer WHERE id = %s", (job,))
+    assert [(j["entrypoint"], j["status"]) for j in f.queued_jobs(conn)] == [
+        ("allocation", "queued")
+    ]
+    assert conn.execute("SELECT * FROM stage_followups").fetchall() == []
+    drain(db_url)
+    assert len(sessions_of(conn, student)) == 10
+    assert sessions_of(conn, student)[-1]["session_number"] == 11
