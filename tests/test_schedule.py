@@ -12,12 +12,17 @@ from hypothesis import strategies as st
 
 from workers.errors import InvalidTimezoneError, PermanentJobError, ScheduleError
 from workers.schedule import (
+    Delivery,
     ScheduleMode,
     allowed_weekdays,
     build_schedule,
     iana_zone_names,
+    local_tomorrow,
+    plan_sessions,
+    resume_from,
     session_dates,
     slot_end,
+    student_zone,
     zone_named,
 )
 
@@ -172,3 +177,56 @@ def test_slot_end_allows_midnight_exactly() -> None:
     assert slot_end(time(23), 60) is None  # midnight: 24:00
     with pytest.raises(ScheduleError, match="after midnight"):
         slot_end(time(23), 61)
+
+
+# --- A purchase's schedule, as the allocation and sessions stages plan it ------------------
+
+
+@given(
+    st.dates(max_value=date(9000, 1, 1)), st.lists(st.none() | st.dates(max_value=date(9000, 1, 1)))
+)
+def test_resume_from_is_the_first_free_day(earliest: date, taken: list[date | None]) -> None:
+    day = resume_from(earliest, *taken)
+    assert day >= earliest
+    assert all(day > t for t in taken if t is not None)
+    # The first such day, not a later one.
+    assert day == earliest or any(t is not None and day == t + timedelta(days=1) for t in taken)
+
+
+def test_local_tomorrow_is_the_students_tomorrow() -> None:
+    # 20:00 UTC on 1 December is already 2 December in Kolkata (UTC+5:30), not in New York.
+    now = datetime(2026, 12, 1, 20, 0, tzinfo=UTC)
+    assert local_tomorrow("Asia/Kolkata", now) == date(2026, 12, 3)
+    assert local_tomorrow("America/New_York", now) == date(2026, 12, 2)
+
+
+def test_a_students_zone_that_is_no_zone_fails_the_job_naming_the_row() -> None:
+    with pytest.raises(InvalidTimezoneError, match=r"students\.timezone 'Mars/Base'") as info:
+        student_zone("Mars/Base")
+    assert "replay the job" in str(info.value)
+    with pytest.raises(InvalidTimezoneError, match=r"students\.timezone"):
+        local_tomorrow("localtime", datetime(2026, 12, 1, tzinfo=UTC))
+
+
+def test_plan_sessions_reads_a_purchase_row() -> None:
+    purchase = {
+        "schedule_mode": "sunday_only",
+        "preferred_time_slot": time(10),
+        "session_duration_minutes": 80,
+        "learning_mode": "hybrid",
+        "timezone": "Asia/Kolkata",
+    }
+    holidays = {date(2026, 12, 6)}  # a Sunday
+    sessions = plan_sessions(
+        purchase, earliest=date(2026, 12, 2), count=3, first_number=6, holidays=holidays
+    )
+    assert [s.local_date for s in sessions] == [
+        date(2026, 12, 13),
+        date(2026, 12, 20),
+        date(2026, 12, 27),
+    ]
+    assert [s.number for s in sessions] == [6, 7, 8]
+    # Where a session happens follows its number (hybrid: 1-6 online, then alternating).
+    assert [s.delivery for s in sessions] == [Delivery.ONLINE, Delivery.ONLINE, Delivery.HOME]
+    assert {s.local_time for s in sessions} == {time(10)}
+    assert {s.ends_at - s.starts_at for s in sessions} == {timedelta(minutes=80)}

@@ -15,17 +15,16 @@
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time
 from itertools import pairwise
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo
 
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_all, fetch_one, savepoint_or_refusal
-from workers.errors import DatabaseRefusalError, InvalidTimezoneError
+from workers.errors import DatabaseRefusalError
 from workers.matching import (
     CandidateFacts,
     Decision,
@@ -46,13 +45,13 @@ from workers.schedule import (
     PlannedSession,
     ScheduleMode,
     allowed_weekdays,
-    build_schedule,
-    next_valid_day,
+    local_tomorrow,
+    plan_sessions,
+    resume_from,
     slot_end,
-    zone_named,
 )
 from workers.sql import q
-from workers.stages import Outcome, StageContext
+from workers.stages import Outcome, StageContext, load_holidays
 
 log = logging.getLogger(__name__)
 
@@ -69,44 +68,6 @@ OVERRIDABLE = frozenset(
 )
 
 
-async def load_holidays(conn: Conn, from_day: date) -> set[date]:
-    return {row["day"] for row in await fetch_all(conn, q("holidays_from"), {"from_day": from_day})}
-
-
-def student_zone(name: str) -> ZoneInfo:
-    """The student's zone; a name that is no zone (changed after the purchase) fails the job
-    at once: no retry can fix it, and the job waits, held, for the row to be corrected."""
-    try:
-        return zone_named(name)
-    except InvalidTimezoneError as exc:
-        raise InvalidTimezoneError(
-            f"students.timezone {exc}; correct the student's row, then replay the job"
-        ) from None
-
-
-def local_tomorrow(zone_name: str) -> date:
-    return datetime.now(student_zone(zone_name)).date() + timedelta(days=1)
-
-
-def plan_sessions(
-    row: DictRow, *, earliest: date, count: int, first_number: int, holidays: set[date]
-) -> list[PlannedSession]:
-    """`count` sessions of a purchase (any row with its typed columns and the student's
-    zone), on valid days from `earliest`, numbered from `first_number`."""
-    mode = ScheduleMode(row["schedule_mode"])
-    return build_schedule(
-        start=next_valid_day(earliest, mode, holidays),
-        count=count,
-        mode=mode,
-        slot=row["preferred_time_slot"],
-        duration_minutes=row["session_duration_minutes"],
-        zone=student_zone(row["timezone"]),
-        holidays=holidays,
-        first_number=first_number,
-        learning_mode=LearningMode(row["learning_mode"]),
-    )
-
-
 async def remaining_plan(
     conn: Conn, purchase: DictRow, *, replacing: UUID | None, holidays: set[date]
 ) -> list[PlannedSession]:
@@ -118,12 +79,10 @@ async def remaining_plan(
     remaining = purchase["purchase_tier"] - progress["delivered"]
     if remaining <= 0:
         return []
-    earliest = max(purchase["start_date"], local_tomorrow(purchase["timezone"]))
-    if progress["last_date"] is not None:
-        earliest = max(earliest, progress["last_date"] + timedelta(days=1))
+    tomorrow = local_tomorrow(purchase["timezone"], datetime.now(UTC))
     return plan_sessions(
         purchase,
-        earliest=earliest,
+        earliest=resume_from(max(purchase["start_date"], tomorrow), progress["last_date"]),
         count=remaining,
         first_number=progress["last_number"] + 1,
         holidays=holidays,

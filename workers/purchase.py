@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.db import Conn, fetch_all, fetch_one
+from workers.db import Conn, fetch_one
 from workers.errors import InvalidPurchaseError, InvalidTimezoneError
 from workers.metadata import (
     MAX_METADATA_BYTES,
@@ -31,13 +31,15 @@ from workers.metadata import (
 )
 from workers.schedule import zone_named
 from workers.sql import q
-from workers.stages import Outcome, StageContext
+from workers.stages import Outcome, StageContext, load_holidays
 
 log = logging.getLogger(__name__)
 
 
-def student_zone(name: str) -> ZoneInfo:
-    """The student's IANA zone, or a rejection naming the students row's value."""
+def zone_or_rejection(name: str) -> ZoneInfo:
+    """The student's IANA zone, or a rejection naming the students row's value (before the
+    purchase exists, a bad zone rejects the payment; after, `schedule.student_zone` fails
+    the job)."""
     try:
         return zone_named(name)
     except InvalidTimezoneError as exc:
@@ -77,11 +79,9 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
 
 
 async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
-    zone = student_zone(str(payment["timezone"]))
+    zone = zone_or_rejection(str(payment["timezone"]))
     today = datetime.now(zone).date()
-    holidays = {
-        row["day"] for row in await fetch_all(conn, q("holidays_from"), {"from_day": today})
-    }
+    holidays = await load_holidays(conn, today)
     plan = plan_purchase(
         decode_metadata(payment["metadata_text"], payment["metadata_bytes"]),
         today=today,

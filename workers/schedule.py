@@ -1,4 +1,5 @@
-"""Session schedules. Pure: dates, local times and instants from rules; no I/O, no clock.
+"""Session schedules. Pure: dates, local times and instants from rules; no I/O, no clock
+(callers pass `now`).
 
 - `daily`: every day; `weekdays`: Monday to Friday; `sunday_only`: one session each Sunday.
 - Days in `holidays` are skipped (the count stays N: the schedule runs longer).
@@ -10,16 +11,20 @@
   Where a session happens depends on its number only, so it survives reassignments.
 - Time zones are IANA names only (`zone_named`): the list shipped with the pinned `tzdata`
   package, so `localtime` (the worker host's zone) or a file path never means anything.
+- A purchase's schedule (`plan_sessions`) is planned the same way by the allocation stage
+  (to check trainers) and the sessions stage (to write it): never before the student's
+  tomorrow, and after every day the purchase's standing sessions already use (`resume_from`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from importlib import resources
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from workers.errors import InvalidTimezoneError, ScheduleError
@@ -95,6 +100,30 @@ def zone_named(name: str) -> ZoneInfo:
     raise InvalidTimezoneError(
         f"{str(name)[:80]!r} is not an IANA time zone such as 'Asia/Kolkata'"
     )
+
+
+def student_zone(name: str) -> ZoneInfo:
+    """The zone of a student who has a purchase. A name that is no zone (changed after the
+    purchase) fails the job at once: no retry can fix it, and the job waits, held, for the
+    row to be corrected."""
+    try:
+        return zone_named(name)
+    except InvalidTimezoneError as exc:
+        raise InvalidTimezoneError(
+            f"students.timezone {exc}; correct the student's row, then replay the job"
+        ) from None
+
+
+def local_tomorrow(zone_name: str, now: datetime) -> date:
+    """The day after `now` (an aware instant) in the student's zone: no session starts
+    earlier."""
+    return now.astimezone(student_zone(zone_name)).date() + timedelta(days=1)
+
+
+def resume_from(earliest: date, *taken: date | None) -> date:
+    """The first day a schedule that continues may use: `earliest`, and after each day in
+    `taken` (the last day of sessions that stand; None: no such sessions)."""
+    return max([earliest, *(day + timedelta(days=1) for day in taken if day is not None)])
 
 
 def slot_end(start: time, minutes: int) -> time | None:
@@ -196,3 +225,29 @@ def build_schedule(
         # Only near year 9999; a bug or a hand-written row, but a clear error all the same.
         raise ScheduleError(f"sessions from {days[0]} run beyond the calendar's end") from None
     return sessions
+
+
+def plan_sessions(
+    purchase: Mapping[str, Any],
+    *,
+    earliest: date,
+    count: int,
+    first_number: int,
+    holidays: Collection[date],
+) -> list[PlannedSession]:
+    """`count` sessions of a purchase, on valid days from `earliest`, numbered from
+    `first_number`. `purchase` is any row with the purchase's typed columns
+    (`schedule_mode`, `preferred_time_slot`, `session_duration_minutes`, `learning_mode`)
+    and the student's `timezone`."""
+    mode = ScheduleMode(purchase["schedule_mode"])
+    return build_schedule(
+        start=next_valid_day(earliest, mode, holidays),
+        count=count,
+        mode=mode,
+        slot=purchase["preferred_time_slot"],
+        duration_minutes=purchase["session_duration_minutes"],
+        zone=student_zone(purchase["timezone"]),
+        holidays=holidays,
+        first_number=first_number,
+        learning_mode=LearningMode(purchase["learning_mode"]),
+    )

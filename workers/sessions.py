@@ -9,13 +9,13 @@ after any sessions that stand from an earlier allocation.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime
 from uuid import UUID
 
-from workers.allocation import load_holidays, local_tomorrow, plan_sessions
 from workers.db import Conn, fetch_one
+from workers.schedule import local_tomorrow, plan_sessions, resume_from
 from workers.sql import q
-from workers.stages import Outcome, StageContext
+from workers.stages import Outcome, StageContext, load_holidays
 
 
 async def handle(conn: Conn, allocation_id: UUID, ctx: StageContext) -> Outcome:
@@ -31,12 +31,14 @@ async def handle(conn: Conn, allocation_id: UUID, ctx: StageContext) -> Outcome:
     if remaining <= 0:
         return Outcome("skipped", f"all {tier} sessions exist")
 
-    earliest = allocation["first_session_date"]
-    if allocation["own_last_date"] is not None:
-        earliest = allocation["own_last_date"] + timedelta(days=1)
-    if allocation["last_date"] is not None:
-        earliest = max(earliest, allocation["last_date"] + timedelta(days=1))
-    earliest = max(earliest, local_tomorrow(allocation["timezone"]))
+    # Own sessions never precede first_session_date (they are planned from it), so this is
+    # "after this allocation's sessions, else from the day checked", and after the purchase's.
+    tomorrow = local_tomorrow(allocation["timezone"], datetime.now(UTC))
+    earliest = resume_from(
+        max(allocation["first_session_date"], tomorrow),
+        allocation["own_last_date"],
+        allocation["last_date"],
+    )
     sessions = plan_sessions(
         allocation,
         earliest=earliest,

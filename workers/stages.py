@@ -1,4 +1,5 @@
-"""What every stage shares: the stage names, outcomes, and the run-one-job wrapper.
+"""What every stage shares: the stage names, outcomes, the holidays, and the run-one-job
+wrapper.
 
 A stage handler runs inside one transaction and returns an Outcome; the wrapper writes the
 history line in that same transaction, so "done" is recorded exactly when the work commits.
@@ -11,6 +12,7 @@ import logging
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import date
 from enum import StrEnum
 from typing import Literal
 from uuid import UUID
@@ -18,7 +20,7 @@ from uuid import UUID
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from workers.db import Conn, transaction
+from workers.db import Conn, fetch_all, transaction
 from workers.settings import Settings
 from workers.sql import q
 
@@ -46,6 +48,13 @@ class StageContext:
 
 
 Handler = Callable[[Conn, UUID, StageContext], Awaitable[Outcome]]
+
+
+async def load_holidays(conn: Conn, from_day: date) -> set[date]:
+    """The days without sessions (`holidays`), from `from_day` on: every stage that plans
+    a schedule reads them here, in its own transaction."""
+    rows = await fetch_all(conn, q("holidays_from"), {"from_day": from_day})
+    return {row["day"] for row in rows}
 
 
 async def run_stage(

@@ -5,6 +5,10 @@ INSERT INTO stage_history (stage, ref_id, event, job_id, detail, error)
 VALUES (%(stage)s::text, %(ref_id)s::uuid, %(event)s::text, %(job_id)s::bigint,
         %(detail)s::text, %(error)s::jsonb);
 
+-- name: holidays_from
+-- Days without sessions; every stage that plans a schedule reads them (stages.load_holidays).
+SELECT day FROM holidays WHERE day >= %(from_day)s::date ORDER BY day;
+
 -- name: enqueue_stage
 SELECT enqueue_stage(%(stage)s::text, %(ref_id)s::uuid) AS job_id;
 

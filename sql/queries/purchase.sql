@@ -16,9 +16,6 @@ CROSS JOIN LATERAL (SELECT octet_length(p.metadata::text) AS bytes) m
 WHERE p.id = %(payment_id)s::uuid
 FOR UPDATE OF p;
 
--- name: holidays_from
-SELECT day FROM holidays WHERE day >= %(from_day)s::date ORDER BY day;
-
 -- name: insert_purchase
 -- DO NOTHING on any unique conflict: the caller tells "already active" from the result.
 -- The keys the pipeline does not read (named by the caller, at the top level and inside
