@@ -374,23 +374,7 @@ async def search(
         },
     )
     active = await fetch_one(conn, q("count_active_trainers"), {})
-    candidates = [
-        CandidateFacts(
-            trainer_id=row["trainer_id"],
-            active=row["active"],
-            specialty_match=row["specialty_match"],
-            gender_ok=row["gender_ok"],
-            distance_km=row["distance_km"],
-            service_radius_km=row["service_radius_km"],
-            available=row["available"],
-            overlapping_sessions=row["overlapping_sessions"],
-            far_neighbours=row["far_neighbours"],
-            live_allocations=row["live_allocations"],
-            rating=row["rating"],
-        )
-        for row in rows
-        if row["trainer_id"] != exclude
-    ]
+    candidates = [CandidateFacts.from_row(row) for row in rows if row["trainer_id"] != exclude]
     return decide(
         candidates,
         active_trainers=active["active"] if active else 0,

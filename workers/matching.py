@@ -1,15 +1,16 @@
 """Trainer matching: facts about candidates in, a decision and its explanation out. Pure.
 
-The SQL candidate search (sql/queries/allocation.sql) measures every fact; this module
-applies the business rules in a fixed order, so each rejected trainer has exactly one reason
-(the first rule it fails), and ranks the eligible ones deterministically.
+The SQL candidate search (sql/queries/allocation.sql) measures the facts; this module
+applies the business rules (RULES, defined once: their order, test, explanation and pending
+sentence) in that order, so each rejected trainer has exactly one reason (the first rule it
+fails), and ranks the eligible ones deterministically.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal
@@ -17,10 +18,10 @@ from uuid import UUID
 
 
 class Reason(StrEnum):
-    """Why a trainer (or, for a pending allocation, every trainer) was not chosen.
-
-    The order is the order in which rules are applied; it must match the CHECK constraint on
-    trainer_allocations.reason (a test keeps them in step).
+    """Why a trainer (or, for a pending allocation, every trainer) was not chosen, or why an
+    allocation ended. The matching rules among them are applied in RULE_ORDER (below), not in
+    this order. Every value must be allowed by the CHECK constraint on
+    trainer_allocations.reason (tests/test_schema.py keeps them in step).
     """
 
     NO_TRAINER = "no_trainer"
@@ -36,35 +37,6 @@ class Reason(StrEnum):
     TRAINER_LEFT = "trainer_left"  # the trainer can no longer teach a live allocation
     RESCHEDULED = "rescheduled"  # the student asked for another slot, date or mode
 
-
-# The rules a candidate can fail, in the order they are checked.
-RULE_ORDER: tuple[Reason, ...] = (
-    Reason.TRAINER_INACTIVE,
-    Reason.NO_SPECIALTY,
-    Reason.GENDER_MISMATCH,
-    Reason.OUT_OF_RANGE,
-    # Capacity before the time rules: it is one indexed count, while overlaps and sequential
-    # distance scan the trainer's sessions; the search measures those only for trainers who
-    # passed every rule before them.
-    Reason.AT_CAPACITY,
-    Reason.NO_FREE_SLOT,
-    Reason.TOO_FAR_BETWEEN_SESSIONS,
-)
-
-_SENTENCES: dict[Reason, str] = {
-    Reason.NO_TRAINER: "There is no active trainer at all.",
-    Reason.NO_SPECIALTY: "No active trainer teaches {course}.",
-    Reason.GENDER_MISMATCH: "{n} trainer(s) teach {course}, but none matches the student's "
-    "gender preference.",
-    Reason.OUT_OF_RANGE: "{n} trainer(s) teach {course}, but the student's home is outside "
-    "the service radius of every one that qualified so far.",
-    Reason.NO_FREE_SLOT: "{n} trainer(s) teach {course} and cover the area, but none is free "
-    "on every session day at {slot}.",
-    Reason.TOO_FAR_BETWEEN_SESSIONS: "{n} trainer(s) are free at {slot}, but each has a "
-    "session in the hour before or after at another student's home too far from this one.",
-    Reason.AT_CAPACITY: "{n} trainer(s) teach {course} in the area, but all are at capacity.",
-    Reason.TRAINER_INACTIVE: "The requested trainer is not active.",
-}
 
 SpecialtyMatch = Literal["category", "subcategory"]
 
@@ -107,40 +79,23 @@ class CandidateFacts:
     def capacity(self) -> int:
         return capacity_for(self.rating)
 
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> CandidateFacts:
+        """One row of the candidate_facts query: its columns are these fields, by name."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
     def first_failed_rule(self) -> Reason | None:
-        if not self.active:
-            return Reason.TRAINER_INACTIVE
-        if self.specialty_match is None:
-            return Reason.NO_SPECIALTY
-        if not self.gender_ok:
-            return Reason.GENDER_MISMATCH
-        if self.distance_km > self.service_radius_km:
-            return Reason.OUT_OF_RANGE
-        if self.live_allocations >= self.capacity:
-            return Reason.AT_CAPACITY
-        if not self.available or self._measured(self.overlapping_sessions) > 0:
-            return Reason.NO_FREE_SLOT
-        if self._measured(self.far_neighbours) > 0:
-            return Reason.TOO_FAR_BETWEEN_SESSIONS
-        return None
+        """The first rule in RULE_ORDER this trainer fails (None: eligible). Reads only the
+        facts of the rules it reaches, as the search measures them."""
+        return next((rule.reason for rule in RULES if rule.fails(self)), None)
 
     def failed_rules(self) -> tuple[Reason, ...]:
         """Every rule this trainer fails, in RULE_ORDER (an admin override must see them all,
         not only the first). Needs every fact measured, as the search does for one named
         trainer."""
-        failed = {
-            Reason.TRAINER_INACTIVE: not self.active,
-            Reason.NO_SPECIALTY: self.specialty_match is None,
-            Reason.GENDER_MISMATCH: not self.gender_ok,
-            Reason.OUT_OF_RANGE: self.distance_km > self.service_radius_km,
-            Reason.AT_CAPACITY: self.live_allocations >= self.capacity,
-            Reason.NO_FREE_SLOT: not self.available
-            or self._measured(self.overlapping_sessions) > 0,
-            Reason.TOO_FAR_BETWEEN_SESSIONS: self._measured(self.far_neighbours) > 0,
-        }
-        return tuple(rule for rule in RULE_ORDER if failed[rule])
+        return tuple(rule.reason for rule in RULES if rule.fails(self))
 
-    def _measured(self, fact: int | None) -> int:
+    def measured(self, fact: int | None) -> int:
         if fact is None:
             raise ValueError(
                 f"trainer {self.trainer_id}: a rule needs a fact that was not "
@@ -168,6 +123,89 @@ class CandidateFacts:
             "capacity": self.capacity,
             "rating": None if self.rating is None else float(self.rating),
         }
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One matching rule: the reason a trainer who fails it gets, the test, why one trainer
+    fails it (with the facts), and what a pending allocation says when nobody got past it."""
+
+    reason: Reason
+    fails: Callable[[CandidateFacts], bool]
+    why: Callable[[CandidateFacts, str, str], str]  # (trainer, course, slot) -> clause
+    pending: str  # formatted with n (candidates), course and slot
+
+
+# The matching rules in the order they are applied: a trainer is out at the first one they
+# fail. The candidate search (candidate_facts in sql/queries/allocation.sql) measures the
+# costly facts (overlapping sessions, far neighbours) only for trainers who pass every rule
+# before the one that reads them; tests/test_rule_order.py fails when the two disagree.
+RULES: tuple[Rule, ...] = (
+    Rule(
+        Reason.TRAINER_INACTIVE,
+        fails=lambda t: not t.active,
+        why=lambda t, course, slot: "the trainer is not active",
+        pending="The requested trainer is not active.",
+    ),
+    Rule(
+        Reason.NO_SPECIALTY,
+        fails=lambda t: t.specialty_match is None,
+        why=lambda t, course, slot: f"the trainer does not teach {course}",
+        pending="No active trainer teaches {course}.",
+    ),
+    Rule(
+        Reason.GENDER_MISMATCH,
+        fails=lambda t: not t.gender_ok,
+        why=lambda t, course, slot: "the trainer's gender does not match the student's preference",
+        pending="{n} trainer(s) teach {course}, but none matches the student's gender preference.",
+    ),
+    Rule(
+        Reason.OUT_OF_RANGE,
+        fails=lambda t: t.distance_km > t.service_radius_km,
+        why=lambda t, course, slot: (
+            f"the student's home is {t.distance_km:.1f} km from the trainer's base, "
+            f"beyond the {t.service_radius_km:g} km service radius"
+        ),
+        pending="{n} trainer(s) teach {course}, but the student's home is outside the service "
+        "radius of every one that qualified so far.",
+    ),
+    # Capacity before the time rules: it is one indexed count, while overlaps and sequential
+    # distance scan the trainer's sessions.
+    Rule(
+        Reason.AT_CAPACITY,
+        fails=lambda t: t.live_allocations >= t.capacity,
+        why=lambda t, course, slot: (
+            f"the trainer holds {t.live_allocations} of {t.capacity} live allocations"
+        ),
+        pending="{n} trainer(s) teach {course} in the area, but all are at capacity.",
+    ),
+    Rule(
+        Reason.NO_FREE_SLOT,
+        fails=lambda t: not t.available or t.measured(t.overlapping_sessions) > 0,
+        why=lambda t, course, slot: (
+            f"the trainer is not available at {slot} on every weekday of the schedule"
+            if not t.available
+            else f"{t.overlapping_sessions} of the trainer's sessions overlap the new ones"
+        ),
+        pending="{n} trainer(s) teach {course} and cover the area, but none is free on every "
+        "session day at {slot}.",
+    ),
+    Rule(
+        Reason.TOO_FAR_BETWEEN_SESSIONS,
+        fails=lambda t: t.measured(t.far_neighbours) > 0,
+        why=lambda t, course, slot: (
+            f"{t.far_neighbours} of the trainer's sessions in the hour before or after are at "
+            "a home too far from this student's"
+        ),
+        pending="{n} trainer(s) are free at {slot}, but each has a session in the hour before "
+        "or after at another student's home too far from this one.",
+    ),
+)
+RULE_ORDER: tuple[Reason, ...] = tuple(rule.reason for rule in RULES)
+_RULES: dict[Reason, Rule] = {rule.reason: rule for rule in RULES}
+_SENTENCES: dict[Reason, str] = {Reason.NO_TRAINER: "There is no active trainer at all."} | {
+    rule.reason: rule.pending for rule in RULES
+}
 
 
 @dataclass(frozen=True)
@@ -234,34 +272,8 @@ def decide(
 
 
 def explain_rule(reason: Reason, trainer: CandidateFacts, *, course: str, slot: str) -> str:
-    """Why one trainer fails one rule, with the facts: '<code>: <sentence>'."""
-    if reason is Reason.TRAINER_INACTIVE:
-        why = "the trainer is not active"
-    elif reason is Reason.NO_SPECIALTY:
-        why = f"the trainer does not teach {course}"
-    elif reason is Reason.GENDER_MISMATCH:
-        why = "the trainer's gender does not match the student's preference"
-    elif reason is Reason.OUT_OF_RANGE:
-        why = (
-            f"the student's home is {trainer.distance_km:.1f} km from the trainer's base, "
-            f"beyond the {trainer.service_radius_km:g} km service radius"
-        )
-    elif reason is Reason.AT_CAPACITY:
-        why = f"the trainer holds {trainer.live_allocations} of {trainer.capacity} live allocations"
-    elif reason is Reason.NO_FREE_SLOT:
-        why = (
-            f"the trainer is not available at {slot} on every weekday of the schedule"
-            if not trainer.available
-            else f"{trainer.overlapping_sessions} of the trainer's sessions overlap the new ones"
-        )
-    elif reason is Reason.TOO_FAR_BETWEEN_SESSIONS:
-        why = (
-            f"{trainer.far_neighbours} of the trainer's sessions in the hour before or after "
-            "are at a home too far from this student's"
-        )
-    else:
-        why = _SENTENCES[reason].format(n=1, course=course, slot=slot)
-    return f"{reason.value}: {why}"
+    """Why one trainer fails one rule, with the facts: '<code>: <clause>'."""
+    return f"{reason.value}: {_RULES[reason].why(trainer, course, slot)}"
 
 
 def sentence_for(reason: Reason, *, n: int, course: str, slot: str) -> str:

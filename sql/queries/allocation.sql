@@ -22,10 +22,11 @@ SELECT count(*) AS active FROM trainers WHERE status = 'active';
 -- name: candidate_facts
 -- One row per active trainer who teaches the course (category or subcategory), or only the
 -- trainer named by only_trainer (an admin request: then whatever their status or specialty),
--- with the facts the matching rules need. The new sessions arrive as two parallel arrays.
--- Rules are checked in a fixed order (workers/matching.py), so the costly facts (overlaps,
--- sequential distance) are only measured for trainers who passed every earlier rule; for the
--- others they are NULL, "not measured".
+-- with the facts the matching rules need; the columns are matching.CandidateFacts' fields.
+-- The new sessions arrive as parallel arrays. Rules are applied in matching.RULE_ORDER, so
+-- the costly facts (overlaps, sequential distance) are only measured for trainers who pass
+-- every rule before them (the filters in `timed` and the final SELECT follow that order); for
+-- the others they are NULL, "not measured". tests/test_rule_order.py fails when they differ.
 WITH purchase AS (
     SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
            lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
