@@ -270,6 +270,7 @@ def test_every_problem_in_one_pass() -> None:
     assert [e["field"] for e in errors] == [
         "schedule.mode",  # conflict
         "groupSize",  # field
+        "sessionDuration",  # 90 minutes against the slot's 60 (the mode conflict hid it once)
         "startDate",  # more than a year ahead
         "sessionCount",  # hybrid needs 30
     ]
@@ -282,6 +283,44 @@ def test_every_problem_in_one_pass() -> None:
         }
     )
     assert [e["field"] for e in errors] == ["sessionCount", "sessionDuration"]
+
+
+def test_two_bad_fields_and_a_rule_across_fields_in_one_rejection() -> None:
+    """Issue 14's case: fixing two fields must not reveal a third problem. A bad mode does
+    not hide the midnight rule (the mode only matters for a default duration)."""
+    errors = problems(
+        {
+            "sessionCount": 25,
+            "scheduleMode": "fortnightly",
+            "timeSlot": "11:30 PM",
+            "sessionDuration": 60,
+        }
+    )
+    assert [e["field"] for e in errors] == ["sessionCount", "scheduleMode", "timeSlot"]
+    assert errors[2]["message"] == "a 60-minute session at 23:30 would end after midnight"
+
+
+# Independent ways to spoil a valid payment, each reported on its own field; the midnight and
+# start-date ones are rules across fields.
+SPOILERS: dict[str, dict[str, Any]] = {
+    "sessionCount": {"sessionCount": 25},
+    "scheduleMode": {"scheduleMode": "fortnightly"},
+    "timeSlot": {"timeSlot": "11:30 PM", "sessionDuration": 60},
+    "startDate": {"startDate": "9999-01-01"},
+    "groupSize": {"groupSize": 7},
+    "learningMode": {"learningMode": "online"},
+    "trainerId": {"trainerId": "Ravi"},
+    "upgrade": {"upgrade": "yes"},
+}
+
+
+@given(st.sets(st.sampled_from(sorted(SPOILERS)), min_size=1))
+def test_every_problem_is_reported_in_the_first_rejection(spoiled: set[str]) -> None:
+    meta: dict[str, Any] = {"sessionCount": 10, "timeSlot": "4:00 PM"}
+    for name in spoiled:
+        meta |= SPOILERS[name]
+    fields = [e["field"] for e in problems(meta)]
+    assert sorted(fields) == sorted(spoiled)
 
 
 def test_hybrid_sessions_follow_the_old_booking_rule() -> None:

@@ -187,3 +187,29 @@ def test_a_slot_may_end_at_midnight(conn: Conn, db_url: str) -> None:
     assert len(sessions) == 10
     assert {(s["scheduled_time"], s["ends"]) for s in sessions} == {(time(23), time(0))}
     settled_at_once(conn)
+
+
+def test_one_rejection_lists_the_zone_the_fields_and_the_rules_across_them(
+    conn: Conn, db_url: str
+) -> None:
+    """Issue 14: fixing what a rejection lists never reveals another problem."""
+    course = f.course(conn)
+    f.trainer(conn)
+    spoiled = {"sessionCount": 25, "groupSize": 7, "timeSlot": "11:30 PM", "sessionDuration": 60}
+    fields = f.payment(conn, f.student(conn), course, spoiled)
+    zone = f.payment(conn, f.student(conn, timezone="localtime"), course, spoiled)
+    drain(db_url)
+
+    found = rejection(conn, fields)
+    assert found["reason"] == "invalid_metadata"
+    assert [e["field"] for e in found["errors"]] == ["sessionCount", "groupSize", "timeSlot"]
+    assert "would end after midnight" in found["errors"][2]["message"]
+    found = rejection(conn, zone)
+    assert found["reason"] == "invalid_timezone"
+    assert [e["field"] for e in found["errors"]] == [
+        "students.timezone",
+        "sessionCount",
+        "groupSize",
+        "timeSlot",
+    ]
+    settled_at_once(conn)

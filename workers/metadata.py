@@ -555,7 +555,9 @@ def plan_purchase(
 
     duration: int | None = None
     duration_ok = "sessionDuration" not in reading.given or "session_duration" in reading.values
-    if slot is not None and mode is not None and duration_ok:
+    # The mode matters only for a default duration: a bad mode does not hide the checks of
+    # a duration that was sent (or read from the slot's range).
+    if slot is not None and duration_ok:
         asked = reading.values.get("session_duration")
         if asked is not None and slot.minutes is not None and asked != slot.minutes:
             problem(
@@ -567,7 +569,7 @@ def plan_purchase(
             duration = asked
         elif slot.minutes is not None:
             duration = slot.minutes
-        else:
+        elif mode is not None:
             duration = default_duration(mode)
             defaults.append("sessionDuration")
     if duration is not None and not 15 <= duration <= 240:

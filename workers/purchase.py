@@ -21,7 +21,7 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from workers.db import Conn, fetch_one
-from workers.errors import InvalidPurchaseError, InvalidTimezoneError
+from workers.errors import InvalidPurchaseError, InvalidTimezoneError, ScheduleError
 from workers.metadata import (
     MAX_METADATA_BYTES,
     PurchasePlan,
@@ -79,15 +79,7 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
 
 
 async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
-    zone = zone_or_rejection(str(payment["timezone"]))
-    today = datetime.now(zone).date()
-    holidays = await load_holidays(conn, today)
-    plan = plan_purchase(
-        decode_metadata(payment["metadata_text"], payment["metadata_bytes"]),
-        today=today,
-        holidays=holidays,
-        default_time_slot=ctx.settings.default_time_slot,
-    )
+    plan = await _plan(conn, payment, ctx)
     if plan.upgrade:
         return await _upgrade(conn, payment, plan)
     row = await fetch_one(
@@ -129,6 +121,41 @@ async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
             ],
         )
     return Outcome("succeeded", f"purchase {row['id']}")
+
+
+async def _plan(conn: Conn, payment: DictRow, ctx: StageContext) -> PurchasePlan:
+    """The payment's plan, or one rejection listing every problem: the student's time zone
+    and the metadata's. With a zone that is no zone, the metadata is still checked (its
+    dates against today in UTC, a day at most from the student's), so that fixing the zone
+    does not reveal a second list."""
+    bad_zone: InvalidPurchaseError | None = None
+    try:
+        zone = zone_or_rejection(str(payment["timezone"]))
+    except InvalidPurchaseError as exc:
+        bad_zone, zone = exc, ZoneInfo("UTC")
+    today = datetime.now(zone).date()
+    try:
+        plan = plan_purchase(
+            decode_metadata(payment["metadata_text"], payment["metadata_bytes"]),
+            today=today,
+            holidays=await load_holidays(conn, today),
+            default_time_slot=ctx.settings.default_time_slot,
+        )
+    except InvalidPurchaseError as bad_metadata:
+        if bad_zone is None:
+            raise
+        raise InvalidPurchaseError(
+            bad_zone.reason,
+            bad_zone.errors + bad_metadata.errors,
+            keep_metadata=bad_metadata.keep_metadata,
+        ) from None
+    except ScheduleError:
+        if bad_zone is None:
+            raise
+        raise bad_zone from None  # a zone to fix first: the payment is rejected, not held
+    if bad_zone is not None:
+        raise bad_zone
+    return plan
 
 
 async def _upgrade(conn: Conn, payment: DictRow, plan: PurchasePlan) -> Outcome:
