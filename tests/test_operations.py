@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -9,11 +11,14 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import drain, one, wait_for, worker_settings
 from workers import ops
+from workers.runtime import run_worker
+from workers.settings import Settings
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
@@ -98,6 +103,66 @@ def test_failed_job_is_visible_then_replayed_without_duplicates(conn: Conn, db_u
         )
     ]
     assert events == ["enqueued", "failed", "replayed", "succeeded", "replayed", "skipped"]
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info is not None]
+
+
+def test_a_failed_job_is_logged_once_with_its_row(
+    conn: Conn, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    conn.execute(EVERY_DAY_A_HOLIDAY)
+    payment = f.payment(conn, f.student(conn), course, GOOD)
+    with caplog.at_level(logging.INFO):
+        drain(db_url)
+    job = one(conn, "SELECT job_id FROM failed_jobs")["job_id"]
+    # Not the stage runner's and pgqueuer's copies: one record, naming stage, row and job.
+    [record] = tracebacks(caplog)
+    assert (record.name, record.levelname) == ("workers.runtime", "ERROR")
+    assert record.getMessage().startswith(
+        f"purchase {payment}: job {job} failed on start 1 and is held as failed"
+    )
+    assert (record.stage, record.ref, record.job_id) == ("purchase", str(payment), job)  # type: ignore[attr-defined]
+    assert record.exc_info is not None and type(record.exc_info[1]).__name__ == "ScheduleError"
+
+
+def test_a_retried_job_is_logged_once_per_failed_attempt(
+    conn: Conn, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    payment = f.payment(conn, f.student(conn), course, GOOD)
+    settings = Settings(  # type: ignore[call-arg]
+        DATABASE_URL=db_url,
+        KC_POOL_SIZE=4,
+        KC_IDLE_POLL_SECONDS=0.1,
+        KC_MAX_ATTEMPTS=2,
+        KC_STATEMENT_TIMEOUT_SECONDS=0.5,
+    )
+    with psycopg.connect(db_url) as blocker, caplog.at_level(logging.INFO):
+        # The stage waits for this lock until its statement times out: a retryable error.
+        blocker.execute("SELECT 1 FROM payments WHERE id = %s FOR UPDATE", (payment,))
+        asyncio.run(asyncio.wait_for(run_worker(db_url, settings, drain=True), 60))
+    job = one(conn, "SELECT job_id FROM failed_jobs")["job_id"]
+    records = tracebacks(caplog)
+    assert [(r.name, r.levelname) for r in records] == [
+        ("workers.runtime", "WARNING"),
+        ("workers.runtime", "ERROR"),
+    ]
+    assert (
+        records[0]
+        .getMessage()
+        .startswith(f"purchase {payment}: job {job} failed on start 1, retried in 0:00:01")
+    )
+    assert (
+        records[1]
+        .getMessage()
+        .startswith(f"purchase {payment}: job {job} failed on start 2 and is held as failed")
+    )
+    assert {type(r.exc_info[1]).__name__ for r in records if r.exc_info} == {"QueryCanceled"}
 
 
 def test_replay_every_failed_job_of_a_stage(conn: Conn, db_url: str) -> None:

@@ -11,6 +11,8 @@ Failure policy, per job:
 - any other error is retried with exponential backoff (pgqueuer's RetryRequested);
 - the start after the last allowed attempt fails the job without running it. A failed job is
   held (status 'failed') with its traceback: `failed_jobs` shows it, `replay_stage` reruns it.
+- each failed attempt is logged once, with its traceback, the stage, the row and the job
+  (`log_failure`); pgqueuer's own copy of that traceback is dropped (`OneTracebackPerFailure`).
 """
 
 from __future__ import annotations
@@ -116,14 +118,18 @@ async def run_job(
             f"SELECT replay_stage('{stage.value}', '{ref}')"
         )
         await record_failure(pool, stage, ref, ctx, gave_up)
+        log_failure(job, stage, ref, gave_up, starts=starts, retry_in=None)
         raise gave_up
     try:
         await run_stage(pool, stage, handler, ref, ctx)
-    except PERMANENT:
+    except PERMANENT as exc:
+        log_failure(job, stage, ref, exc, starts=starts, retry_in=None)
         raise
     except Exception as exc:
         if starts >= settings.max_attempts:
+            log_failure(job, stage, ref, exc, starts=starts, retry_in=None)
             raise
+        log_failure(job, stage, ref, exc, starts=starts, retry_in=backoff(starts))
         raise RetryRequested(delay=backoff(starts), reason=str(exc)[:500]) from exc
 
 
@@ -138,6 +144,61 @@ def recovery_bound(settings: Settings) -> timedelta:
     """Longest time from a worker's crash until another (idle) worker picks its jobs again:
     the heartbeat turns stale, then one idle poll (plus the queries' own time)."""
     return timedelta(seconds=settings.heartbeat_seconds) + idle_poll(settings)
+
+
+# Set on an exception log_failure has logged, so that pgqueuer's record of it is dropped.
+_LOGGED = "kc_logged"
+
+
+def log_failure(
+    job: Job,
+    stage: Stage,
+    ref: UUID,
+    exc: BaseException,
+    *,
+    starts: int,
+    retry_in: timedelta | None,
+) -> None:
+    """The one log record of a failed attempt: stage, row, job, start, what happens next, and
+    the traceback."""
+    extra = {"stage": stage.value, "ref": str(ref), "job_id": int(job.id)}
+    if retry_in is not None:
+        log.warning(
+            "%s %s: job %s failed on start %d, retried in %s: %s",
+            stage.value,
+            ref,
+            job.id,
+            starts,
+            retry_in,
+            exc,
+            exc_info=exc,
+            extra=extra,
+        )
+    else:
+        log.error(
+            "%s %s: job %s failed on start %d and is held as failed (make failures; "
+            "make replay STAGE=%s ID=%s): %s",
+            stage.value,
+            ref,
+            job.id,
+            starts,
+            stage.value,
+            ref,
+            exc,
+            exc_info=exc,
+            extra=extra,
+        )
+    setattr(exc, _LOGGED, True)
+
+
+class OneTracebackPerFailure(logging.Filter):
+    """pgqueuer logs the traceback of every job that raises ("Exception while processing
+    entrypoint/job-id"). For an exception log_failure has logged already, with the row and
+    the attempt, that second copy is dropped; anything else pgqueuer logs stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and getattr(exc, _LOGGED, False))
 
 
 def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings: Settings) -> None:
@@ -225,6 +286,8 @@ async def run_worker(
     """
     driver = await connect_driver(url, settings)
     pool = make_pool(url, settings.pool_size, settings.statement_timeout_seconds)
+    one_traceback = OneTracebackPerFailure()
+    logging.getLogger("pgqueuer").addFilter(one_traceback)
     try:
         await pool.open(wait=True, timeout=30)
         if on_ready is not None:
@@ -262,6 +325,7 @@ async def run_worker(
                 relay.cancel()
         log.info("worker %s stopped", qm.queue_manager_id)
     finally:
+        logging.getLogger("pgqueuer").removeFilter(one_traceback)
         await pool.close()
         await driver.close()
 

@@ -3,7 +3,8 @@ wrapper.
 
 A stage handler runs inside one transaction and returns an Outcome; the wrapper writes the
 history line in that same transaction, so "done" is recorded exactly when the work commits.
-A handler that raises leaves nothing behind; the wrapper records the failure on its own.
+A handler that raises leaves nothing behind; the wrapper records the failure on its own
+(`failed` in stage_history) and raises it on.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ async def run_stage(
                 },
             )
     except Exception as exc:
-        log.exception("%s %s failed: %s", stage.value, ref, exc, extra=extra)
+        # Logged once, with its traceback, by the caller that decides what happens next
+        # (runtime.run_job: retried or held).
         await record_failure(pool, stage, ref, ctx, exc)
         raise
     log.info("%s %s %s: %s", stage.value, ref, outcome.event, outcome.detail, extra=extra)
