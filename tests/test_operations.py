@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from tests import factories as f
 from tests.helpers import drain, one, wait_for, worker_settings
 from workers import ops
 from workers.runtime import run_worker
-from workers.settings import Settings
+from workers.settings import REPO_ROOT, Settings
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
@@ -314,6 +315,31 @@ def test_doctor_names_each_problem_with_its_fix(conn: Conn, db_url: str, tmp_pat
 
     conn.execute("UPDATE alembic_version SET version_num = '0001'")
     assert [p.fix for p in ops.doctor(db_url, settings)] == ["make migrate"]
+
+
+def test_doctor_exit_status_is_1_and_make_says_2(db_url: str) -> None:
+    """As README.md's "Exit status" says: the command's own 1, make's own 2."""
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            args,
+            cwd=REPO_ROOT,
+            env={**os.environ, "DATABASE_URL": db_url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    direct = command(sys.executable, "-m", "workers", "doctor")
+    assert (direct.returncode, direct.stdout.splitlines()[0]) == (
+        1,
+        "PROBLEM: no worker is running (nobody LISTENs on this database)",
+    )
+    made = command("make", "-s", "doctor")
+    assert made.returncode == 2
+    assert made.stdout == direct.stdout
+    assert re.search(r"make(\[\d+\])?: \*\*\* \[Makefile:\d+: doctor\] Error 1", made.stderr)
 
 
 def test_status_and_trace_commands(conn: Conn, db_url: str) -> None:

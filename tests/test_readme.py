@@ -61,3 +61,12 @@ def test_first_payment_from_the_readme_goes_through(conn: Conn, db_url: str) -> 
     assert traced.returncode == 0, traced.stderr
     assert re.search(r"allocation_status\s+approved", traced.stdout)
     assert re.search(r"sessions_written\s+10", traced.stdout)
+
+
+def test_the_layout_table_names_every_module() -> None:
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"(\w+\.py)`", layout))
+    modules = {path.name for path in (REPO_ROOT / "workers").rglob("*.py")}
+    assert modules - named == set(), "README.md's Layout table misses these modules"
+    assert named - modules == set(), "README.md's Layout table names modules that do not exist"

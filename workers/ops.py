@@ -93,7 +93,9 @@ def expected_triggers() -> set[tuple[str, str]]:
 
 
 def doctor(url: str, settings: Settings) -> list[Problem]:
-    """The old guide's checklist as one command: each problem comes with its fix."""
+    """Every check an operator would run by hand, as one command: the database answers,
+    migrations are at head, pgqueuer's schema, the triggers, a worker listening, the
+    backlog's age, held jobs. Each problem comes with its fix."""
     try:
         conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
     except psycopg.OperationalError as exc:
@@ -112,7 +114,7 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
             return problems  # the other checks read objects the migrations create
         try:
             asyncio.run(_verify_pgqueuer(url))
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # what pgqueuer's verify_structure raises
             problems.append(
                 Problem(
                     f"pgqueuer's schema does not match its version: {exc}",

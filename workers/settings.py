@@ -65,7 +65,9 @@ class Settings(BaseSettings):
         default=300,
         ge=1,
         validation_alias="KC_PENDING_RETRY_SECONDS",
-        description="The minute-by-minute sweep retries pending allocations older than this.",
+        description="The minute-by-minute sweep retries a pending allocation this long after "
+        "its first try, then waits twice as long after each unsuccessful one (at most a day); "
+        "500 rows a run at most.",
     )
     heal_after_seconds: int = Field(
         default=120,
