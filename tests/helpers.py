@@ -16,7 +16,7 @@ import psycopg
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from workers.db import Conn, make_pool
+from workers.db import AsyncConn, make_pool
 from workers.runtime import HANDLERS, run_worker
 from workers.settings import Settings
 from workers.stages import Outcome, Stage, StageContext, run_stage
@@ -49,7 +49,7 @@ def run_one(db_url: str, stage: Stage, ref: UUID) -> Outcome:
 
 
 def run_periodic(
-    db_url: str, job: Callable[[AsyncConnectionPool[Conn], Settings], Awaitable[T]]
+    db_url: str, job: Callable[[AsyncConnectionPool[AsyncConn], Settings], Awaitable[T]]
 ) -> T:
     """Run one periodic job's body (what the worker's cron calls) once."""
 

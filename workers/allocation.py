@@ -23,7 +23,7 @@ from uuid import UUID
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.db import Conn, fetch_all, fetch_one, savepoint_or_refusal
+from workers.db import AsyncConn, fetch_all, fetch_one, savepoint_or_refusal
 from workers.errors import DatabaseRefusalError
 from workers.matching import (
     CandidateFacts,
@@ -69,7 +69,7 @@ OVERRIDABLE = frozenset(
 
 
 async def remaining_plan(
-    conn: Conn, purchase: DictRow, *, replacing: UUID | None, holidays: set[date]
+    conn: AsyncConn, purchase: DictRow, *, replacing: UUID | None, holidays: set[date]
 ) -> list[PlannedSession]:
     """The sessions still owed: after the last standing one, never before tomorrow."""
     progress = await fetch_one(
@@ -94,7 +94,7 @@ def _overlaps(a: list[PlannedSession], b: list[PlannedSession]) -> bool:
     return any(nxt[0] < cur[1] for cur, nxt in pairwise(spans))
 
 
-async def handle(conn: Conn, purchase_id: UUID, ctx: StageContext) -> Outcome:
+async def handle(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Outcome:
     purchase = await fetch_one(
         conn, q("lock_purchase_for_allocation"), {"purchase_id": purchase_id}
     )
@@ -127,7 +127,7 @@ async def handle(conn: Conn, purchase_id: UUID, ctx: StageContext) -> Outcome:
 
 
 async def preferred_trainer(
-    conn: Conn,
+    conn: AsyncConn,
     purchase: DictRow,
     sessions: list[PlannedSession],
     decision: Decision,
@@ -149,7 +149,7 @@ async def preferred_trainer(
 
 
 async def allocate_best(
-    conn: Conn,
+    conn: AsyncConn,
     purchase: DictRow,
     sessions: list[PlannedSession],
     decision: Decision,
@@ -221,7 +221,7 @@ async def allocate_best(
 
 
 async def extend_if_short(
-    conn: Conn, purchase: DictRow, holidays: set[date], ctx: StageContext
+    conn: AsyncConn, purchase: DictRow, holidays: set[date], ctx: StageContext
 ) -> Outcome:
     """An approved allocation short of sessions (the tier was raised): the same trainer
     takes the extra sessions when free; otherwise the remainder moves to the best trainer."""
@@ -248,7 +248,7 @@ async def extend_if_short(
 
 
 async def carry_out_request(
-    conn: Conn, purchase: DictRow, request: DictRow, holidays: set[date], ctx: StageContext
+    conn: AsyncConn, purchase: DictRow, request: DictRow, holidays: set[date], ctx: StageContext
 ) -> Outcome:
     """An admin's assign_trainer(): every rule is checked. An override request sets aside
     the rules in OVERRIDABLE that fail (all of them are recorded), never the others. A write
@@ -322,13 +322,13 @@ async def carry_out_request(
     )
 
 
-async def _refuse(conn: Conn, request: DictRow, why: str) -> Outcome:
+async def _refuse(conn: AsyncConn, request: DictRow, why: str) -> Outcome:
     await _close_request(conn, request, "refused", why, None)
     return Outcome("succeeded", f"assignment request {request['id']} refused: {why}")
 
 
 async def _close_request(
-    conn: Conn, request: DictRow, status: str, outcome: str, allocation_id: UUID | None
+    conn: AsyncConn, request: DictRow, status: str, outcome: str, allocation_id: UUID | None
 ) -> None:
     await conn.execute(
         q("close_request"),
@@ -347,7 +347,7 @@ def _slot_text(purchase: DictRow) -> str:
 
 
 async def search(
-    conn: Conn,
+    conn: AsyncConn,
     purchase: DictRow,
     sessions: list[PlannedSession],
     ctx: StageContext,
@@ -384,7 +384,7 @@ async def search(
 
 
 async def still_fits(
-    conn: Conn,
+    conn: AsyncConn,
     trainer_id: UUID,
     purchase: DictRow,
     sessions: list[PlannedSession],
@@ -434,7 +434,7 @@ async def still_fits(
 
 
 async def write_allocation(
-    conn: Conn,
+    conn: AsyncConn,
     purchase: DictRow,
     sessions: list[PlannedSession],
     *,

@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 from workers import database, migrate
+from workers.db import SyncConn, connect_sync
 from workers.errors import PipelineError
 from workers.settings import REPO_ROOT, Settings, load_settings
 
@@ -139,7 +140,7 @@ def _submit(
         return _await_request(conn, status_query, row["request_id"], wait)
 
 
-def _await_request(conn: Any, status_query: str, request_id: int, wait: float) -> int:
+def _await_request(conn: SyncConn, status_query: str, request_id: int, wait: float) -> int:
     """Wait for the allocation stage to decide a request: 0 done, 1 refused, 3 still open."""
     import time
 
@@ -171,11 +172,8 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
     return _submit(settings, "request_reschedule", params, "schedule_change_status", args.wait)
 
 
-def _ops_connection(settings: Settings) -> Any:
-    import psycopg
-    from psycopg.rows import dict_row
-
-    return psycopg.connect(database.pipeline_url(settings), autocommit=True, row_factory=dict_row)
+def _ops_connection(settings: Settings) -> SyncConn:
+    return connect_sync(database.pipeline_url(settings))
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,4 +1,6 @@
-"""Everything psycopg: connections, the pool, row access. Stage code asks for a transaction."""
+"""psycopg connections and row access. A stage gets its connection from the stages' pool,
+inside a transaction (`transaction`); a command opens one autocommit connection
+(`connect_sync`). The queue's own connections are in `driver.py`."""
 
 from __future__ import annotations
 
@@ -15,23 +17,26 @@ from workers.errors import ConfigurationError, DatabaseRefusalError
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.AsyncConnection[DictRow]
+# A stage's connection: async, from the pool, inside the stage's transaction.
+AsyncConn = psycopg.AsyncConnection[DictRow]
+# A command's connection (status, trace, doctor, assign ...): sync and autocommit.
+SyncConn = psycopg.Connection[DictRow]
 Params = Mapping[str, Any]
 
 
-async def connect(url: str, *, autocommit: bool = False) -> Conn:
+def connect_sync(url: str, *, timeout: int | None = None) -> SyncConn:
+    """A command's connection; ConfigurationError (naming psycopg's reason, kept as its
+    cause) when the database does not answer within `timeout` seconds."""
+    options: dict[str, Any] = {} if timeout is None else {"connect_timeout": timeout}
     try:
-        return await psycopg.AsyncConnection.connect(
-            url,
-            autocommit=autocommit,
-            row_factory=dict_row,
-            application_name="koding-caravan-worker",
-        )
+        return psycopg.connect(url, autocommit=True, row_factory=dict_row, **options)
     except psycopg.OperationalError as exc:
         raise ConfigurationError(f"cannot connect to the database: {exc}".strip()) from exc
 
 
-def make_pool(url: str, size: int, statement_timeout: float = 60.0) -> AsyncConnectionPool[Conn]:
+def make_pool(
+    url: str, size: int, statement_timeout: float = 60.0
+) -> AsyncConnectionPool[AsyncConn]:
     return AsyncConnectionPool(
         url,
         min_size=1,
@@ -50,14 +55,14 @@ def make_pool(url: str, size: int, statement_timeout: float = 60.0) -> AsyncConn
 
 
 @contextlib.asynccontextmanager
-async def transaction(pool: AsyncConnectionPool[Conn]) -> AsyncIterator[Conn]:
+async def transaction(pool: AsyncConnectionPool[AsyncConn]) -> AsyncIterator[AsyncConn]:
     """A connection inside a transaction: committed on exit, rolled back on error."""
     async with pool.connection() as conn, conn.transaction():
         yield conn
 
 
 @contextlib.asynccontextmanager
-async def savepoint_or_refusal(conn: Conn) -> AsyncIterator[None]:
+async def savepoint_or_refusal(conn: AsyncConn) -> AsyncIterator[None]:
     """A savepoint: when the database refuses the writes inside it (a constraint, a trigger's
     check), they are rolled back, the transaction goes on and DatabaseRefusalError says why."""
     try:
@@ -67,11 +72,11 @@ async def savepoint_or_refusal(conn: Conn) -> AsyncIterator[None]:
         raise DatabaseRefusalError(exc.diag.message_primary or str(exc)) from exc
 
 
-async def fetch_one(conn: Conn, query: LiteralString, params: Params) -> DictRow | None:
+async def fetch_one(conn: AsyncConn, query: LiteralString, params: Params) -> DictRow | None:
     cursor = await conn.execute(query, params)
     return await cursor.fetchone()
 
 
-async def fetch_all(conn: Conn, query: LiteralString, params: Params) -> list[DictRow]:
+async def fetch_all(conn: AsyncConn, query: LiteralString, params: Params) -> list[DictRow]:
     cursor = await conn.execute(query, params)
     return await cursor.fetchall()

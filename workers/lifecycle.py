@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from workers.allocation import allocate_best, remaining_plan, search
-from workers.db import Conn, fetch_all, fetch_one, transaction
+from workers.db import AsyncConn, fetch_all, fetch_one, transaction
 from workers.matching import Decision, Reason
 from workers.schedule import PlannedSession
 from workers.settings import Settings
@@ -47,7 +47,7 @@ def prefer(decision: Decision, trainer_id: UUID | None) -> Decision:
     return dataclasses.replace(decision, ranked=tuple(first + rest))
 
 
-async def complete(pool: AsyncConnectionPool[Conn], settings: Settings) -> dict[str, int]:
+async def complete(pool: AsyncConnectionPool[AsyncConn], settings: Settings) -> dict[str, int]:
     """One bounded pass of complete_finished() (the minute job)."""
     async with transaction(pool) as conn:
         row = await fetch_one(
@@ -62,7 +62,7 @@ async def complete(pool: AsyncConnectionPool[Conn], settings: Settings) -> dict[
     return {k: int(v) for k, v in row.items()}
 
 
-async def sweep(pool: AsyncConnectionPool[Conn], settings: Settings) -> int:
+async def sweep(pool: AsyncConnectionPool[AsyncConn], settings: Settings) -> int:
     """sweep_lifecycle() (every ten minutes: it reads every live allocation's sessions ahead,
     ~0.45 s for 5,000 allocations with 100k sessions, and the triggers do the real work)."""
     async with transaction(pool) as conn:
@@ -72,7 +72,7 @@ async def sweep(pool: AsyncConnectionPool[Conn], settings: Settings) -> int:
 
 
 async def before_allocation(
-    conn: Conn, purchase: DictRow, holidays: set[date], ctx: StageContext
+    conn: AsyncConn, purchase: DictRow, holidays: set[date], ctx: StageContext
 ) -> Outcome | None:
     """The outcome of a reschedule or a move, or None: the allocation stage goes on."""
     changes = await fetch_all(conn, q("open_schedule_changes"), {"purchase_id": purchase["id"]})
@@ -96,7 +96,7 @@ class Replanned:
 
 
 async def replan(
-    conn: Conn,
+    conn: AsyncConn,
     purchase: DictRow,
     holidays: set[date],
     ctx: StageContext,
@@ -131,7 +131,7 @@ async def replan(
 
 
 async def move_away(
-    conn: Conn, purchase: DictRow, unfit: DictRow, holidays: set[date], ctx: StageContext
+    conn: AsyncConn, purchase: DictRow, unfit: DictRow, holidays: set[date], ctx: StageContext
 ) -> Outcome:
     old_trainer = purchase["live_trainer_id"]
     why = f"trainer {old_trainer} can no longer teach this course: {unfit['detail']}"
@@ -162,7 +162,11 @@ async def move_away(
 
 
 async def carry_out_reschedule(
-    conn: Conn, purchase: DictRow, changes: list[DictRow], holidays: set[date], ctx: StageContext
+    conn: AsyncConn,
+    purchase: DictRow,
+    changes: list[DictRow],
+    holidays: set[date],
+    ctx: StageContext,
 ) -> Outcome | None:
     """The purchase already has its new slot, date and mode (reschedule() set them); what
     is ahead is re-planned from them. None when no trainer is assigned yet: the usual search
@@ -221,7 +225,7 @@ async def carry_out_reschedule(
 
 
 async def annotate(
-    conn: Conn,
+    conn: AsyncConn,
     allocation_id: UUID,
     note: dict[str, Any],
     *,
@@ -242,7 +246,7 @@ async def annotate(
     return row
 
 
-async def _close(conn: Conn, ids: list[int], outcome: str, allocation_id: UUID | None) -> None:
+async def _close(conn: AsyncConn, ids: list[int], outcome: str, allocation_id: UUID | None) -> None:
     await conn.execute(
         q("close_schedule_changes"),
         {"ids": ids, "outcome": outcome, "allocation_id": allocation_id},

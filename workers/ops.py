@@ -11,14 +11,11 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg.rows import DictRow, dict_row
-
 from workers import migrate
+from workers.db import SyncConn, connect_sync
+from workers.errors import ConfigurationError
 from workers.settings import Settings
 from workers.sql import SQL_DIR, q
-
-Conn = psycopg.Connection[DictRow]
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -38,7 +35,7 @@ def _cell(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def status(conn: Conn, settings: Settings) -> str:
+def status(conn: SyncConn, settings: Settings) -> str:
     overview = conn.execute(q("stage_overview")).fetchall()
     counts = conn.execute(
         q("pipeline_counts"), {"stuck_after": timedelta(seconds=settings.heal_after_seconds)}
@@ -55,7 +52,7 @@ def status(conn: Conn, settings: Settings) -> str:
     return "\n\n".join(parts)
 
 
-def trace(conn: Conn, ref: UUID) -> str:
+def trace(conn: SyncConn, ref: UUID) -> str:
     rows = conn.execute(q("trace_rows"), {"id": ref}).fetchall()
     if not rows:
         return f"no payment, purchase, allocation, student or course {ref}"
@@ -68,11 +65,11 @@ def trace(conn: Conn, ref: UUID) -> str:
     return "\n\n".join(out)
 
 
-def failures(conn: Conn) -> str:
+def failures(conn: SyncConn) -> str:
     return table(conn.execute(q("failures")).fetchall())
 
 
-def replay(conn: Conn, stage: str, ref: UUID | None) -> str:
+def replay(conn: SyncConn, stage: str, ref: UUID | None) -> str:
     if ref is None:
         row = conn.execute(q("replay_failed"), {"stage": stage}).fetchone()
         return f"{row['replayed'] if row else 0} failed {stage} job(s) enqueued again"
@@ -97,11 +94,11 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
     migrations are at head, pgqueuer's schema, the triggers, a worker listening, the
     backlog's age, held jobs. Each problem comes with its fix."""
     try:
-        conn = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=5)
-    except psycopg.OperationalError as exc:
+        conn = connect_sync(url, timeout=5)
+    except ConfigurationError as exc:
         return [
             Problem(
-                f"the database is not reachable: {str(exc).strip()}",
+                f"the database is not reachable: {str(exc.__cause__ or exc).strip()}",
                 "check DATABASE_URL; without it, `make run-workers` starts the embedded server",
             )
         ]

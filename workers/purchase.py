@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.db import Conn, fetch_one
+from workers.db import AsyncConn, fetch_one
 from workers.errors import InvalidPurchaseError, InvalidTimezoneError, ScheduleError
 from workers.metadata import (
     MAX_METADATA_BYTES,
@@ -48,7 +48,7 @@ def zone_or_rejection(name: str) -> ZoneInfo:
         ) from None
 
 
-async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
+async def handle(conn: AsyncConn, payment_id: UUID, ctx: StageContext) -> Outcome:
     payment = await fetch_one(
         conn, q("lock_payment"), {"payment_id": payment_id, "max_bytes": MAX_METADATA_BYTES}
     )
@@ -78,7 +78,7 @@ async def handle(conn: Conn, payment_id: UUID, ctx: StageContext) -> Outcome:
     return outcome
 
 
-async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
+async def _create(conn: AsyncConn, payment: DictRow, ctx: StageContext) -> Outcome:
     plan = await _plan(conn, payment, ctx)
     if plan.upgrade:
         return await _upgrade(conn, payment, plan)
@@ -123,7 +123,7 @@ async def _create(conn: Conn, payment: DictRow, ctx: StageContext) -> Outcome:
     return Outcome("succeeded", f"purchase {row['id']}")
 
 
-async def _plan(conn: Conn, payment: DictRow, ctx: StageContext) -> PurchasePlan:
+async def _plan(conn: AsyncConn, payment: DictRow, ctx: StageContext) -> PurchasePlan:
     """The payment's plan, or one rejection listing every problem: the student's time zone
     and the metadata's. With a zone that is no zone, the metadata is still checked (its
     dates against today in UTC, a day at most from the student's), so that fixing the zone
@@ -158,7 +158,7 @@ async def _plan(conn: Conn, payment: DictRow, ctx: StageContext) -> PurchasePlan
     return plan
 
 
-async def _upgrade(conn: Conn, payment: DictRow, plan: PurchasePlan) -> Outcome:
+async def _upgrade(conn: AsyncConn, payment: DictRow, plan: PurchasePlan) -> Outcome:
     to_tier = plan.session_count
     active = await fetch_one(
         conn,

@@ -38,7 +38,7 @@ from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
 from workers import allocation, lifecycle, purchase, sessions
-from workers.db import Conn, fetch_all, fetch_one, make_pool, transaction
+from workers.db import AsyncConn, fetch_all, fetch_one, make_pool, transaction
 from workers.driver import ListeningDriver
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
 from workers.settings import Settings
@@ -76,7 +76,9 @@ def backoff(starts: int) -> timedelta:
     return min(timedelta(seconds=2 ** max(starts - 1, 0)), timedelta(minutes=5))
 
 
-async def record_start(pool: AsyncConnectionPool[Conn], job: Job, stage: Stage, ref: UUID) -> int:
+async def record_start(
+    pool: AsyncConnectionPool[AsyncConn], job: Job, stage: Stage, ref: UUID
+) -> int:
     async with transaction(pool) as conn:
         row = await fetch_one(
             conn,
@@ -93,7 +95,11 @@ async def record_start(pool: AsyncConnectionPool[Conn], job: Job, stage: Stage, 
 
 
 async def run_job(
-    pool: AsyncConnectionPool[Conn], settings: Settings, stage: Stage, handler: Handler, job: Job
+    pool: AsyncConnectionPool[AsyncConn],
+    settings: Settings,
+    stage: Stage,
+    handler: Handler,
+    job: Job,
 ) -> None:
     ctx = StageContext(settings=settings, job_id=int(job.id))
     ref = job_ref(job)
@@ -201,7 +207,9 @@ class OneTracebackPerFailure(logging.Filter):
         return not (exc is not None and getattr(exc, _LOGGED, False))
 
 
-def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings: Settings) -> None:
+def register_stages(
+    qm: QueueManager, pool: AsyncConnectionPool[AsyncConn], settings: Settings
+) -> None:
     for stage, handler in HANDLERS.items():
 
         def bind(stage: Stage = stage, handler: Handler = handler) -> None:
@@ -213,7 +221,7 @@ def register_stages(qm: QueueManager, pool: AsyncConnectionPool[Conn], settings:
 
 
 def register_schedules(
-    sm: SchedulerManager, pool: AsyncConnectionPool[Conn], settings: Settings
+    sm: SchedulerManager, pool: AsyncConnectionPool[AsyncConn], settings: Settings
 ) -> None:
     """Periodic jobs (pgqueuer cron: every worker registers them, one runs each tick)."""
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from uuid import UUID
 
-from workers.db import Conn, fetch_one
+from workers.db import AsyncConn, fetch_one
 from workers.schedule import local_tomorrow, plan_sessions, resume_from
 from workers.sql import q
 from workers.stages import Outcome, StageContext, load_holidays
 
 
-async def handle(conn: Conn, allocation_id: UUID, ctx: StageContext) -> Outcome:
+async def handle(conn: AsyncConn, allocation_id: UUID, ctx: StageContext) -> Outcome:
     allocation = await fetch_one(
         conn, q("lock_allocation_for_sessions"), {"allocation_id": allocation_id}
     )

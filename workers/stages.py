@@ -21,7 +21,7 @@ from uuid import UUID
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from workers.db import Conn, fetch_all, transaction
+from workers.db import AsyncConn, fetch_all, transaction
 from workers.settings import Settings
 from workers.sql import q
 
@@ -48,10 +48,10 @@ class StageContext:
     job_id: int | None = None
 
 
-Handler = Callable[[Conn, UUID, StageContext], Awaitable[Outcome]]
+Handler = Callable[[AsyncConn, UUID, StageContext], Awaitable[Outcome]]
 
 
-async def load_holidays(conn: Conn, from_day: date) -> set[date]:
+async def load_holidays(conn: AsyncConn, from_day: date) -> set[date]:
     """The days without sessions (`holidays`), from `from_day` on: every stage that plans
     a schedule reads them here, in its own transaction."""
     rows = await fetch_all(conn, q("holidays_from"), {"from_day": from_day})
@@ -59,7 +59,11 @@ async def load_holidays(conn: Conn, from_day: date) -> set[date]:
 
 
 async def run_stage(
-    pool: AsyncConnectionPool[Conn], stage: Stage, handler: Handler, ref: UUID, ctx: StageContext
+    pool: AsyncConnectionPool[AsyncConn],
+    stage: Stage,
+    handler: Handler,
+    ref: UUID,
+    ctx: StageContext,
 ) -> Outcome:
     extra = {"stage": stage.value, "ref": str(ref), "job_id": ctx.job_id}
     try:
@@ -86,7 +90,11 @@ async def run_stage(
 
 
 async def record_failure(
-    pool: AsyncConnectionPool[Conn], stage: Stage, ref: UUID, ctx: StageContext, exc: BaseException
+    pool: AsyncConnectionPool[AsyncConn],
+    stage: Stage,
+    ref: UUID,
+    ctx: StageContext,
+    exc: BaseException,
 ) -> None:
     error = {
         "type": type(exc).__name__,
