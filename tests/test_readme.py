@@ -70,3 +70,18 @@ def test_the_layout_table_names_every_module() -> None:
     modules = {path.name for path in (REPO_ROOT / "workers").rglob("*.py")}
     assert modules - named == set(), "README.md's Layout table misses these modules"
     assert named - modules == set(), "README.md's Layout table names modules that do not exist"
+
+
+def test_the_commands_listed_are_the_clis() -> None:
+    from workers.cli import build_parser
+
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"`python -m workers --help` \(([^)]*)\)", text)
+    assert found, "README.md lists the commands after `python -m workers --help`"
+    listed = re.findall(r"`([a-z-]+)`", found.group(1))
+    [commands] = [
+        action.choices
+        for action in build_parser()._actions
+        if isinstance(action.choices, dict) and "run" in action.choices
+    ]
+    assert listed == list(commands)

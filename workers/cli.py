@@ -231,24 +231,27 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if problems else 0
 
 
-def _add_wait(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--wait",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how long to wait for the outcome (default 30)",
-    )
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command, in the order `--help` lists them."""
     parser = argparse.ArgumentParser(
         prog="python -m workers",
         description="Koding Caravan enrolment pipeline. The database is DATABASE_URL, or the "
         "embedded PostgreSQL in .pgdata/ when it is unset.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_server_commands(sub)
+    _add_assign(sub)
+    _add_reschedule(sub)
+    _add_operator_commands(sub)
+    _add_tools(sub)
+    return parser
 
+
+def _add_run(sub: Subcommands[argparse.ArgumentParser]) -> None:
     run = sub.add_parser("run", help="migrate, then process jobs until Ctrl-C / SIGTERM")
     run.add_argument(
         "--drain",
@@ -273,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_run)
 
+
+def _add_server_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    """migrate, db-url, db-stop: the pipeline's database and the embedded server."""
     mig = sub.add_parser("migrate", help="apply alembic migrations (default: to head)")
     mig.add_argument("revision", nargs="?", default="head")
     mig.set_defaults(func=cmd_migrate)
@@ -292,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
     stop.set_defaults(func=cmd_db_stop)
 
+
+def _add_assign(sub: Subcommands[argparse.ArgumentParser]) -> None:
     assign = sub.add_parser(
         "assign",
         help="assign or re-assign a trainer to a purchase (same rules unless --override)",
@@ -310,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait(assign)
     assign.set_defaults(func=cmd_assign)
 
+
+def _add_reschedule(sub: Subcommands[argparse.ArgumentParser]) -> None:
     resched = sub.add_parser(
         "reschedule",
         help="move a purchase's future sessions to another slot, start date or mode",
@@ -333,6 +343,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_wait(resched)
     resched.set_defaults(func=cmd_reschedule)
 
+
+def _add_wait(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the outcome (default 30)",
+    )
+
+
+def _add_operator_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    """status, trace, failures, replay, doctor: what `make` wraps for operators."""
     status = sub.add_parser(
         "status",
         help="per stage: queued, in flight, failed, oldest "
@@ -369,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check everything; print each problem with its fix")
     doctor.set_defaults(func=cmd_doctor)
 
+
+def _add_tools(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    """psql and schema: for people working on the database itself."""
     psql = sub.add_parser(
         "psql",
         help="exec psql on the pipeline's database",
@@ -380,7 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="rewrite sql/schema.sql from a migrated database")
     schema.add_argument("--url", help="database to read (default: the pipeline's)")
     schema.set_defaults(func=cmd_schema)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
