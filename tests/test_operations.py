@@ -317,6 +317,21 @@ def test_doctor_names_each_problem_with_its_fix(conn: Conn, db_url: str, tmp_pat
     assert [p.fix for p in ops.doctor(db_url, settings)] == ["make migrate"]
 
 
+def test_doctor_names_held_jobs_and_an_unreachable_database(conn: Conn, db_url: str) -> None:
+    settings = worker_settings(db_url)
+    conn.execute(EVERY_DAY_A_HOLIDAY)
+    f.payment(conn, f.student(conn), f.course(conn), GOOD)
+    drain(db_url)
+    problems = {p.what: p.fix for p in ops.doctor(db_url, settings)}
+    assert problems["1 job(s) failed after their last attempt"].startswith("make failures;")
+
+    nowhere = "postgresql://postgres@127.0.0.1:1/nothing"  # port 1: nothing listens there
+    [problem] = ops.doctor(nowhere, settings)
+    assert problem.what.startswith("the database is not reachable: ")
+    assert "127.0.0.1" in problem.what and "cannot connect to the database" not in problem.what
+    assert problem.fix.startswith("check DATABASE_URL")
+
+
 def test_doctor_exit_status_is_1_and_make_says_2(db_url: str) -> None:
     """As README.md's "Exit status" says: the command's own 1, make's own 2."""
 

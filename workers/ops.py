@@ -102,66 +102,94 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
                 "check DATABASE_URL; without it, `make run-workers` starts the embedded server",
             )
         ]
-    problems: list[Problem] = []
     with conn:
-        current = migrate.current_revision(conn)
-        head = migrate.head_revision()
-        if current != head:
-            problems.append(Problem(f"migrations are at {current}, head is {head}", "make migrate"))
-            return problems  # the other checks read objects the migrations create
-        try:
-            asyncio.run(_verify_pgqueuer(url))
-        except RuntimeError as exc:  # what pgqueuer's verify_structure raises
+        behind = _migrations(conn)
+        if behind:
+            return behind  # the other checks read objects the migrations create
+        return [
+            *_pgqueuer_schema(url),
+            *_triggers(conn),
+            *_workers(conn),
+            *_backlog(conn, settings),
+            *_held_jobs(conn),
+        ]
+
+
+def _migrations(conn: SyncConn) -> list[Problem]:
+    current = migrate.current_revision(conn)
+    head = migrate.head_revision()
+    if current == head:
+        return []
+    return [Problem(f"migrations are at {current}, head is {head}", "make migrate")]
+
+
+def _pgqueuer_schema(url: str) -> list[Problem]:
+    try:
+        asyncio.run(_verify_pgqueuer(url))
+    except RuntimeError as exc:  # what pgqueuer's verify_structure raises
+        return [
+            Problem(
+                f"pgqueuer's schema does not match its version: {exc}",
+                "make migrate (pgqueuer's schema ships in the migrations)",
+            )
+        ]
+    return []
+
+
+def _triggers(conn: SyncConn) -> list[Problem]:
+    """Every trigger of sql/schema.sql exists and is enabled."""
+    states = {
+        (r["name"], r["table_name"]): r["enabled"]
+        for r in conn.execute(q("trigger_states")).fetchall()
+    }
+    problems: list[Problem] = []
+    for name, table_name in sorted(expected_triggers()):
+        if (name, table_name) not in states:
             problems.append(
                 Problem(
-                    f"pgqueuer's schema does not match its version: {exc}",
-                    "make migrate (pgqueuer's schema ships in the migrations)",
+                    f"trigger {name} on {table_name} is missing",
+                    "make migrate; if it persists, restore it from sql/schema.sql",
                 )
             )
-        states = {
-            (r["name"], r["table_name"]): r["enabled"]
-            for r in conn.execute(q("trigger_states")).fetchall()
-        }
-        for name, table_name in sorted(expected_triggers()):
-            if (name, table_name) not in states:
-                problems.append(
-                    Problem(
-                        f"trigger {name} on {table_name} is missing",
-                        "make migrate; if it persists, restore it from sql/schema.sql",
-                    )
-                )
-            elif not states[(name, table_name)]:
-                problems.append(
-                    Problem(
-                        f"trigger {name} on {table_name} is disabled",
-                        f"psql: ALTER TABLE {table_name} ENABLE TRIGGER {name};",
-                    )
-                )
-        workers = conn.execute(q("live_workers")).fetchone()
-        if not workers or workers["listeners"] == 0:
+        elif not states[(name, table_name)]:
             problems.append(
                 Problem(
-                    "no worker is running (nobody LISTENs on this database)", "make run-workers"
-                )
-            )
-        for row in conn.execute(q("oldest_backlog")).fetchall():
-            if row["seconds"] > settings.heal_after_seconds:
-                problems.append(
-                    Problem(
-                        f"the {row['stage']} backlog is {row['seconds']:.0f}s old",
-                        "make status; run more workers (make run-workers on another machine)",
-                    )
-                )
-        failed = conn.execute(q("failures")).fetchall()
-        if failed:
-            problems.append(
-                Problem(
-                    f"{len(failed)} job(s) failed after their last attempt",
-                    "make failures; fix the cause, then make replay STAGE=<stage> ID=<id> "
-                    "(or STAGE=<stage> alone for all of a stage)",
+                    f"trigger {name} on {table_name} is disabled",
+                    f"psql: ALTER TABLE {table_name} ENABLE TRIGGER {name};",
                 )
             )
     return problems
+
+
+def _workers(conn: SyncConn) -> list[Problem]:
+    workers = conn.execute(q("live_workers")).fetchone()
+    if workers and workers["listeners"] > 0:
+        return []
+    return [Problem("no worker is running (nobody LISTENs on this database)", "make run-workers")]
+
+
+def _backlog(conn: SyncConn, settings: Settings) -> list[Problem]:
+    return [
+        Problem(
+            f"the {row['stage']} backlog is {row['seconds']:.0f}s old",
+            "make status; run more workers (make run-workers on another machine)",
+        )
+        for row in conn.execute(q("oldest_backlog")).fetchall()
+        if row["seconds"] > settings.heal_after_seconds
+    ]
+
+
+def _held_jobs(conn: SyncConn) -> list[Problem]:
+    failed = conn.execute(q("failures")).fetchall()
+    if not failed:
+        return []
+    return [
+        Problem(
+            f"{len(failed)} job(s) failed after their last attempt",
+            "make failures; fix the cause, then make replay STAGE=<stage> ID=<id> "
+            "(or STAGE=<stage> alone for all of a stage)",
+        )
+    ]
 
 
 async def _verify_pgqueuer(url: str) -> None:
