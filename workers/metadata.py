@@ -527,85 +527,24 @@ def plan_purchase(
     a year ahead is refused.
     """
     reading = read_metadata(raw)
-    errors = reading.errors + _required(reading)
-    defaults: list[str] = []
+    planning = _Planning(reading, reading.errors + _required(reading))
+    count = planning.value("sessionCount")
+    mode = planning.value("scheduleMode", ScheduleMode.DAILY)
+    slot = planning.value("timeSlot", TimeSlot(default_time_slot))
+    learning = planning.value("learningMode", LearningMode.HOME)
+    group = planning.value("groupSize", 1)
+    upgrade = planning.value("upgrade", False, listed=False)
+    trainer = planning.value("trainerId")
+    duration = planning.duration(slot, mode)
+    asked_start = planning.start_date(today)
+    planning.check_hybrid(learning, count)
+    if planning.errors:
+        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, planning.errors)
 
-    def value(name: str, default: Any = None, *, listed: bool = True) -> Any:
-        """The field's value; its default when absent (named in defaults_applied); None
-        when it was given but is invalid (its problem is listed already)."""
-        spec = next(s for s in FIELDS if s.name == name)
-        if spec.attribute in reading.values:
-            return reading.values[spec.attribute]
-        if name in reading.given:
-            return None
-        if default is not None and listed:
-            defaults.append(name)
-        return default
-
-    def problem(name: str, message: str) -> None:
-        errors.append({"field": reading.sources.get(name, name), "message": message})
-
-    count = value("sessionCount")
-    mode = value("scheduleMode", ScheduleMode.DAILY)
-    slot = value("timeSlot", TimeSlot(default_time_slot))
-    learning = value("learningMode", LearningMode.HOME)
-    group = value("groupSize", 1)
-    upgrade = value("upgrade", False, listed=False)
-    trainer = value("trainerId")
-
-    duration: int | None = None
-    duration_ok = "sessionDuration" not in reading.given or "session_duration" in reading.values
-    # The mode matters only for a default duration: a bad mode does not hide the checks of
-    # a duration that was sent (or read from the slot's range).
-    if slot is not None and duration_ok:
-        asked = reading.values.get("session_duration")
-        if asked is not None and slot.minutes is not None and asked != slot.minutes:
-            problem(
-                "sessionDuration",
-                f"is {asked} minutes but {reading.sources['timeSlot']} spans "
-                f"{slot.minutes} minutes",
-            )
-        elif asked is not None:
-            duration = asked
-        elif slot.minutes is not None:
-            duration = slot.minutes
-        elif mode is not None:
-            duration = default_duration(mode)
-            defaults.append("sessionDuration")
-    if duration is not None and not 15 <= duration <= 240:
-        problem("timeSlot", f"spans {duration} minutes; expected 15..240")
-        duration = None
-    if duration is not None:
-        try:
-            slot_end(slot.start, duration)
-        except ScheduleError as exc:
-            problem("timeSlot", str(exc))
-
-    earliest = today + timedelta(days=1)
-    latest = latest_start(today)
-    asked_start: date | None = value("startDate")
-    if "startDate" not in reading.given:
-        defaults.append("startDate")
-        asked_start = earliest
-    elif asked_start is not None and asked_start > latest:
-        problem(
-            "startDate",
-            f"{asked_start} is more than a year ahead; the latest start accepted today is {latest}",
-        )
-        asked_start = None
-    if learning is LearningMode.HYBRID and count is not None and count != HYBRID_SESSIONS:
-        problem(
-            "sessionCount",
-            f"is {count}, but learningMode hybrid is exactly {HYBRID_SESSIONS} sessions "
-            "(18 online, 12 at home)",
-        )
-
-    if errors:
-        raise InvalidPurchaseError(RejectReason.INVALID_METADATA, errors)
     # Holidays on every day for years are not the payment's fault: ScheduleError fails the
     # job at once (held for an operator, replayable), it does not reject the payment.
     assert asked_start is not None and mode is not None, "each missing value has its problem"
-    start = next_valid_day(max(asked_start, earliest), mode, holidays)
+    start = next_valid_day(max(asked_start, today + timedelta(days=1)), mode, holidays)
     # Every value is known here (any missing one made a problem above); pydantic checks the
     # typed plan once more, so a slip in this function cannot write a wrong row.
     return PurchasePlan.model_validate(
@@ -616,7 +555,7 @@ def plan_purchase(
             "schedule_mode": mode,
             "session_duration": duration,
             "upgrade": upgrade,
-            "defaults_applied": tuple(defaults),
+            "defaults_applied": tuple(planning.defaults),
             "learning_mode": learning,
             "learning_mode_given": "learningMode" in reading.given,
             "group_size": group,
@@ -625,6 +564,92 @@ def plan_purchase(
             "unused_schedule": reading.unused_schedule,
         }
     )
+
+
+@dataclass
+class _Planning:
+    """plan_purchase's working state: what was read, every problem found so far and the
+    defaults used, each in the order met. The rules across fields run only on inputs that
+    are valid (an invalid one has its problem listed already)."""
+
+    reading: Reading
+    errors: list[dict[str, str]]
+    defaults: list[str] = field(default_factory=list)
+
+    def value(self, name: str, default: Any = None, *, listed: bool = True) -> Any:
+        """The field's value; its default when absent (named in defaults_applied); None
+        when it was given but is invalid (its problem is listed already)."""
+        spec = next(s for s in FIELDS if s.name == name)
+        if spec.attribute in self.reading.values:
+            return self.reading.values[spec.attribute]
+        if name in self.reading.given:
+            return None
+        if default is not None and listed:
+            self.defaults.append(name)
+        return default
+
+    def problem(self, name: str, message: str) -> None:
+        self.errors.append({"field": self.reading.sources.get(name, name), "message": message})
+
+    def duration(self, slot: TimeSlot | None, mode: ScheduleMode | None) -> int | None:
+        """Minutes per session: sent, else the slot's range, else the mode's default; and
+        checked against the slot's range, 15..240 and midnight."""
+        reading = self.reading
+        sent_invalid = (
+            "sessionDuration" in reading.given and "session_duration" not in reading.values
+        )
+        if slot is None or sent_invalid:
+            return None  # its problem is listed already
+        # The mode matters only for a default duration: a bad mode does not hide the checks of
+        # a duration that was sent (or read from the slot's range).
+        asked = reading.values.get("session_duration")
+        duration: int | None = None
+        if asked is not None and slot.minutes is not None and asked != slot.minutes:
+            self.problem(
+                "sessionDuration",
+                f"is {asked} minutes but {reading.sources['timeSlot']} spans "
+                f"{slot.minutes} minutes",
+            )
+        elif asked is not None:
+            duration = asked
+        elif slot.minutes is not None:
+            duration = slot.minutes
+        elif mode is not None:
+            duration = default_duration(mode)
+            self.defaults.append("sessionDuration")
+        if duration is not None and not 15 <= duration <= 240:
+            self.problem("timeSlot", f"spans {duration} minutes; expected 15..240")
+            return None
+        if duration is not None:
+            try:
+                slot_end(slot.start, duration)
+            except ScheduleError as exc:
+                self.problem("timeSlot", str(exc))
+        return duration
+
+    def start_date(self, today: date) -> date | None:
+        """The start date asked for (tomorrow when none was sent); a problem when it is
+        more than a year ahead."""
+        asked: date | None = self.value("startDate")
+        latest = latest_start(today)
+        if "startDate" not in self.reading.given:
+            self.defaults.append("startDate")
+            return today + timedelta(days=1)
+        if asked is not None and asked > latest:
+            self.problem(
+                "startDate",
+                f"{asked} is more than a year ahead; the latest start accepted today is {latest}",
+            )
+            return None
+        return asked
+
+    def check_hybrid(self, learning: LearningMode | None, count: int | None) -> None:
+        if learning is LearningMode.HYBRID and count is not None and count != HYBRID_SESSIONS:
+            self.problem(
+                "sessionCount",
+                f"is {count}, but learningMode hybrid is exactly {HYBRID_SESSIONS} sessions "
+                "(18 online, 12 at home)",
+            )
 
 
 def learnings_metadata(
