@@ -157,25 +157,21 @@ async def allocate_best(
     replacing: UUID | None,
     preference: Preference | None = None,
 ) -> Outcome:
+    """Book the first ranked trainer (the student's choice first, when eligible) who still
+    fits under their row lock. When nobody does, the purchase waits in its one pending row,
+    with the reason; an allocation being replaced (`replacing`) is kept instead."""
     lost: list[Reason] = []
     for candidate in try_order(decision, preference):
-        if (why := await still_fits(conn, candidate.trainer_id, purchase, sessions)) is None:
-            if replacing is not None:
-                await conn.execute(
-                    q("replace_allocation"),
-                    {
-                        "allocation_id": replacing,
-                        "detail": f"the schedule moved to trainer {candidate.trainer_id}",
-                    },
-                )
-            allocation_id = await write_allocation(
+        why = await still_fits(conn, candidate.trainer_id, purchase, sessions)
+        if why is None:
+            allocation_id = await _approve(
                 conn,
                 purchase,
                 sessions,
-                status="approved",
-                trainer=candidate,
-                decision=decision,
-                live_pending=replacing is None,
+                decision,
+                candidate,
+                replacing=replacing,
+                why=f"the schedule moved to trainer {candidate.trainer_id}",
                 preference=preference,
             )
             return Outcome(
@@ -194,13 +190,8 @@ async def allocate_best(
             purchase["id"],
             why.value,
         )
-
     if lost:  # every ranked trainer was taken by another purchase after the search
-        reason = furthest(lost)
-        sentence = sentence_for(
-            reason, n=len(lost), course=purchase["course_title"], slot=_slot_text(purchase)
-        )
-        decision = Decision((), reason, sentence, decision.eliminated, decision.candidates)
+        decision = _all_taken(decision, lost, purchase)
     if replacing is not None:
         return Outcome(
             "succeeded",
@@ -218,6 +209,46 @@ async def allocate_best(
         preference=preference,
     )
     return Outcome("succeeded", f"allocation {allocation_id} pending: {decision.reason}")
+
+
+async def _approve(
+    conn: AsyncConn,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    decision: Decision,
+    trainer: CandidateFacts,
+    *,
+    replacing: UUID | None,
+    why: str,
+    preference: Preference | None = None,
+    capacity_override: bool = False,
+    assignment: dict[str, Any] | None = None,
+) -> UUID:
+    """`trainer` takes the sessions: the allocation being replaced ends (`why`; its future
+    sessions cancelled), then the approved row is written (a pending one updated in place)."""
+    if replacing is not None:
+        await conn.execute(q("replace_allocation"), {"allocation_id": replacing, "detail": why})
+    return await write_allocation(
+        conn,
+        purchase,
+        sessions,
+        status="approved",
+        trainer=trainer,
+        decision=decision,
+        live_pending=replacing is None,
+        capacity_override=capacity_override,
+        assignment=assignment,
+        preference=preference,
+    )
+
+
+def _all_taken(decision: Decision, lost: list[Reason], purchase: DictRow) -> Decision:
+    """Nobody left after the re-checks: the purchase waits for the furthest rule they lost on."""
+    reason = furthest(lost)
+    sentence = sentence_for(
+        reason, n=len(lost), course=purchase["course_title"], slot=_slot_text(purchase)
+    )
+    return Decision((), reason, sentence, decision.eliminated, decision.candidates)
 
 
 async def extend_if_short(
@@ -248,7 +279,11 @@ async def extend_if_short(
 
 
 async def carry_out_request(
-    conn: AsyncConn, purchase: DictRow, request: DictRow, holidays: set[date], ctx: StageContext
+    conn: AsyncConn,
+    purchase: DictRow,
+    request: DictRow,
+    holidays: set[date],
+    ctx: StageContext,
 ) -> Outcome:
     """An admin's assign_trainer(): every rule is checked. An override request sets aside
     the rules in OVERRIDABLE that fail (all of them are recorded), never the others. A write
@@ -268,9 +303,7 @@ async def carry_out_request(
         return Outcome("skipped", "no sessions remain to be scheduled")
     decision = await search(conn, purchase, sessions, ctx, only=trainer_id)
     [candidate] = [c for c in decision.candidates if c.trainer_id == trainer_id]
-    failed = candidate.failed_rules()
-    overridden = failed if request["override"] else ()
-    blocking = [rule for rule in failed if rule not in OVERRIDABLE or rule not in overridden]
+    overridden, blocking = _judge_request(request, candidate)
     if blocking:
         why = "; ".join(
             explain_rule(
@@ -283,7 +316,31 @@ async def carry_out_request(
     taken = await still_fits(conn, trainer_id, purchase, sessions, ignore_capacity=over_capacity)
     if taken is not None:
         return await _refuse(conn, request, f"{taken.value}: taken meanwhile")
+    decision = Decision((candidate,), None, "", decision.eliminated, decision.candidates)
+    return await _assign(conn, purchase, request, sessions, decision, overridden)
 
+
+def _judge_request(
+    request: DictRow, trainer: CandidateFacts
+) -> tuple[tuple[Reason, ...], list[Reason]]:
+    """(the rules an override sets aside, the rules that refuse the request)."""
+    failed = trainer.failed_rules()
+    overridden = failed if request["override"] else ()
+    blocking = [rule for rule in failed if rule not in OVERRIDABLE or rule not in overridden]
+    return overridden, blocking
+
+
+async def _assign(
+    conn: AsyncConn,
+    purchase: DictRow,
+    request: DictRow,
+    sessions: list[PlannedSession],
+    decision: Decision,
+    overridden: tuple[Reason, ...],
+) -> Outcome:
+    """Write the admin's choice (decision.chosen), replacing the live allocation, and close the
+    request: done, or refused with the database's words when a constraint refuses it."""
+    trainer = decision.ranked[0]
     assignment = {
         "requestId": request["id"],
         "override": bool(overridden),
@@ -292,25 +349,18 @@ async def carry_out_request(
         "overriddenRules": [rule.value for rule in overridden],
         "note": request["note"],
     }
+    approved = purchase["live_allocation_status"] == "approved"
     try:
         async with savepoint_or_refusal(conn):
-            if approved:
-                await conn.execute(
-                    q("replace_allocation"),
-                    {
-                        "allocation_id": live_id,
-                        "detail": f"reassigned by request {request['id']} to trainer {trainer_id}",
-                    },
-                )
-            allocation_id = await write_allocation(
+            allocation_id = await _approve(
                 conn,
                 purchase,
                 sessions,
-                status="approved",
-                trainer=candidate,
-                decision=Decision((candidate,), None, "", decision.eliminated, decision.candidates),
-                live_pending=not approved,
-                capacity_override=over_capacity,
+                decision,
+                trainer,
+                replacing=purchase["live_allocation_id"] if approved else None,
+                why=f"reassigned by request {request['id']} to trainer {trainer.trainer_id}",
+                capacity_override=Reason.AT_CAPACITY in overridden,
                 assignment=assignment,
             )
     except DatabaseRefusalError as exc:
@@ -318,7 +368,8 @@ async def carry_out_request(
     await _close_request(conn, request, "done", f"allocation {allocation_id}", allocation_id)
     return Outcome(
         "succeeded",
-        f"allocation {allocation_id} approved by request {request['id']}: trainer {trainer_id}",
+        f"allocation {allocation_id} approved by request {request['id']}: "
+        f"trainer {trainer.trainer_id}",
     )
 
 
