@@ -19,6 +19,12 @@ class DatabaseRefusalError(PipelineError):
     """The database refused a write (a constraint or a trigger's check): the message says which."""
 
 
+class InconsistentStateError(PipelineError):
+    """What a stage read in its own transaction no longer holds a moment later (a bug, or a
+    row changed by hand): the transaction rolls back and the job is retried, rather than
+    leave a purchase half-done."""
+
+
 class InvalidPurchaseError(PipelineError):
     """A payment cannot become a purchase; the payment is rejected, not retried.
 

@@ -29,6 +29,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from workers.allocation import allocate_best, remaining_plan, search
 from workers.db import AsyncConn, fetch_all, fetch_one, transaction
+from workers.errors import InconsistentStateError
 from workers.matching import Decision, Reason
 from workers.schedule import PlannedSession
 from workers.settings import Settings
@@ -122,7 +123,9 @@ async def replan(
     assert ended is not None and fresh is not None
     sessions = await remaining_plan(conn, fresh, replacing=None, holidays=holidays)
     if not sessions:  # the check above says otherwise: roll back rather than strand the purchase
-        raise RuntimeError(f"purchase {purchase['id']}: nothing to re-plan after ending {live_id}")
+        raise InconsistentStateError(
+            f"purchase {purchase['id']}: nothing to re-plan after ending {live_id}"
+        )
     decision = prefer(await search(conn, fresh, sessions, ctx, exclude=exclude), keep)
     await allocate_best(conn, fresh, sessions, decision, replacing=None)
     live = await fetch_one(conn, q("live_allocation"), {"purchase_id": purchase["id"]})
