@@ -17,6 +17,7 @@ OPENS_CONNECTIONS = {
     "migrate.py",
     "schema_dump.py",
     "database.py",
+    "embedded.py",  # creates the pipeline's database on its server
     "runtime.py",  # pgqueuer's own driver, kept for comparison
 }
 
