@@ -12,7 +12,7 @@ import os
 from sqlalchemy import create_engine, pool, text
 
 from alembic import context
-from workers.migrate import sqlalchemy_url
+from workers.database.migrate import sqlalchemy_url
 
 # Any constant works; this one spells "kcmigrat" in ASCII.
 MIGRATION_LOCK_KEY = 0x6B636D6967726174
@@ -41,7 +41,7 @@ def run_migrations_online() -> None:
         connection.execute(text("SET lock_timeout = '10s'"))
         connection.execute(text("SET statement_timeout = '5min'"))
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-        # Each migration file runs as kc_owner once 0005 has set it up (workers.migrate
+        # Each migration file runs as kc_owner once 0005 has set it up (workers.database.migrate
         # runs sql/migrations/before_each.sql first), so the session stays the migrating user.
         connection.commit()
         try:

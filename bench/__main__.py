@@ -13,7 +13,7 @@ from typing import Any
 
 from bench import pipeline, report, search, world
 from bench.progress import Progress
-from workers.database import test_admin_url
+from workers.database.server import test_admin_url
 from workers.settings import REPO_ROOT, load_settings
 
 FULL = {

@@ -18,7 +18,7 @@ import sys
 import psycopg
 
 from bench.world import fresh_database
-from workers.database import test_admin_url
+from workers.database.server import test_admin_url
 from workers.settings import load_settings
 
 

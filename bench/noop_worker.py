@@ -15,7 +15,7 @@ from pgqueuer.qm import QueueManager
 from pgqueuer.queries import Queries
 from pgqueuer.types import QueueExecutionMode
 
-from workers.driver import ListeningDriver
+from workers.runtime.driver import ListeningDriver
 
 
 async def main() -> None:

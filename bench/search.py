@@ -9,11 +9,11 @@ from typing import Any
 
 import psycopg
 
-from workers.allocation import remaining_plan, search
-from workers.db import fetch_one, make_pool, transaction
+from workers.database.connections import fetch_one, make_pool, transaction
+from workers.database.sql import q
+from workers.runtime.runner import StageContext, load_holidays
 from workers.settings import Settings
-from workers.sql import q
-from workers.stages import StageContext, load_holidays
+from workers.stages.allocation import remaining_plan, search
 
 NEW_PURCHASES = """
 INSERT INTO payments (student_id, course_id, amount_cents, status, metadata)

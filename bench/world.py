@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
-from workers import migrate
+from workers.database import migrate
 
 WORLD_SQL = Path(__file__).with_name("world.sql")
 

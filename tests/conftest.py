@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg.rows import DictRow, dict_row
 
-from workers import migrate
-from workers.database import test_admin_url
+from workers.database import migrate
+from workers.database.server import test_admin_url
 from workers.settings import load_settings
 
 

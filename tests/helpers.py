@@ -16,10 +16,10 @@ import psycopg
 from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
-from workers.db import AsyncConn, make_pool
-from workers.runtime import HANDLERS, run_worker
+from workers.database.connections import AsyncConn, make_pool
+from workers.runtime.runner import Outcome, Stage, StageContext, run_stage
+from workers.runtime.worker import HANDLERS, run_worker
 from workers.settings import Settings
-from workers.stages import Outcome, Stage, StageContext, run_stage
 
 T = TypeVar("T")
 

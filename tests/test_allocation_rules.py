@@ -12,7 +12,7 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import allocation_of, drain, one
-from workers.sql import all_queries
+from workers.database.sql import all_queries
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}

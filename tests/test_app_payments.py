@@ -14,8 +14,8 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import allocation_of, drain, one
-from workers import ops
-from workers.schedule import LearningMode, delivery_for
+from workers.ops import commands as ops
+from workers.rules.schedule import LearningMode, delivery_for
 
 Conn = psycopg.Connection[DictRow]
 

@@ -10,7 +10,7 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from workers.runtime import ConnectionLossFilter, connection_lost
+from workers.runtime.worker import ConnectionLossFilter, connection_lost
 
 
 def _raised_from(outer: Exception, inner: Exception) -> Exception:
@@ -53,7 +53,9 @@ def test_the_filter_drops_and_counts_only_records_about_the_lost_connection() ->
     quiet = ConnectionLossFilter()
     flush = _record("pgqueuer", "Shutdown flush failed, 20 items remaining")
     assert quiet.filter(flush) is True  # no loss seen yet: a real problem, shown
-    assert quiet.filter(_record("workers.stages", "allocation x failed", ValueError())) is True
+    assert (
+        quiet.filter(_record("workers.runtime.runner", "allocation x failed", ValueError())) is True
+    )
     shutdown = psycopg.errors.AdminShutdown("terminating connection")
     assert quiet.filter(_record("pgqueuer", "job 1 failed", shutdown)) is False
     assert quiet.lost
@@ -62,7 +64,7 @@ def test_the_filter_drops_and_counts_only_records_about_the_lost_connection() ->
     pool_full = "error connecting in 'stages': FATAL: sorry, too many clients already"
     assert quiet.filter(_record("psycopg.pool", pool_full)) is True
     timeout = psycopg.errors.QueryCanceled("statement timeout")
-    assert quiet.filter(_record("workers.stages", "sessions y failed", timeout)) is True
+    assert quiet.filter(_record("workers.runtime.runner", "sessions y failed", timeout)) is True
     assert quiet.suppressed == 3
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from workers import database
-from workers.embedded import OS_USER, EmbeddedServer, server_version
+from workers.database import server as database
+from workers.database.embedded import OS_USER, EmbeddedServer, server_version
 from workers.errors import EmbeddedDatabaseError
 from workers.settings import Settings
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from workers.metadata import SCHEDULE_NAMES, TOP_LEVEL_NAMES
+from workers.rules.metadata import SCHEDULE_NAMES, TOP_LEVEL_NAMES
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "weekdays"}

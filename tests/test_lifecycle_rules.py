@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.rows import DictRow
 
-from workers.lifecycle import prefer
-from workers.matching import CandidateFacts, Decision
-from workers.metadata import parse_clock
-from workers.schedule import ScheduleMode, allowed_weekdays
+from workers.rules.matching import CandidateFacts, Decision
+from workers.rules.metadata import parse_clock
+from workers.rules.schedule import ScheduleMode, allowed_weekdays
+from workers.stages.lifecycle import prefer
 
 Conn = psycopg.Connection[DictRow]
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.matching import (
+from workers.rules.matching import (
     RULE_ORDER,
     CandidateFacts,
     Reason,

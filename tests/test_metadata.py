@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers.errors import InvalidPurchaseError
-from workers.metadata import (
+from workers.rules.metadata import (
     MAX_METADATA_BYTES,
     MAX_METADATA_DEPTH,
     PurchasePlan,
@@ -21,7 +21,7 @@ from workers.metadata import (
     parse_time_slot,
     plan_purchase,
 )
-from workers.schedule import LearningMode, ScheduleMode, allowed_weekdays
+from workers.rules.schedule import LearningMode, ScheduleMode, allowed_weekdays
 
 TODAY = date(2026, 11, 21)  # a Saturday
 DEFAULT_SLOT = time(16, 0)
@@ -261,7 +261,7 @@ def test_valid_metadata_always_plans(
     ],
 )
 def test_bad_time_zones_are_rejections_not_crashes(name: str) -> None:
-    from workers.purchase import zone_or_rejection
+    from workers.stages.purchase import zone_or_rejection
 
     with pytest.raises(InvalidPurchaseError, match="not an IANA time zone"):
         zone_or_rejection(name)

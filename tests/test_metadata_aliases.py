@@ -14,14 +14,14 @@ from hypothesis import strategies as st
 
 from tests.test_metadata import plan
 from workers.errors import InvalidPurchaseError
-from workers.metadata import (
+from workers.rules.metadata import (
     APP_MODE_LABELS,
     APP_MODE_WORDS,
     FIELDS,
     learnings_metadata,
     parse_metadata,
 )
-from workers.schedule import (
+from workers.rules.schedule import (
     Delivery,
     LearningMode,
     ScheduleMode,

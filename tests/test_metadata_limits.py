@@ -12,7 +12,7 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import drain, one
-from workers.metadata import MAX_METADATA_BYTES
+from workers.rules.metadata import MAX_METADATA_BYTES
 
 Conn = psycopg.Connection[DictRow]
 

@@ -17,8 +17,8 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import drain, one, wait_for, worker_settings
-from workers import ops
-from workers.runtime import run_worker
+from workers.ops import commands as ops
+from workers.runtime.worker import run_worker
 from workers.settings import REPO_ROOT, Settings
 
 Conn = psycopg.Connection[DictRow]
@@ -122,7 +122,7 @@ def test_a_failed_job_is_logged_once_with_its_row(
     job = one(conn, "SELECT job_id FROM failed_jobs")["job_id"]
     # Not the stage runner's and pgqueuer's copies: one record, naming stage, row and job.
     [record] = tracebacks(caplog)
-    assert (record.name, record.levelname) == ("workers.runtime", "ERROR")
+    assert (record.name, record.levelname) == ("workers.runtime.worker", "ERROR")
     assert record.getMessage().startswith(
         f"purchase {payment}: job {job} failed on start 1 and is held as failed"
     )
@@ -150,8 +150,8 @@ def test_a_retried_job_is_logged_once_per_failed_attempt(
     job = one(conn, "SELECT job_id FROM failed_jobs")["job_id"]
     records = tracebacks(caplog)
     assert [(r.name, r.levelname) for r in records] == [
-        ("workers.runtime", "WARNING"),
-        ("workers.runtime", "ERROR"),
+        ("workers.runtime.worker", "WARNING"),
+        ("workers.runtime.worker", "ERROR"),
     ]
     assert (
         records[0]

@@ -12,7 +12,7 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import drain, one, run_one
-from workers.stages import Stage
+from workers.runtime.runner import Stage
 
 Conn = psycopg.Connection[DictRow]
 

@@ -18,12 +18,12 @@ from psycopg.rows import DictRow, dict_row
 
 from tests import factories as f
 from tests.helpers import run_one, worker_settings
-from workers.allocation import remaining_plan, search
-from workers.matching import RULE_ORDER, CandidateFacts, Decision, Reason
-from workers.schedule import PlannedSession
+from workers.database.sql import q
+from workers.rules.matching import RULE_ORDER, CandidateFacts, Decision, Reason
+from workers.rules.schedule import PlannedSession
+from workers.runtime.runner import Stage, StageContext, load_holidays
 from workers.settings import REPO_ROOT
-from workers.sql import q
-from workers.stages import Stage, StageContext, load_holidays
+from workers.stages.allocation import remaining_plan, search
 
 Conn = psycopg.Connection[DictRow]
 AsyncConn = psycopg.AsyncConnection[DictRow]

@@ -18,7 +18,7 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import wait_for
-from workers.runtime import idle_poll, recovery_bound
+from workers.runtime.worker import idle_poll, recovery_bound
 from workers.settings import Settings
 
 Conn = psycopg.Connection[DictRow]
@@ -186,7 +186,9 @@ def test_workers_exit_when_their_supervisor_is_killed(
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-    stopped = [line for line in log.read_text().splitlines() if "workers.runtime: worker" in line]
+    stopped = [
+        line for line in log.read_text().splitlines() if "workers.runtime.worker: worker" in line
+    ]
     assert sum(line.endswith(" stopped") for line in stopped) == 2, stopped
 
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers.errors import InvalidTimezoneError, PermanentJobError, ScheduleError
-from workers.schedule import (
+from workers.rules.schedule import (
     Delivery,
     ScheduleMode,
     allowed_weekdays,

@@ -9,12 +9,12 @@ import pytest
 from pgqueuer.adapters.persistence.qb import QueryBuilderEnvironment
 from psycopg.rows import DictRow
 
-from workers.matching import Reason
-from workers.metadata import RejectReason
-from workers.schedule import ScheduleMode
-from workers.schema_dump import comparable, dump_schema
-from workers.sql import SQL_DIR, all_queries
-from workers.stages import Stage
+from workers.database.schema_dump import comparable, dump_schema
+from workers.database.sql import SQL_DIR, all_queries
+from workers.rules.matching import Reason
+from workers.rules.metadata import RejectReason
+from workers.rules.schedule import ScheduleMode
+from workers.runtime.runner import Stage
 
 Conn = psycopg.Connection[DictRow]
 

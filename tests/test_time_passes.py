@@ -24,7 +24,8 @@ from tests.helpers import (
     worker_settings,
 )
 from tests.invariants import violations
-from workers import lifecycle, ops
+from workers.ops import commands as ops
+from workers.stages import lifecycle
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}

@@ -7,7 +7,7 @@ Create Date: 2026-11-21
 """
 
 from alembic import op
-from workers.migrate import run_sql_file
+from workers.database.migrate import run_sql_file
 
 revision = "0004"
 down_revision = "0003"

@@ -6,7 +6,7 @@ Create Date: 2026-11-21
 """
 
 from alembic import op
-from workers.migrate import run_sql_file
+from workers.database.migrate import run_sql_file
 
 revision = "0006"
 down_revision = "0005"

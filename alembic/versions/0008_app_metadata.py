@@ -6,7 +6,7 @@ Create Date: 2026-11-22
 """
 
 from alembic import op
-from workers.migrate import run_sql_file
+from workers.database.migrate import run_sql_file
 
 revision = "0008"
 down_revision = "0007"

@@ -1,4 +1,4 @@
--- Run by workers.migrate.run_sql_file before every migration file (not a revision itself).
+-- Run by workers.database.migrate.run_sql_file before every migration file (not a revision itself).
 -- Once 0005 has set up kc_owner in this database, every migration runs as kc_owner, so its
 -- objects belong to the owner and get the owner's default privileges (kc_operator reads every
 -- new table and view). Objects that an older migration run left with the migrating user

@@ -1,4 +1,4 @@
--- Time passing: completion, trainers who leave or change, reschedules (workers/lifecycle.py).
+-- Time passing: completion, trainers who leave or change, reschedules (workers/stages/lifecycle.py).
 
 -- name: complete_finished
 SELECT sessions_completed, courses_completed

@@ -185,7 +185,7 @@ class EmbeddedServer:
         )
         with open(self.data_dir / "postgresql.conf", "a", encoding="utf-8") as conf:
             conf.write(
-                "\n# Written by workers/embedded.py\n"
+                "\n# Written by workers/database/embedded.py\n"
                 "listen_addresses = ''\n"
                 f"unix_socket_directories = '{self.socket_dir}'\n"
                 f"port = {PORT}\n"

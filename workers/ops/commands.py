@@ -11,11 +11,11 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from workers import migrate
-from workers.db import SyncConn, connect_sync
+from workers.database import migrate
+from workers.database.connections import SyncConn, connect_sync
+from workers.database.sql import SQL_DIR, q
 from workers.errors import ConfigurationError
 from workers.settings import Settings
-from workers.sql import SQL_DIR, q
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -196,7 +196,7 @@ async def _verify_pgqueuer(url: str) -> None:
     from pgqueuer.qm import QueueManager
     from pgqueuer.queries import Queries
 
-    from workers.driver import ListeningDriver
+    from workers.runtime.driver import ListeningDriver
 
     driver = await ListeningDriver.connect(url, name="koding-caravan-doctor")
     try:

@@ -27,14 +27,14 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from workers.allocation import allocate_best, remaining_plan, search
-from workers.db import AsyncConn, fetch_all, fetch_one, transaction
+from workers.database.connections import AsyncConn, fetch_all, fetch_one, transaction
+from workers.database.sql import q
 from workers.errors import InconsistentStateError
-from workers.matching import Decision, Reason
-from workers.schedule import PlannedSession
+from workers.rules.matching import Decision, Reason
+from workers.rules.schedule import PlannedSession
+from workers.runtime.runner import Outcome, StageContext
 from workers.settings import Settings
-from workers.sql import q
-from workers.stages import Outcome, StageContext
+from workers.stages.allocation import allocate_best, remaining_plan, search
 
 log = logging.getLogger(__name__)
 

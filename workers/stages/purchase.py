@@ -20,18 +20,18 @@ from zoneinfo import ZoneInfo
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.db import AsyncConn, fetch_one
+from workers.database.connections import AsyncConn, fetch_one
+from workers.database.sql import q
 from workers.errors import InvalidPurchaseError, InvalidTimezoneError, ScheduleError
-from workers.metadata import (
+from workers.rules.metadata import (
     MAX_METADATA_BYTES,
     PurchasePlan,
     RejectReason,
     decode_metadata,
     plan_purchase,
 )
-from workers.schedule import zone_named
-from workers.sql import q
-from workers.stages import Outcome, StageContext, load_holidays
+from workers.rules.schedule import zone_named
+from workers.runtime.runner import Outcome, StageContext, load_holidays
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from uuid import UUID
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from workers.db import AsyncConn, fetch_all, transaction
+from workers.database.connections import AsyncConn, fetch_all, transaction
+from workers.database.sql import q
 from workers.settings import Settings
-from workers.sql import q
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from uuid import UUID
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 from workers.errors import InvalidPurchaseError, ScheduleError
-from workers.schedule import (
+from workers.rules.schedule import (
     HYBRID_SESSIONS,
     LearningMode,
     ScheduleMode,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from uuid import UUID
 
-from workers.db import AsyncConn, fetch_one
-from workers.schedule import local_tomorrow, plan_sessions, resume_from
-from workers.sql import q
-from workers.stages import Outcome, StageContext, load_holidays
+from workers.database.connections import AsyncConn, fetch_one
+from workers.database.sql import q
+from workers.rules.schedule import local_tomorrow, plan_sessions, resume_from
+from workers.runtime.runner import Outcome, StageContext, load_holidays
 
 
 async def handle(conn: AsyncConn, allocation_id: UUID, ctx: StageContext) -> Outcome:

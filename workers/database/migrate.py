@@ -15,9 +15,9 @@ from alembic.script import ScriptDirectory
 from psycopg.rows import tuple_row
 
 from alembic import command
+from workers.database.sql import SQL_DIR
 from workers.errors import ConfigurationError
 from workers.settings import REPO_ROOT
-from workers.sql import SQL_DIR
 
 log = logging.getLogger(__name__)
 

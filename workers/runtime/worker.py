@@ -37,13 +37,13 @@ from pgqueuer.sm import SchedulerManager
 from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
-from workers import allocation, lifecycle, purchase, sessions
-from workers.db import AsyncConn, fetch_all, fetch_one, make_pool, transaction
-from workers.driver import ListeningDriver
+from workers.database.connections import AsyncConn, fetch_all, fetch_one, make_pool, transaction
+from workers.database.sql import q
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
+from workers.runtime.driver import ListeningDriver
+from workers.runtime.runner import Handler, Stage, StageContext, record_failure, run_stage
 from workers.settings import Settings
-from workers.sql import q
-from workers.stages import Handler, Stage, StageContext, record_failure, run_stage
+from workers.stages import allocation, lifecycle, purchase, sessions
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +471,8 @@ async def serve(url: str, settings: Settings) -> None:
     quiet = ConnectionLossFilter()
     # A filter applies to the records of its own logger only, so each one that logs per job.
     noisy = [
-        logging.getLogger(name) for name in ("pgqueuer", "psycopg.pool", __name__, "workers.stages")
+        logging.getLogger(name)
+        for name in ("pgqueuer", "psycopg.pool", __name__, "workers.runtime.runner")
     ]
     for logger in noisy:
         logger.addFilter(quiet)

@@ -6,7 +6,7 @@ import logging
 
 import psycopg
 
-from workers.embedded import EmbeddedServer
+from workers.database.embedded import EmbeddedServer
 from workers.errors import ConfigurationError
 from workers.settings import Settings
 

@@ -12,8 +12,9 @@ from datetime import date
 from typing import Any
 from uuid import UUID
 
-from workers import database, migrate
-from workers.db import SyncConn, connect_sync
+from workers.database import migrate
+from workers.database import server as database
+from workers.database.connections import SyncConn, connect_sync
 from workers.errors import PipelineError
 from workers.settings import REPO_ROOT, Settings, load_settings
 
@@ -37,23 +38,23 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     # worker runs, its own handler finishes the jobs in flight first.
     signal.signal(signal.SIGTERM, _exit_quietly)
     if args.single:
-        from workers.supervisor import exit_with_supervisor
+        from workers.runtime.supervisor import exit_with_supervisor
 
         exit_with_supervisor()
     url = database.pipeline_url(settings)
     if not args.no_migrate:
         migrate.upgrade(url)
     if args.drain:
-        from workers.runtime import run_worker
+        from workers.runtime.worker import run_worker
 
         asyncio.run(run_worker(url, settings, drain=True))
         return 0
     if args.single:
-        from workers.runtime import serve
+        from workers.runtime.worker import serve
 
         asyncio.run(serve(url, settings))
         return 0
-    from workers.supervisor import supervise
+    from workers.runtime.supervisor import supervise
 
     return supervise(url, settings, args.processes or settings.workers)
 
@@ -76,7 +77,7 @@ def cmd_db_stop(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.schema_dump import dump_schema
+    from workers.database.schema_dump import dump_schema
 
     text = dump_schema(database.pipeline_url(settings) if args.url is None else args.url)
     target = REPO_ROOT / "sql" / "schema.sql"
@@ -91,7 +92,7 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
 
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-    from workers.embedded import binaries_dir
+    from workers.database.embedded import binaries_dir
 
     # The password goes to psql through its environment, never its command line (which
     # every user of the machine can read in `ps`).
@@ -128,7 +129,7 @@ def _submit(
     """Record a request with a SQL function, then wait for the allocation stage's answer."""
     import psycopg
 
-    from workers.sql import q
+    from workers.database.sql import q
 
     with _ops_connection(settings) as conn:
         try:
@@ -144,7 +145,7 @@ def _await_request(conn: SyncConn, status_query: str, request_id: int, wait: flo
     """Wait for the allocation stage to decide a request: 0 done, 1 refused, 3 still open."""
     import time
 
-    from workers.sql import q
+    from workers.database.sql import q
 
     print(f"request {request_id} recorded; the allocation stage carries it out")
     deadline = time.monotonic() + wait
@@ -177,7 +178,7 @@ def _ops_connection(settings: Settings) -> SyncConn:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import ops
+    from workers.ops import commands as ops
 
     with _ops_connection(settings) as conn:
         print(ops.status(conn, settings))
@@ -185,7 +186,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import ops
+    from workers.ops import commands as ops
 
     with _ops_connection(settings) as conn:
         print(ops.trace(conn, args.id))
@@ -193,7 +194,7 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import ops
+    from workers.ops import commands as ops
 
     with _ops_connection(settings) as conn:
         print(ops.failures(conn))
@@ -203,7 +204,7 @@ def cmd_failures(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
 
-    from workers import ops
+    from workers.ops import commands as ops
 
     if args.id is None and not args.failed:
         print("give a row id, or --failed for every failed job of the stage", file=sys.stderr)
@@ -218,7 +219,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from workers import ops
+    from workers.ops import commands as ops
 
     problems = ops.doctor(database.pipeline_url(settings), settings)
     for problem in problems:

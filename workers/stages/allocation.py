@@ -2,7 +2,7 @@
 
 1. Lock the purchase. An open admin request is carried out first (same rules unless it is an
    override; see `carry_out_request`), then an open reschedule, or a move away from a trainer
-   who can no longer teach it (`workers/lifecycle.py`). An approved allocation whose schedule
+   who can no longer teach it (`workers/stages/lifecycle.py`). An approved allocation whose schedule
    is complete ends the job; one that is short of sessions (an upgrade, a make-up) keeps its
    trainer when free.
 2. Plan the remaining schedule (the same generator and rules the sessions stage uses).
@@ -23,9 +23,10 @@ from uuid import UUID
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.db import AsyncConn, fetch_all, fetch_one, savepoint_or_refusal
+from workers.database.connections import AsyncConn, fetch_all, fetch_one, savepoint_or_refusal
+from workers.database.sql import q
 from workers.errors import DatabaseRefusalError
-from workers.matching import (
+from workers.rules.matching import (
     CandidateFacts,
     Decision,
     Preference,
@@ -38,8 +39,8 @@ from workers.matching import (
     sentence_for,
     try_order,
 )
-from workers.metadata import learnings_metadata
-from workers.schedule import (
+from workers.rules.metadata import learnings_metadata
+from workers.rules.schedule import (
     Delivery,
     LearningMode,
     PlannedSession,
@@ -50,8 +51,7 @@ from workers.schedule import (
     resume_from,
     slot_end,
 )
-from workers.sql import q
-from workers.stages import Outcome, StageContext, load_holidays
+from workers.runtime.runner import Outcome, StageContext, load_holidays
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ async def handle(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Outco
     holidays = await load_holidays(conn, purchase["start_date"])
     if request is not None:
         return await carry_out_request(conn, purchase, request, holidays, ctx)
-    from workers import lifecycle  # built on this module: reschedules, trainers who left
+    from workers.stages import lifecycle  # built on this module: reschedules, trainers who left
 
     if (changed := await lifecycle.before_allocation(conn, purchase, holidays, ctx)) is not None:
         return changed

@@ -1,0 +1,1 @@
+"""The pure business rules: metadata, schedules, matching. No I/O."""

@@ -1,0 +1,1 @@
+"""The stages: each turns one row into the next stage's row."""
