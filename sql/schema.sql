@@ -1095,14 +1095,6 @@ CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 do
 AS $function$ SELECT 2 * 6371.0 * asin(least(1.0, sqrt(
           sin(radians(lat2 - lat1) / 2) ^ 2
         + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2))) $function$
-CREATE OR REPLACE FUNCTION public.kc_job_held(p_stage text, p_ref uuid)
- RETURNS boolean
- LANGUAGE sql
- STABLE
-AS $function$
-    SELECT EXISTS (SELECT 1 FROM pgqueuer
-                   WHERE dedupe_key = p_stage || ':' || p_ref AND status = 'failed')
-$function$
 CREATE OR REPLACE FUNCTION public.kc_job_ref(p_entrypoint text, p_dedupe_key text)
  RETURNS uuid
  LANGUAGE sql

@@ -46,15 +46,6 @@ FROM pgqueuer j
 LEFT JOIN job_starts s ON s.job_id = j.id
 WHERE kc_job_ref(j.entrypoint, j.dedupe_key) IS NOT NULL;
 
--- True when the stage's job for the row is held as failed: automatic retries must leave it to
--- an operator's replay instead of enqueueing a twin beside it, every few minutes, forever.
-CREATE FUNCTION kc_job_held(p_stage text, p_ref uuid) RETURNS boolean
-LANGUAGE sql STABLE
-AS $$
-    SELECT EXISTS (SELECT 1 FROM pgqueuer
-                   WHERE dedupe_key = p_stage || ':' || p_ref AND status = 'failed')
-$$;
-
 -------------------------------------------------------------------------------------------------
 -- enqueue_stage: only for rows that exist, known events, bounded delays
 -------------------------------------------------------------------------------------------------
