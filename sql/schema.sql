@@ -1091,10 +1091,13 @@ $function$
 CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
  RETURNS double precision
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT 2 * 6371.0 * asin(least(1.0, sqrt(
-          sin(radians(lat2 - lat1) / 2) ^ 2
-        + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2))) $function$
+ IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT 2 * 6371.0 * asin(sqrt(
+        (sin(radians(lat2 - lat1) / 2) ^ 2
+         + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2)
+      - greatest(sin(radians(lat2 - lat1) / 2) ^ 2
+                 + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2
+                 - 1.0, 0))) $function$
 CREATE OR REPLACE FUNCTION public.kc_job_ref(p_entrypoint text, p_dedupe_key text)
  RETURNS uuid
  LANGUAGE sql
@@ -1206,6 +1209,10 @@ AS $function$ SELECT CASE WHEN rating >= 4.6 THEN 8
                   WHEN rating >= 3.6 THEN 6
                   WHEN rating >= 3.1 THEN 5
                   ELSE 4 END $function$
+CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
+ RETURNS boolean
+ LANGUAGE sql
+AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
 CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
  RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
  LANGUAGE sql

@@ -101,7 +101,7 @@ def test_decision_properties(pool: list[CandidateFacts], rnd: random.Random) -> 
         assert chosen.gender_ok and chosen.available and chosen.overlapping_sessions == 0
         assert chosen.far_neighbours == 0
         assert chosen.distance_km <= chosen.service_radius_km
-        assert chosen.live_allocations < chosen.capacity
+        assert chosen.measured(chosen.live_allocations) < chosen.capacity
         assert all(chosen.rank_key() <= c.rank_key() for c in decision.ranked)
     else:
         # Nobody chosen: every candidate has a reason, and the pending reason is one of them.

@@ -40,6 +40,20 @@ class Settings(BaseSettings):
         validation_alias="KC_BATCH_SIZE",
         description="Jobs a worker claims per dequeue.",
     )
+    stage_batch_size: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        validation_alias="KC_STAGE_BATCH_SIZE",
+        description="Most jobs of one stage a worker runs together in one transaction.",
+    )
+    stage_batches: int = Field(
+        default=2,
+        ge=1,
+        le=50,
+        validation_alias="KC_STAGE_BATCHES",
+        description="Batches of one stage a worker process runs at the same time.",
+    )
     pool_size: int = Field(
         default=10,
         ge=1,

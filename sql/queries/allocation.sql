@@ -44,7 +44,7 @@ WITH purchase AS (
                FILTER (WHERE t.at_home) AS near
     FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[], %(at_home)s::boolean[])
          AS t(starts_at, ends_at, at_home)
-), cheap AS MATERIALIZED (
+), base AS MATERIALIZED (
     SELECT t.id AS trainer_id,
            t.status = 'active' AS active,
            CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
@@ -55,15 +55,6 @@ WITH purchase AS (
            kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
            t.service_radius_km::float8 AS service_radius_km,
            t.rating,
-           (SELECT count(DISTINCT a.weekday)
-              FROM trainer_availability a
-             WHERE a.trainer_id = t.id
-               AND a.weekday = ANY (%(weekdays)s::smallint[])
-               AND a.slot_start <= %(slot_start)s::time
-               AND a.slot_end >= %(slot_end)s::time
-           ) = cardinality(%(weekdays)s::smallint[]) AS available,
-           (SELECT count(*) FROM trainer_allocations ta
-             WHERE ta.trainer_id = t.id AND ta.status = 'approved') AS live_allocations,
            p.home_lat, p.home_lng
     FROM trainers t
     CROSS JOIN purchase p
@@ -72,6 +63,31 @@ WITH purchase AS (
                     AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory],
                                                            NULL)
                ELSE t.id = %(only_trainer)s::uuid END
+), counted AS MATERIALIZED (
+    -- Capacity is read only for trainers who pass the rules before it (a named trainer:
+    -- always).
+    SELECT b.*,
+           CASE WHEN %(only_trainer)s::uuid IS NOT NULL
+                  OR (b.active AND b.specialty_match IS NOT NULL AND b.gender_ok
+                      AND b.distance_km <= b.service_radius_km)
+           THEN (SELECT count(*) FROM trainer_allocations ta
+                  WHERE ta.trainer_id = b.trainer_id AND ta.status = 'approved')
+           END AS live_allocations
+    FROM base b
+), cheap AS MATERIALIZED (
+    -- Availability, for those also under capacity.
+    SELECT c.*,
+           CASE WHEN %(only_trainer)s::uuid IS NOT NULL
+                  OR c.live_allocations < kc_trainer_capacity(c.rating)
+           THEN (SELECT count(DISTINCT a.weekday)
+                   FROM trainer_availability a
+                  WHERE a.trainer_id = c.trainer_id
+                    AND a.weekday = ANY (%(weekdays)s::smallint[])
+                    AND a.slot_start <= %(slot_start)s::time
+                    AND a.slot_end >= %(slot_end)s::time
+                ) = cardinality(%(weekdays)s::smallint[])
+           END AS available
+    FROM counted c
 ), timed AS MATERIALIZED (
     SELECT c.*,
            -- A named trainer (an admin request) is measured on every rule: an override
@@ -116,6 +132,10 @@ FROM timed t;
 -- capacity trigger). The re-check must be a separate statement: in READ COMMITTED a statement
 -- reads the snapshot taken when it started, before it waited for the lock.
 SELECT kc_lock_trainer(%(trainer_id)s::uuid);
+
+-- name: try_lock_trainer
+-- The same lock, only when no other transaction holds it (false: it is held).
+SELECT kc_try_lock_trainer(%(trainer_id)s::uuid) AS locked;
 
 -- name: recheck_trainer
 -- Re-reads, after lock_trainer, what may have changed since the search.

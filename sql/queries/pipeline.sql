@@ -32,3 +32,20 @@ SELECT record_job_start(%(job_id)s::bigint, %(stage)s::text, %(ref_id)s::uuid,
 
 -- name: prune_history
 SELECT history_deleted, log_deleted, starts_deleted FROM prune_history(%(keep)s::interval);
+
+-- name: record_history_many
+-- A batch's history lines (one per row) in one statement.
+INSERT INTO stage_history (stage, ref_id, event, job_id, detail, error)
+SELECT %(stage)s::text, t.ref_id, t.event, t.job_id, t.detail, t.error
+FROM unnest(%(refs)s::uuid[], %(events)s::text[], %(job_ids)s::bigint[], %(details)s::text[],
+            %(errors)s::jsonb[]) AS t(ref_id, event, job_id, detail, error);
+
+-- name: record_job_starts
+-- Every job of a batch counted as started, before its work runs (one statement; see
+-- record_job_start for the one-job form).
+INSERT INTO job_starts (job_id, stage, ref_id, last_worker)
+SELECT t.job_id, %(stage)s::text, t.ref_id, %(worker)s::uuid
+FROM unnest(%(job_ids)s::bigint[], %(refs)s::uuid[]) AS t(job_id, ref_id)
+ON CONFLICT (job_id) DO UPDATE
+SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = EXCLUDED.last_worker
+RETURNING job_id, starts;

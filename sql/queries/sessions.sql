@@ -1,7 +1,8 @@
 -- Sessions stage: an approved allocation gets its whole schedule, in one transaction.
 
--- name: lock_allocation_for_sessions
--- Locks the allocation and reads where the purchase's schedule stands: sessions that are not
+-- name: lock_allocations_for_sessions
+-- Locks a batch's allocations (in id order, so two workers never wait on each other in a
+-- circle) and reads, for each, where the purchase's schedule stands: sessions that are not
 -- cancelled, over every allocation of the purchase (delivered), and where the schedule ends
 -- (last number, last date): after those and after this allocation's own sessions, cancelled
 -- ones included, so a make-up follows the session it replaces and never reuses its number.
@@ -24,19 +25,24 @@ CROSS JOIN LATERAL (
     JOIN trainer_allocations other ON other.id = ts.allocation_id
     WHERE other.purchase_id = ta.purchase_id
 ) standing
-WHERE ta.id = %(allocation_id)s::uuid
+WHERE ta.id = ANY (%(allocation_ids)s::uuid[])
+ORDER BY ta.id
 FOR UPDATE OF ta;
 
 -- name: insert_sessions
--- Set-based: the whole schedule in one statement. Existing numbers are left alone, so a
--- replay writes nothing twice.
+-- Set-based: every session of a batch's allocations in one statement. Existing numbers are
+-- left alone, so a replay writes nothing twice; the rows written say how many per allocation.
 INSERT INTO tutoring_sessions (
     allocation_id, session_number, student_id, trainer_id, course_id, scheduled_date,
     scheduled_time, starts_at, ends_at, duration_minutes, delivery)
-SELECT %(allocation_id)s::uuid, n.session_number, %(student_id)s::uuid, %(trainer_id)s::uuid,
-       %(course_id)s::uuid, n.scheduled_date, n.scheduled_time, n.starts_at, n.ends_at,
-       %(duration)s::smallint, n.delivery
-FROM unnest(%(numbers)s::smallint[], %(dates)s::date[], %(times)s::time[],
-            %(starts)s::timestamptz[], %(ends)s::timestamptz[], %(deliveries)s::text[])
-     AS n(session_number, scheduled_date, scheduled_time, starts_at, ends_at, delivery)
-ON CONFLICT (allocation_id, session_number) DO NOTHING;
+SELECT n.allocation_id, n.session_number, n.student_id, n.trainer_id, n.course_id,
+       n.scheduled_date, n.scheduled_time, n.starts_at, n.ends_at, n.duration_minutes,
+       n.delivery
+FROM unnest(%(allocation_ids)s::uuid[], %(numbers)s::smallint[], %(student_ids)s::uuid[],
+            %(trainer_ids)s::uuid[], %(course_ids)s::uuid[], %(dates)s::date[],
+            %(times)s::time[], %(starts)s::timestamptz[], %(ends)s::timestamptz[],
+            %(durations)s::smallint[], %(deliveries)s::text[])
+     AS n(allocation_id, session_number, student_id, trainer_id, course_id, scheduled_date,
+          scheduled_time, starts_at, ends_at, duration_minutes, delivery)
+ON CONFLICT (allocation_id, session_number) DO NOTHING
+RETURNING allocation_id;

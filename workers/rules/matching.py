@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from enum import StrEnum
+from functools import cache
 from typing import Any, Literal
 from uuid import UUID
 
@@ -41,6 +42,7 @@ class Reason(StrEnum):
 SpecialtyMatch = Literal["category", "subcategory"]
 
 
+@cache
 def capacity_for(rating: Decimal | float | None) -> int:
     """Live allocations a trainer may hold, by rating (same table as kc_trainer_capacity)."""
     if rating is None:
@@ -66,11 +68,12 @@ class CandidateFacts:
     gender_ok: bool
     distance_km: float
     service_radius_km: float
-    available: bool  # availability covers the slot on every weekday of the schedule
-    # The costly facts are measured only for trainers who passed every earlier rule; None
-    # means "not measured" (an earlier rule already failed, so no rule reads it).
+    # The facts from here on are measured only for trainers who passed every rule before
+    # the one that reads them; None means "not measured" (an earlier rule already failed,
+    # so no rule reads it).
+    available: bool | None  # availability covers the slot on every weekday of the schedule
     overlapping_sessions: int | None
-    live_allocations: int
+    live_allocations: int | None
     rating: Decimal | None
     far_neighbours: int | None = 0  # sessions in the hour before/after, too far from home
     active: bool = True
@@ -82,12 +85,15 @@ class CandidateFacts:
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> CandidateFacts:
         """One row of the candidate_facts query: its columns are these fields, by name."""
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        return cls(**{name: row[name] for name in _FACT_NAMES})
 
     def first_failed_rule(self) -> Reason | None:
         """The first rule in RULE_ORDER this trainer fails (None: eligible). Reads only the
         facts of the rules it reaches, as the search measures them."""
-        return next((rule.reason for rule in RULES if rule.fails(self)), None)
+        for rule in RULES:
+            if rule.fails(self):
+                return rule.reason
+        return None
 
     def failed_rules(self) -> tuple[Reason, ...]:
         """Every rule this trainer fails, in RULE_ORDER (an admin override must see them all,
@@ -106,7 +112,7 @@ class CandidateFacts:
     def rank_key(self) -> tuple[int, int, Decimal, float, str]:
         return (
             0 if self.specialty_match == "category" else 1,
-            self.live_allocations,
+            self.measured(self.live_allocations),
             -(self.rating if self.rating is not None else Decimal(0)),
             self.distance_km,
             str(self.trainer_id),
@@ -123,6 +129,9 @@ class CandidateFacts:
             "capacity": self.capacity,
             "rating": None if self.rating is None else float(self.rating),
         }
+
+
+_FACT_NAMES = tuple(f.name for f in fields(CandidateFacts))
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,7 @@ RULES: tuple[Rule, ...] = (
     # distance scan the trainer's sessions.
     Rule(
         Reason.AT_CAPACITY,
-        fails=lambda t: t.live_allocations >= t.capacity,
+        fails=lambda t: t.measured(t.live_allocations) >= t.capacity,
         why=lambda t, course, slot: (
             f"the trainer holds {t.live_allocations} of {t.capacity} live allocations"
         ),
@@ -181,7 +190,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         Reason.NO_FREE_SLOT,
-        fails=lambda t: not t.available or t.measured(t.overlapping_sessions) > 0,
+        fails=lambda t: not t.measured(t.available) or t.measured(t.overlapping_sessions) > 0,
         why=lambda t, course, slot: (
             f"the trainer is not available at {slot} on every weekday of the schedule"
             if not t.available

@@ -1,21 +1,23 @@
-"""What every stage shares: the stage names, outcomes, the holidays, and the run-one-job
-wrapper.
+"""What every stage shares: the stage names, outcomes, the holidays, and the wrapper that
+runs a batch of rows of one stage in one transaction.
 
-A stage handler runs inside one transaction and returns an Outcome; the wrapper writes the
-history line in that same transaction, so "done" is recorded exactly when the work commits.
-A handler that raises leaves nothing behind; the wrapper records the failure on its own
-(`failed` in stage_history) and raises it on.
+A stage handler takes the rows of a batch and returns, for each, an Outcome or the exception
+that row raised; the wrapper writes every history line in that same transaction (one
+statement), so "done" is recorded exactly when the work commits. A row that raises leaves
+nothing behind (its work ran in a savepoint, see `one_by_one`) and gets a `failed` line; its
+neighbours commit. When the transaction itself fails (the connection is lost, the commit is
+refused), every row of the batch fails and the failures are recorded on their own.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from psycopg.types.json import Jsonb
@@ -45,10 +47,23 @@ class Outcome:
 @dataclass(frozen=True)
 class StageContext:
     settings: Settings
+
+
+@dataclass(frozen=True)
+class Work:
+    """One row for a stage, and the queue job that asked for it (None: run by hand)."""
+
+    ref: UUID
     job_id: int | None = None
 
 
-Handler = Callable[[AsyncConn, UUID, StageContext], Awaitable[Outcome]]
+# What a batch gives back: per row, its outcome or what it raised.
+Results = dict[UUID, Outcome | Exception]
+# A stage: the rows of one batch (distinct ids) in, a result for each out. It runs inside
+# the batch's transaction and must not let one row's failure undo another's work.
+Handler = Callable[[AsyncConn, list[UUID], StageContext], Awaitable[Results]]
+# One row at a time (inside a savepoint the caller opens).
+OneHandler = Callable[[AsyncConn, UUID, StageContext], Awaitable[Outcome]]
 
 
 async def load_holidays(conn: AsyncConn, from_day: date) -> set[date]:
@@ -58,62 +73,163 @@ async def load_holidays(conn: AsyncConn, from_day: date) -> set[date]:
     return {row["day"] for row in rows}
 
 
+async def one_by_one(
+    conn: AsyncConn, refs: Sequence[UUID], ctx: StageContext, handle: OneHandler
+) -> Results:
+    """Each row in its own savepoint: a row that raises is rolled back alone (its locks
+    too) and the next one goes on."""
+    results: Results = {}
+    for ref in refs:
+        try:
+            async with conn.transaction():
+                results[ref] = await handle(conn, ref, ctx)
+        except Exception as exc:
+            results[ref] = exc
+    return results
+
+
+async def together_or_one_by_one(
+    conn: AsyncConn,
+    refs: Sequence[UUID],
+    ctx: StageContext,
+    *,
+    together: Handler,
+    one: OneHandler,
+) -> Results:
+    """The set-based path for the whole batch, in a savepoint; when any row makes it raise
+    (bad data, a constraint, a lock timeout), it is rolled back and every row runs alone,
+    so the one at fault fails by itself."""
+    if len(refs) > 1:
+        try:
+            async with conn.transaction():
+                results = await together(conn, list(refs), ctx)
+                failed = [r for r in results.values() if isinstance(r, Exception)]
+                if failed:
+                    raise failed[0]  # rolls the whole batch's work back
+            return results
+        except Exception as exc:
+            log.debug("batch of %d fell back to one row at a time: %s", len(refs), exc)
+    return await one_by_one(conn, refs, ctx, one)
+
+
+def one_of(together: Handler) -> OneHandler:
+    """A set-based handler run for one row: its outcome, or what it raised."""
+
+    async def one(conn: AsyncConn, ref: UUID, ctx: StageContext) -> Outcome:
+        result = (await together(conn, [ref], ctx))[ref]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return one
+
+
+def error_record(exc: BaseException) -> dict[str, str]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc)[:2000],
+        "traceback": "".join(traceback.format_exception(exc))[-8000:],
+    }
+
+
+async def _write_history(
+    conn: AsyncConn, stage: Stage, lines: Sequence[tuple[Work, Outcome | BaseException]]
+) -> None:
+    """Every line of a batch in one statement."""
+    events: list[str] = []
+    details: list[str] = []
+    errors: list[Jsonb | None] = []
+    for _, result in lines:
+        if isinstance(result, Outcome):
+            events.append(result.event)
+            details.append(result.detail)
+            errors.append(None)
+        else:
+            error = error_record(result)
+            events.append("failed")
+            details.append(error["message"])
+            errors.append(Jsonb(error))
+    await conn.execute(
+        q("record_history_many"),
+        {
+            "stage": stage.value,
+            "refs": [work.ref for work, _ in lines],
+            "events": events,
+            "job_ids": [work.job_id for work, _ in lines],
+            "details": details,
+            "errors": errors,
+        },
+    )
+
+
+async def run_batch(
+    pool: AsyncConnectionPool[AsyncConn],
+    stage: Stage,
+    handler: Handler,
+    works: Sequence[Work],
+    ctx: StageContext,
+) -> dict[UUID, Outcome | Exception]:
+    """Run the rows (distinct ids) in one transaction; per row, its outcome or exception."""
+    refs = [work.ref for work in works]
+    if len(set(refs)) != len(refs):
+        raise ValueError(f"a {stage.value} batch names a row twice: {refs}")
+    try:
+        async with transaction(pool) as conn:
+            results = await handler(conn, refs, ctx)
+            missing = [ref for ref in refs if ref not in results]
+            if missing:
+                raise RuntimeError(f"the {stage.value} stage gave no result for {missing}")
+            await _write_history(conn, stage, [(work, results[work.ref]) for work in works])
+    except Exception as exc:
+        # Logged once, with its traceback, by the caller that decides what happens next
+        # (worker.run_jobs: retried or held).
+        await record_failures(pool, stage, [(work, exc) for work in works])
+        return {ref: exc for ref in refs}
+    for work in works:
+        result = results[work.ref]
+        if isinstance(result, Outcome):
+            extra: dict[str, Any] = {
+                "stage": stage.value,
+                "ref": str(work.ref),
+                "job_id": work.job_id,
+            }
+            log.info(
+                "%s %s %s: %s", stage.value, work.ref, result.event, result.detail, extra=extra
+            )
+    return results
+
+
 async def run_stage(
     pool: AsyncConnectionPool[AsyncConn],
     stage: Stage,
     handler: Handler,
     ref: UUID,
     ctx: StageContext,
+    job_id: int | None = None,
 ) -> Outcome:
-    extra = {"stage": stage.value, "ref": str(ref), "job_id": ctx.job_id}
-    try:
-        async with transaction(pool) as conn:
-            outcome = await handler(conn, ref, ctx)
-            await conn.execute(
-                q("record_history"),
-                {
-                    "stage": stage.value,
-                    "ref_id": ref,
-                    "event": outcome.event,
-                    "job_id": ctx.job_id,
-                    "detail": outcome.detail,
-                    "error": None,
-                },
-            )
-    except Exception as exc:
-        # Logged once, with its traceback, by the caller that decides what happens next
-        # (runtime.run_job: retried or held).
-        await record_failure(pool, stage, ref, ctx, exc)
-        raise
-    log.info("%s %s %s: %s", stage.value, ref, outcome.event, outcome.detail, extra=extra)
-    return outcome
+    """One row (a replay by hand, a test): its outcome, or what it raised."""
+    result = (await run_batch(pool, stage, handler, [Work(ref, job_id)], ctx))[ref]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
-async def record_failure(
+async def record_failures(
     pool: AsyncConnectionPool[AsyncConn],
     stage: Stage,
-    ref: UUID,
-    ctx: StageContext,
-    exc: BaseException,
+    failures: Sequence[tuple[Work, BaseException]],
 ) -> None:
-    error = {
-        "type": type(exc).__name__,
-        "message": str(exc)[:2000],
-        "traceback": "".join(traceback.format_exception(exc))[-8000:],
-    }
+    """`failed` history lines for rows whose work could not commit, in a transaction of
+    their own."""
+    if not failures:
+        return
     try:
         async with transaction(pool) as conn:
-            await conn.execute(
-                q("record_history"),
-                {
-                    "stage": stage.value,
-                    "ref_id": ref,
-                    "event": "failed",
-                    "job_id": ctx.job_id,
-                    "detail": error["message"],
-                    "error": Jsonb(error),
-                },
-            )
+            await _write_history(conn, stage, failures)
     except Exception:
-        # The job's own failure is what matters; pgqueuer keeps its traceback either way.
-        log.exception("could not record the failure of %s %s", stage.value, ref)
+        # The jobs' own failures are what matter; pgqueuer keeps their tracebacks either way.
+        log.exception(
+            "could not record the failure of %s %s",
+            stage.value,
+            ", ".join(str(work.ref) for work, _ in failures),
+        )

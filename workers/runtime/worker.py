@@ -40,8 +40,17 @@ from psycopg_pool import AsyncConnectionPool
 from workers.database.connections import AsyncConn, fetch_all, fetch_one, make_pool, transaction
 from workers.database.sql import q
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
+from workers.runtime.batching import Batcher
 from workers.runtime.driver import ListeningDriver
-from workers.runtime.runner import Handler, Stage, StageContext, record_failure, run_stage
+from workers.runtime.runner import (
+    Handler,
+    Outcome,
+    Stage,
+    StageContext,
+    Work,
+    record_failures,
+    run_batch,
+)
 from workers.settings import Settings
 from workers.stages import allocation, lifecycle, purchase, sessions
 
@@ -76,67 +85,93 @@ def backoff(starts: int) -> timedelta:
     return min(timedelta(seconds=2 ** max(starts - 1, 0)), timedelta(minutes=5))
 
 
-async def record_start(
-    pool: AsyncConnectionPool[AsyncConn], job: Job, stage: Stage, ref: UUID
-) -> int:
+async def record_starts(
+    pool: AsyncConnectionPool[AsyncConn], stage: Stage, jobs: list[tuple[Job, UUID]]
+) -> dict[int, int]:
+    """Count a start for every job of a batch (one statement, its own transaction)."""
     async with transaction(pool) as conn:
-        row = await fetch_one(
+        rows = await fetch_all(
             conn,
-            q("record_job_start"),
+            q("record_job_starts"),
             {
-                "job_id": int(job.id),
                 "stage": stage.value,
-                "ref_id": ref,
-                "worker": job.queue_manager_id,
+                "job_ids": [int(job.id) for job, _ in jobs],
+                "refs": [ref for _, ref in jobs],
+                "worker": jobs[0][0].queue_manager_id,
             },
         )
-    assert row is not None
-    return int(row["starts"])
+    return {int(row["job_id"]): int(row["starts"]) for row in rows}
 
 
-async def run_job(
+async def run_jobs(
     pool: AsyncConnectionPool[AsyncConn],
     settings: Settings,
     stage: Stage,
     handler: Handler,
-    job: Job,
-) -> None:
-    ctx = StageContext(settings=settings, job_id=int(job.id))
-    ref = job_ref(job)
+    jobs: list[Job],
+) -> list[BaseException | None]:
+    """Run a batch of one stage's jobs (distinct rows); per job None (done) or the exception
+    pgqueuer is to see: RetryRequested (retried with backoff) or another (held as failed)."""
+    ctx = StageContext(settings=settings)
+    refs = [job_ref(job) for job in jobs]
     try:
-        starts = await record_start(pool, job, stage, ref)
+        starts = await record_starts(pool, stage, list(zip(jobs, refs, strict=True)))
     except PERMANENT:
         raise
     except Exception as exc:  # no connection now (the database restarting, a full pool)
         # A lost connection is logged once by the worker (serve), not once per job.
         log.log(
             logging.DEBUG if connection_lost(exc) else logging.WARNING,
-            "%s %s: could not record the start (%s); retrying",
+            "%s: could not record the start of %d job(s) (%s); retrying",
             stage.value,
-            ref,
+            len(jobs),
             exc,
         )
-        raise RetryRequested(delay=backoff(job.attempts + 1), reason=str(exc)[:500]) from exc
-    if starts > settings.max_attempts:
-        gave_up = TooManyAttemptsError(
-            f"{stage.value} {ref}: started {starts - 1} times without success (the last "
-            "attempts may have been cut short by worker crashes); held as failed, replay with "
-            f"SELECT replay_stage('{stage.value}', '{ref}')"
+        return [
+            RetryRequested(delay=backoff(job.attempts + 1), reason=str(exc)[:500]) for job in jobs
+        ]
+    outcome: dict[int, BaseException | None] = {}
+    runnable: list[Work] = []
+    gave_up: list[tuple[Work, BaseException]] = []
+    for job, ref in zip(jobs, refs, strict=True):
+        work = Work(ref, int(job.id))
+        if starts[work.job_id or 0] > settings.max_attempts:
+            error = TooManyAttemptsError(
+                f"{stage.value} {ref}: started {starts[int(job.id)] - 1} times without success "
+                "(the last attempts may have been cut short by worker crashes); held as "
+                f"failed, replay with SELECT replay_stage('{stage.value}', '{ref}')"
+            )
+            gave_up.append((work, error))
+            log_failure(job, stage, ref, error, starts=starts[int(job.id)], retry_in=None)
+            outcome[int(job.id)] = error
+        else:
+            runnable.append(work)
+    await record_failures(pool, stage, gave_up)
+    results = await run_batch(pool, stage, handler, runnable, ctx) if runnable else {}
+    for job, ref in zip(jobs, refs, strict=True):
+        if int(job.id) in outcome:
+            continue
+        result = results[ref]
+        outcome[int(job.id)] = (
+            None
+            if isinstance(result, Outcome)
+            else failure_policy(job, stage, ref, result, starts[int(job.id)], settings)
         )
-        await record_failure(pool, stage, ref, ctx, gave_up)
-        log_failure(job, stage, ref, gave_up, starts=starts, retry_in=None)
-        raise gave_up
-    try:
-        await run_stage(pool, stage, handler, ref, ctx)
-    except PERMANENT as exc:
+    return [outcome[int(job.id)] for job in jobs]
+
+
+def failure_policy(
+    job: Job, stage: Stage, ref: UUID, exc: Exception, starts: int, settings: Settings
+) -> BaseException:
+    """What pgqueuer sees for a job whose work failed: the error itself (held as failed) when
+    no retry can help or this was the last attempt, else a retry with backoff."""
+    if isinstance(exc, PERMANENT) or starts >= settings.max_attempts:
         log_failure(job, stage, ref, exc, starts=starts, retry_in=None)
-        raise
-    except Exception as exc:
-        if starts >= settings.max_attempts:
-            log_failure(job, stage, ref, exc, starts=starts, retry_in=None)
-            raise
-        log_failure(job, stage, ref, exc, starts=starts, retry_in=backoff(starts))
-        raise RetryRequested(delay=backoff(starts), reason=str(exc)[:500]) from exc
+        return exc
+    log_failure(job, stage, ref, exc, starts=starts, retry_in=backoff(starts))
+    retry = RetryRequested(delay=backoff(starts), reason=str(exc)[:500])
+    retry.__cause__ = exc
+    return retry
 
 
 def idle_poll(settings: Settings) -> timedelta:
@@ -210,12 +245,25 @@ class OneTracebackPerFailure(logging.Filter):
 def register_stages(
     qm: QueueManager, pool: AsyncConnectionPool[AsyncConn], settings: Settings
 ) -> None:
+    """One entrypoint per stage. Its jobs go through a Batcher: the jobs of one stage that
+    the worker claimed together run together, in one transaction (`run_jobs`)."""
     for stage, handler in HANDLERS.items():
 
         def bind(stage: Stage = stage, handler: Handler = handler) -> None:
+            async def run(jobs: list[Job]) -> list[BaseException | None]:
+                return await run_jobs(pool, settings, stage, handler, jobs)
+
+            batcher: Batcher[Job] = Batcher(
+                run,
+                key=lambda job: job.payload,
+                max_size=settings.stage_batch_size,
+                max_running=settings.stage_batches,
+            )
+
             @qm.entrypoint(stage.value, on_failure="hold")
             async def entry(job: Job) -> None:
-                await run_job(pool, settings, stage, handler, job)
+                job_ref(job)  # a payload that names no row fails alone, before any batch
+                await batcher.submit(job)
 
         bind()
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, date, datetime, time
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal, overload
 from uuid import UUID
 
 from psycopg.rows import DictRow
@@ -51,7 +51,7 @@ from workers.rules.schedule import (
     resume_from,
     slot_end,
 )
-from workers.runtime.runner import Outcome, StageContext, load_holidays
+from workers.runtime.runner import Outcome, Results, StageContext, load_holidays, one_by_one
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,16 @@ def _overlaps(a: list[PlannedSession], b: list[PlannedSession]) -> bool:
     return any(nxt[0] < cur[1] for cur, nxt in pairwise(spans))
 
 
-async def handle(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Outcome:
+async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
+    """A batch of purchases, one after the other in the batch's transaction, each in a
+    savepoint: a later purchase sees the trainers the earlier ones took (the re-check under
+    the trainer lock reads this transaction's own writes), and one that fails is rolled back
+    alone. Purchases are taken in id order, as every worker does, so two batches lock them
+    without waiting on each other in a circle."""
+    return await one_by_one(conn, sorted(refs), ctx, allocate)
+
+
+async def allocate(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Outcome:
     purchase = await fetch_one(
         conn, q("lock_purchase_for_allocation"), {"purchase_id": purchase_id}
     )
@@ -161,35 +170,47 @@ async def allocate_best(
     fits under their row lock. When nobody does, the purchase waits in its one pending row,
     with the reason; an allocation being replaced (`replacing`) is kept instead."""
     lost: list[Reason] = []
-    for candidate in try_order(decision, preference):
-        why = await still_fits(conn, candidate.trainer_id, purchase, sessions)
-        if why is None:
-            allocation_id = await _approve(
-                conn,
-                purchase,
-                sessions,
-                decision,
-                candidate,
-                replacing=replacing,
-                why=f"the schedule moved to trainer {candidate.trainer_id}",
-                preference=preference,
+    held: list[CandidateFacts] = []  # locked by another transaction when tried
+    for waiting, candidates in ((False, try_order(decision, preference)), (True, held)):
+        for candidate in list(candidates):
+            chosen = preference is not None and candidate.trainer_id == preference.trainer_id
+            # The student's choice is waited for; another trainer a concurrent batch holds
+            # is passed over for now and waited for only when every free one failed.
+            why = await still_fits(
+                conn, candidate.trainer_id, purchase, sessions, wait=waiting or chosen
             )
-            return Outcome(
-                "succeeded", f"allocation {allocation_id} approved: trainer {candidate.trainer_id}"
-            )
-        lost.append(why)
-        if preference is not None and candidate.trainer_id == preference.trainer_id:
-            preference = Preference(
+            if why is HELD:
+                held.append(candidate)
+                continue
+            if why is None:
+                allocation_id = await _approve(
+                    conn,
+                    purchase,
+                    sessions,
+                    decision,
+                    candidate,
+                    replacing=replacing,
+                    why=f"the schedule moved to trainer {candidate.trainer_id}",
+                    preference=preference,
+                )
+                return Outcome(
+                    "succeeded",
+                    f"allocation {allocation_id} approved: trainer {candidate.trainer_id}",
+                )
+            assert isinstance(why, Reason)
+            lost.append(why)
+            if chosen and preference is not None:
+                preference = Preference(
+                    candidate.trainer_id,
+                    why.value,
+                    f"{why.value}: taken by another purchase between the search and the booking",
+                )
+            log.info(
+                "trainer %s no longer fits purchase %s (%s); trying the next",
                 candidate.trainer_id,
+                purchase["id"],
                 why.value,
-                f"{why.value}: taken by another purchase between the search and the booking",
             )
-        log.info(
-            "trainer %s no longer fits purchase %s (%s); trying the next",
-            candidate.trainer_id,
-            purchase["id"],
-            why.value,
-        )
     if lost:  # every ranked trainer was taken by another purchase after the search
         decision = _all_taken(decision, lost, purchase)
     if replacing is not None:
@@ -434,6 +455,14 @@ async def search(
     )
 
 
+class _Held:
+    """still_fits' answer for a trainer whose lock another transaction holds (wait=False)."""
+
+
+HELD = _Held()
+
+
+@overload
 async def still_fits(
     conn: AsyncConn,
     trainer_id: UUID,
@@ -441,15 +470,41 @@ async def still_fits(
     sessions: list[PlannedSession],
     *,
     ignore_capacity: bool = False,
-) -> Reason | None:
-    """Under the trainer's row lock: None when the trainer is active, under capacity and free
-    at every session; otherwise the rule that now fails.
+    wait: Literal[True] = True,
+) -> Reason | None: ...
+@overload
+async def still_fits(
+    conn: AsyncConn,
+    trainer_id: UUID,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    *,
+    ignore_capacity: bool = False,
+    wait: bool,
+) -> Reason | _Held | None: ...
+async def still_fits(
+    conn: AsyncConn,
+    trainer_id: UUID,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    *,
+    ignore_capacity: bool = False,
+    wait: bool = True,
+) -> Reason | _Held | None:
+    """Under the trainer's lock: None when the trainer is active, under capacity and free
+    at every session; otherwise the rule that now fails. With wait=False, HELD when another
+    transaction holds the lock (nothing is read then).
 
     Time promised to approved allocations whose sessions are not written yet is read before
     the written sessions: a sessions stage committing between the two reads then shows up in
     the second, never in neither.
     """
-    await conn.execute(q("lock_trainer"), {"trainer_id": trainer_id})
+    if wait:
+        await conn.execute(q("lock_trainer"), {"trainer_id": trainer_id})
+    else:
+        locked = await fetch_one(conn, q("try_lock_trainer"), {"trainer_id": trainer_id})
+        if locked is None or not locked["locked"]:
+            return HELD
     promised = await fetch_all(
         conn,
         q("trainer_unscheduled_allocations"),

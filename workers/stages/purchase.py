@@ -1,6 +1,7 @@
 """Purchase stage: a succeeded payment -> exactly one student_course_purchases row.
 
 Idempotent: the payment row is locked and an existing purchase (or upgrade) ends the job.
+A batch of payments is locked by one statement and its new purchases written by another.
 Metadata that cannot make a purchase is recorded in payment_rejections (visible in
 rejected_payments) and the job ends there: no retry loop, nothing lost. Correcting
 payments.metadata re-enqueues it (the payments trigger).
@@ -13,14 +14,14 @@ sessions.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.database.connections import AsyncConn, fetch_one
+from workers.database.connections import AsyncConn, fetch_all, fetch_one
 from workers.database.sql import q
 from workers.errors import InvalidPurchaseError, InvalidTimezoneError, ScheduleError
 from workers.rules.metadata import (
@@ -31,7 +32,14 @@ from workers.rules.metadata import (
     plan_purchase,
 )
 from workers.rules.schedule import zone_named
-from workers.runtime.runner import Outcome, StageContext, load_holidays
+from workers.runtime.runner import (
+    Outcome,
+    Results,
+    StageContext,
+    load_holidays,
+    one_of,
+    together_or_one_by_one,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +56,53 @@ def zone_or_rejection(name: str) -> ZoneInfo:
         ) from None
 
 
-async def handle(conn: AsyncConn, payment_id: UUID, ctx: StageContext) -> Outcome:
-    payment = await fetch_one(
-        conn, q("lock_payment"), {"payment_id": payment_id, "max_bytes": MAX_METADATA_BYTES}
+async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
+    return await together_or_one_by_one(conn, refs, ctx, together=_together, one=one_of(_together))
+
+
+async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
+    """A batch of payments: locked by one statement, planned here, the new purchases written
+    by one statement; upgrades and rejections (rare) one by one in the same transaction."""
+    payments = await fetch_all(
+        conn, q("lock_payments"), {"payment_ids": refs, "max_bytes": MAX_METADATA_BYTES}
     )
+    by_id = {payment["id"]: payment for payment in payments}
+    # Every student's today lies within a day of today in UTC.
+    holidays = await load_holidays(conn, datetime.now(UTC).date() - timedelta(days=1))
+    results: Results = {}
+    new: list[tuple[DictRow, PurchasePlan]] = []
+    for ref in refs:
+        payment = by_id.get(ref)
+        if (skipped := _skipped(payment)) is not None:
+            results[ref] = skipped
+            continue
+        assert payment is not None
+        try:
+            plan = _plan(payment, holidays, ctx)
+            if plan.upgrade:
+                results[ref] = await _upgrade(conn, payment, plan)
+            else:
+                new.append((payment, plan))
+        except InvalidPurchaseError as exc:
+            results[ref] = await _reject(conn, ref, exc)
+    created = await _insert(conn, new)
+    for payment, _ in new:
+        purchase_id = created.get(payment["id"])
+        if purchase_id is not None:
+            results[payment["id"]] = Outcome("succeeded", f"purchase {purchase_id}")
+        else:
+            results[payment["id"]] = await _reject(
+                conn, payment["id"], await _active(conn, payment)
+            )
+    succeeded = [
+        ref for ref, r in results.items() if isinstance(r, Outcome) and r.event == "succeeded"
+    ]
+    if succeeded:
+        await conn.execute(q("resolve_rejections"), {"payment_ids": succeeded})
+    return results
+
+
+def _skipped(payment: DictRow | None) -> Outcome | None:
     if payment is None:
         return Outcome("skipped", "payment does not exist")
     if payment["purchase_id"] is not None:
@@ -60,70 +111,78 @@ async def handle(conn: AsyncConn, payment_id: UUID, ctx: StageContext) -> Outcom
         return Outcome("skipped", f"purchase {payment['upgraded_purchase_id']} already upgraded")
     if payment["status"] != "succeeded":
         return Outcome("skipped", f"payment is {payment['status']}, not succeeded")
-
-    try:
-        outcome = await _create(conn, payment, ctx)
-    except InvalidPurchaseError as exc:
-        await conn.execute(
-            q("record_rejection"),
-            {
-                "payment_id": payment_id,
-                "reason": exc.reason,
-                "errors": Jsonb(exc.errors),
-                "keep_metadata": exc.keep_metadata,
-            },
-        )
-        return Outcome("rejected", str(exc)[:2000])
-    await conn.execute(q("resolve_rejection"), {"payment_id": payment_id})
-    return outcome
+    return None
 
 
-async def _create(conn: AsyncConn, payment: DictRow, ctx: StageContext) -> Outcome:
-    plan = await _plan(conn, payment, ctx)
-    if plan.upgrade:
-        return await _upgrade(conn, payment, plan)
-    row = await fetch_one(
-        conn,
-        q("insert_purchase"),
+async def _reject(conn: AsyncConn, payment_id: UUID, exc: InvalidPurchaseError) -> Outcome:
+    await conn.execute(
+        q("record_rejection"),
         {
-            "payment_id": payment["id"],
-            "student_id": payment["student_id"],
-            "course_id": payment["course_id"],
-            "tier": plan.session_count,
-            "start_date": plan.start_date,
-            "time_slot": plan.time_slot,
-            "schedule_mode": plan.schedule_mode.value,
-            "duration": plan.session_duration,
-            "defaults_applied": list(plan.defaults_applied),
-            "learning_mode": plan.learning_mode.value,
-            "group_size": plan.group_size,
-            "preferred_trainer_id": plan.preferred_trainer_id,
-            "unused_top": list(plan.unused_top),
-            "unused_schedule": list(plan.unused_schedule),
-            "unused_keys": list(plan.unused_keys),
+            "payment_id": payment_id,
+            "reason": exc.reason,
+            "errors": Jsonb(exc.errors),
+            "keep_metadata": exc.keep_metadata,
         },
     )
-    if row is None:
-        active = await fetch_one(
-            conn,
-            q("active_purchase_for"),
-            {"student_id": payment["student_id"], "course_id": payment["course_id"]},
-        )
-        detail = f"purchase {active['id']} (payment {active['payment_id']})" if active else "?"
-        raise InvalidPurchaseError(
-            RejectReason.ACTIVE_PURCHASE_EXISTS,
-            [
-                {
-                    "field": "payment",
-                    "message": "the student already has an active purchase of this course: "
-                    f"{detail}; send upgrade: true to extend it",
-                }
+    return Outcome("rejected", str(exc)[:2000])
+
+
+async def _insert(conn: AsyncConn, new: list[tuple[DictRow, PurchasePlan]]) -> dict[UUID, UUID]:
+    """The new purchases in one statement; payment id -> purchase id for those written (a
+    payment missing from it conflicts with an active purchase of the same course)."""
+    if not new:
+        return {}
+    plans = [plan for _, plan in new]
+    rows = await fetch_all(
+        conn,
+        q("insert_purchases"),
+        {
+            "payment_ids": [payment["id"] for payment, _ in new],
+            "tiers": [plan.session_count for plan in plans],
+            "start_dates": [plan.start_date for plan in plans],
+            "time_slots": [plan.time_slot for plan in plans],
+            "schedule_modes": [plan.schedule_mode.value for plan in plans],
+            "durations": [plan.session_duration for plan in plans],
+            "learning_modes": [plan.learning_mode.value for plan in plans],
+            "group_sizes": [plan.group_size for plan in plans],
+            "preferred_trainer_ids": [plan.preferred_trainer_id for plan in plans],
+            "names": [
+                Jsonb(
+                    {
+                        "defaults": list(plan.defaults_applied),
+                        "top": list(plan.unused_top),
+                        "schedule": list(plan.unused_schedule),
+                        "keys": list(plan.unused_keys),
+                    }
+                )
+                for plan in plans
             ],
-        )
-    return Outcome("succeeded", f"purchase {row['id']}")
+        },
+    )
+    return {row["payment_id"]: row["id"] for row in rows}
 
 
-async def _plan(conn: AsyncConn, payment: DictRow, ctx: StageContext) -> PurchasePlan:
+async def _active(conn: AsyncConn, payment: DictRow) -> InvalidPurchaseError:
+    """The rejection of a purchase the student already has, naming it."""
+    active = await fetch_one(
+        conn,
+        q("active_purchase_for"),
+        {"student_id": payment["student_id"], "course_id": payment["course_id"]},
+    )
+    detail = f"purchase {active['id']} (payment {active['payment_id']})" if active else "?"
+    return InvalidPurchaseError(
+        RejectReason.ACTIVE_PURCHASE_EXISTS,
+        [
+            {
+                "field": "payment",
+                "message": "the student already has an active purchase of this course: "
+                f"{detail}; send upgrade: true to extend it",
+            }
+        ],
+    )
+
+
+def _plan(payment: DictRow, holidays: set[date], ctx: StageContext) -> PurchasePlan:
     """The payment's plan, or one rejection listing every problem: the student's time zone
     and the metadata's. With a zone that is no zone, the metadata is still checked (its
     dates against today in UTC, a day at most from the student's), so that fixing the zone
@@ -138,7 +197,7 @@ async def _plan(conn: AsyncConn, payment: DictRow, ctx: StageContext) -> Purchas
         plan = plan_purchase(
             decode_metadata(payment["metadata_text"], payment["metadata_bytes"]),
             today=today,
-            holidays=await load_holidays(conn, today),
+            holidays={day for day in holidays if day >= today},
             default_time_slot=ctx.settings.default_time_slot,
         )
     except InvalidPurchaseError as bad_metadata:
