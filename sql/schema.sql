@@ -374,6 +374,11 @@ CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING
 CREATE INDEX trainer_allocations_student_course_idx ON public.trainer_allocations USING btree (student_id, course_id);
 CREATE INDEX trainer_allocations_trainer_live_idx ON public.trainer_allocations USING btree (trainer_id) WHERE (status = 'approved'::text);
 CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USING btree (trainer_id, weekday, slot_start);
+CREATE INDEX trainers_active_radius_idx ON public.trainers USING btree ((
+CASE
+    WHEN (status = 'active'::text) THEN service_radius_km
+    ELSE NULL::numeric
+END));
 CREATE INDEX trainers_active_specialties_idx ON public.trainers USING gin (specialties_norm) WHERE (status = 'active'::text);
 CREATE UNIQUE INDEX trainers_pkey ON public.trainers USING btree (id);
 CREATE UNIQUE INDEX tutoring_sessions_allocation_id_session_number_key ON public.tutoring_sessions USING btree (allocation_id, session_number);

@@ -30,6 +30,36 @@ def test_gender_preference_is_respected(conn: Conn, db_url: str) -> None:
     assert allocation["metadata"]["match"]["eliminated"] == {"gender_mismatch": 1}
 
 
+def test_trainers_beyond_every_radius_are_counted_not_listed(conn: Conn, db_url: str) -> None:
+    """The search measures only trainers inside the box the largest radius draws around the
+    student; the others are still counted under the rule they fail first."""
+    course = f.course(conn)
+    lat, lng = f.HOME
+    chosen = f.trainer(conn, radius_km=10, name="Near")
+    # ~22 km north: inside the box (the largest radius is 40 km), beyond its own 15 km.
+    f.trainer(conn, radius_km=15, lat=lat + 0.2, name="Inside the box, beyond own radius")
+    f.trainer(conn, radius_km=40, lat=lat + 3, name="North, far")  # ~330 km
+    f.trainer(conn, lng=lng - 2, gender="male", name="West, far, male")
+    f.trainer(conn, lat=-lat, lng=lng - 180, name="Antipode")
+    student = f.student(conn, gender="female")
+    f.payment(conn, student, course, GOOD)
+    drain(db_url)
+    allocation = allocation_of(conn, student)
+    assert allocation["trainer_id"] == chosen
+    match = allocation["metadata"]["match"]
+    assert match["eliminated"] == {"gender_mismatch": 1, "out_of_range": 3}
+    assert [r["trainerId"] for r in match["ranking"]] == [str(chosen)]
+
+    # Nobody eligible: the pending sentence counts every trainer, listed or not.
+    conn.execute("UPDATE trainers SET status = 'inactive' WHERE id = %s", (chosen,))
+    other = f.student(conn, name="Other", lat=lat - 0.5)  # ~55 km south of everyone
+    f.payment(conn, other, course, GOOD)
+    drain(db_url)
+    pending = allocation_of(conn, other)
+    assert pending["reason"] == "out_of_range"
+    assert pending["reason_detail"].startswith("4 trainer(s) teach")
+
+
 def test_subcategory_match_ranks_after_category(conn: Conn, db_url: str) -> None:
     course = f.course(conn, category="Robotics", subcategory="Arduino")
     f.trainer(conn, specialties=["ARDUINO"], rating=5.0, name="Sub")
@@ -232,6 +262,7 @@ def test_candidate_search_uses_its_indexes(conn: Conn) -> None:
     text = json.dumps(plan)
     for index in (
         "trainers_active_specialties_idx",
+        "trainers_active_radius_idx",
         "trainer_availability_pkey",
         "trainer_allocations_trainer_live_idx",
     ):

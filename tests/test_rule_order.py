@@ -170,8 +170,8 @@ def test_a_trainer_failing_two_rules_is_out_at_the_earlier(
 
 
 def test_candidate_facts_columns_are_the_dataclass_fields(conn: Conn) -> None:
-    """CandidateFacts.from_row reads the query's columns by name: a fact added to one and not
-    the other fails here."""
+    """CandidateFacts.from_rows takes the query's columns by position: a fact added to one and
+    not the other, or put elsewhere, fails here."""
     cursor = conn.execute(
         q("candidate_facts"),
         {
@@ -188,8 +188,7 @@ def test_candidate_facts_columns_are_the_dataclass_fields(conn: Conn) -> None:
     )
     assert cursor.description is not None
     columns = [column.name for column in cursor.description]
-    assert sorted(columns) == sorted(CandidateFacts.__dataclass_fields__)
-    assert len(set(columns)) == len(columns)
+    assert columns == list(CandidateFacts.__dataclass_fields__)
 
 
 def test_readme_lists_the_rules_in_order() -> None:

@@ -22,11 +22,14 @@ SELECT count(*) AS active FROM trainers WHERE status = 'active';
 -- name: candidate_facts
 -- One row per active trainer who teaches the course (category or subcategory), or only the
 -- trainer named by only_trainer (an admin request: then whatever their status or specialty),
--- with the facts the matching rules need; the columns are matching.CandidateFacts' fields.
+-- with the facts the matching rules need; the columns are matching.CandidateFacts' fields, in
+-- their order.
 -- The new sessions arrive as parallel arrays. Rules are applied in matching.RULE_ORDER, so
 -- the costly facts (overlaps, sequential distance) are only measured for trainers who pass
 -- every rule before them (the filters in `timed` and the final SELECT follow that order); for
 -- the others they are NULL, "not measured". tests/test_rule_order.py fails when they differ.
+-- Trainers too far away for any radius are not listed but counted, in at most two rows whose
+-- `trainers` says how many they stand for (see `area`).
 WITH purchase AS (
     SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
            lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
@@ -44,25 +47,60 @@ WITH purchase AS (
                FILTER (WHERE t.at_home) AS near
     FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[], %(at_home)s::boolean[])
          AS t(starts_at, ends_at, at_home)
+), area AS MATERIALIZED (
+    -- The box around the student's home beyond which no active trainer's service radius
+    -- reaches (the largest radius; an index gives it): a trainer based outside it fails the
+    -- distance rule, or an earlier one, so they are counted (`far`) instead of measured one
+    -- by one. Longitude: the exact half-width asin(sin(r) / cos(lat)); the whole circle when
+    -- the box would reach a pole or cross the antimeridian.
+    SELECT p.home_lat - d.lat AS lat_min, p.home_lat + d.lat AS lat_max,
+           p.home_lng - d.lng AS lng_min, p.home_lng + d.lng AS lng_max,
+           d.lng >= 180 AS every_lng, r.km
+    FROM purchase p
+    CROSS JOIN (SELECT coalesce(max(CASE WHEN status = 'active' THEN service_radius_km END),
+                                0)::float8 AS km
+                FROM trainers) r
+    CROSS JOIN LATERAL (
+        SELECT degrees(r.km / 6371.0) + 1e-6 AS lat,
+               CASE WHEN sin(r.km / 6371.0) >= cos(radians(p.home_lat)) THEN 180
+                    ELSE least(180, degrees(asin(sin(r.km / 6371.0)
+                                                 / cos(radians(p.home_lat)))) + 1e-6)
+               END AS lng) d
+), teaching AS MATERIALIZED (
+    -- Cheap columns only, for every trainer who teaches the course (or the named one).
+    SELECT t.id, t.status, t.specialties_norm, t.base_lat, t.base_lng, t.service_radius_km,
+           t.rating,
+           (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender)
+               AS gender_ok,
+           %(only_trainer)s::uuid IS NOT NULL
+           OR (t.base_lat BETWEEN a.lat_min AND a.lat_max
+               AND (a.every_lng OR t.base_lng BETWEEN a.lng_min AND a.lng_max
+                    OR t.base_lng BETWEEN a.lng_min + 360 AND a.lng_max + 360
+                    OR t.base_lng BETWEEN a.lng_min - 360 AND a.lng_max - 360)) AS near
+    FROM trainers t
+    CROSS JOIN purchase p
+    CROSS JOIN area a
+    WHERE CASE WHEN %(only_trainer)s::uuid IS NULL
+               THEN t.status = 'active'
+                    AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory],
+                                                           NULL)
+               ELSE t.id = %(only_trainer)s::uuid END
+), far AS (
+    SELECT gender_ok, count(*) AS trainers FROM teaching WHERE NOT near GROUP BY gender_ok
 ), base AS MATERIALIZED (
     SELECT t.id AS trainer_id,
            t.status = 'active' AS active,
            CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
                 WHEN p.subcategory = ANY (t.specialties_norm) THEN 'subcategory' END
                AS specialty_match,
-           (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender)
-               AS gender_ok,
+           t.gender_ok,
            kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
            t.service_radius_km::float8 AS service_radius_km,
            t.rating,
            p.home_lat, p.home_lng
-    FROM trainers t
+    FROM teaching t
     CROSS JOIN purchase p
-    WHERE CASE WHEN %(only_trainer)s::uuid IS NULL
-               THEN t.status = 'active'
-                    AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory],
-                                                           NULL)
-               ELSE t.id = %(only_trainer)s::uuid END
+    WHERE t.near
 ), counted AS MATERIALIZED (
     -- Capacity is read only for trainers who pass the rules before it (a named trainer:
     -- always).
@@ -106,8 +144,9 @@ WITH purchase AS (
            END AS overlapping_sessions
     FROM cheap c
 )
-SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
-       t.service_radius_km, t.rating, t.available, t.overlapping_sessions,
+-- The columns in the order of CandidateFacts' fields (it is built from them by position).
+SELECT t.trainer_id, t.specialty_match, t.gender_ok, t.distance_km, t.service_radius_km,
+       t.available, t.overlapping_sessions, t.live_allocations, t.rating,
        -- Sequential distance: the trainer's sessions at a home ending in the hour before a new
        -- session at home or starting in the hour after one must be near this student's home
        -- (an online session on either side needs no travel).
@@ -124,8 +163,17 @@ SELECT t.trainer_id, t.active, t.specialty_match, t.gender_ok, t.distance_km,
                 AND kc_haversine_km(other.home_lat, other.home_lng, t.home_lat, t.home_lng)
                     > %(max_sequential_km)s::float8)
        END AS far_neighbours,
-       t.live_allocations
-FROM timed t;
+       t.active,
+       1 AS trainers
+FROM timed t
+UNION ALL
+-- Trainers based outside the box, one row per gender answer: active, teaching the course,
+-- beyond their radius (distance: infinity). The nil id stands for the group.
+SELECT '00000000-0000-0000-0000-000000000000'::uuid, 'category', f.gender_ok,
+       'Infinity'::float8, a.km, NULL::boolean, NULL::bigint, NULL::bigint, NULL::numeric,
+       NULL::bigint, true, f.trainers
+FROM far f
+CROSS JOIN area a;
 
 -- name: lock_trainer
 -- Every approval for a trainer is serialised on this transaction-scoped lock (here and in the

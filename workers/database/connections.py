@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, LiteralString
 
 import psycopg
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow, dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from workers.errors import ConfigurationError, DatabaseRefusalError
@@ -80,3 +80,14 @@ async def fetch_one(conn: AsyncConn, query: LiteralString, params: Params) -> Di
 async def fetch_all(conn: AsyncConn, query: LiteralString, params: Params) -> list[DictRow]:
     cursor = await conn.execute(query, params)
     return await cursor.fetchall()
+
+
+async def fetch_tuples(
+    conn: AsyncConn, query: LiteralString, params: Params
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Column names and plain tuples: for queries returning many rows, where building a
+    dict per row costs more than the row's work."""
+    cursor = conn.cursor(row_factory=tuple_row)
+    await cursor.execute(query, params)
+    columns = [column.name for column in cursor.description or ()]
+    return columns, await cursor.fetchall()

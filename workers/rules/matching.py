@@ -9,7 +9,7 @@ fails), and ranks the eligible ones deterministically.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from enum import StrEnum
@@ -77,15 +77,26 @@ class CandidateFacts:
     rating: Decimal | None
     far_neighbours: int | None = 0  # sessions in the hour before/after, too far from home
     active: bool = True
+    # How many trainers the row stands for: 1, or (trainer_id nil, distance infinite) the
+    # group of those based beyond every service radius, counted but not measured one by one.
+    trainers: int = 1
 
     @property
     def capacity(self) -> int:
         return capacity_for(self.rating)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> CandidateFacts:
-        """One row of the candidate_facts query: its columns are these fields, by name."""
-        return cls(**{name: row[name] for name in _FACT_NAMES})
+    def from_rows(
+        cls, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    ) -> list[CandidateFacts]:
+        """Rows of the candidate_facts query, whose columns are these fields in their order
+        (checked: a fact added to one and not the other, or moved, raises)."""
+        if tuple(columns) != _FACT_NAMES:
+            raise ValueError(
+                f"candidate_facts returns {list(columns)}, CandidateFacts has "
+                f"{list(_FACT_NAMES)}: keep the query's columns in the fields' order"
+            )
+        return [cls(*row) for row in rows]
 
     def first_failed_rule(self) -> Reason | None:
         """The first rule in RULE_ORDER this trainer fails (None: eligible). Reads only the
@@ -262,7 +273,7 @@ def decide(
         if failed is None:
             eligible.append(candidate)
         else:
-            eliminated[failed] += 1
+            eliminated[failed] += candidate.trainers
     eliminated_json = {
         reason.value: eliminated[reason] for reason in RULE_ORDER if eliminated[reason]
     }
@@ -276,7 +287,8 @@ def decide(
         reason = Reason.NO_SPECIALTY
     else:
         reason = furthest(list(eliminated))
-    sentence = sentence_for(reason, n=len(candidates), course=course, slot=slot)
+    n = sum(candidate.trainers for candidate in candidates)
+    sentence = sentence_for(reason, n=n, course=course, slot=slot)
     return Decision((), reason, sentence, eliminated_json, tuple(candidates))
 
 

@@ -23,7 +23,13 @@ from uuid import UUID
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
-from workers.database.connections import AsyncConn, fetch_all, fetch_one, savepoint_or_refusal
+from workers.database.connections import (
+    AsyncConn,
+    fetch_all,
+    fetch_one,
+    fetch_tuples,
+    savepoint_or_refusal,
+)
 from workers.database.sql import q
 from workers.errors import DatabaseRefusalError
 from workers.rules.matching import (
@@ -430,7 +436,7 @@ async def search(
     slot: time = purchase["preferred_time_slot"]
     # A session that ends exactly at midnight needs availability until 24:00.
     end = slot_end(slot, purchase["session_duration_minutes"]) or "24:00"
-    rows = await fetch_all(
+    columns, rows = await fetch_tuples(
         conn,
         q("candidate_facts"),
         {
@@ -446,7 +452,7 @@ async def search(
         },
     )
     active = await fetch_one(conn, q("count_active_trainers"), {})
-    candidates = [CandidateFacts.from_row(row) for row in rows if row["trainer_id"] != exclude]
+    candidates = [c for c in CandidateFacts.from_rows(columns, rows) if c.trainer_id != exclude]
     return decide(
         candidates,
         active_trainers=active["active"] if active else 0,

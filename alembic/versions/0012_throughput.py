@@ -1,4 +1,4 @@
-"""Batches: a trainer lock a batch can try without waiting.
+"""Throughput: a trainer lock to try, an inlined distance, the largest radius at once.
 
 Revision ID: 0012
 Revises: 0011
@@ -15,7 +15,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_file(op.get_bind(), "migrations/0012_batches.sql")
+    run_sql_file(op.get_bind(), "migrations/0012_throughput.sql")
 
 
 def downgrade() -> None:

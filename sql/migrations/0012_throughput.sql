@@ -1,4 +1,6 @@
--- Batches (issue 15): an allocation batch holds the locks of the trainers it booked until it
+-- Throughput (issue 15).
+--
+-- Batches: an allocation batch holds the locks of the trainers it booked until it
 -- commits. Waiting for a trainer another batch holds would make batches wait on each other
 -- in circles (deadlocks); the allocation stage tries the lock first and moves on to the next
 -- ranked trainer when it is held. Same key as kc_lock_trainer (0005), so the two exclude
@@ -21,3 +23,11 @@ AS $$ SELECT 2 * 6371.0 * asin(sqrt(
       - greatest(sin(radians(lat2 - lat1) / 2) ^ 2
                  + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2
                  - 1.0, 0))) $$;
+
+-- The trainer search looks only inside the box that the largest service radius of an
+-- active trainer draws around the student's home; this index gives that radius at once
+-- (max() of the indexed expression reads one end of it). An expression index, not a partial
+-- one: the planner would otherwise scan it for every active trainer instead of the
+-- specialty index.
+CREATE INDEX trainers_active_radius_idx
+    ON trainers ((CASE WHEN status = 'active' THEN service_radius_km END));
