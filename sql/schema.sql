@@ -371,6 +371,7 @@ CREATE UNIQUE INDEX students_pkey ON public.students USING btree (id);
 CREATE UNIQUE INDEX trainer_allocations_one_live_idx ON public.trainer_allocations USING btree (purchase_id) WHERE (status = ANY (ARRAY['pending'::text, 'approved'::text]));
 CREATE INDEX trainer_allocations_pending_idx ON public.trainer_allocations USING btree (created_at) WHERE (status = 'pending'::text);
 CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING btree (id);
+CREATE INDEX trainer_allocations_purchase_idx ON public.trainer_allocations USING btree (purchase_id);
 CREATE INDEX trainer_allocations_student_course_idx ON public.trainer_allocations USING btree (student_id, course_id);
 CREATE INDEX trainer_allocations_trainer_live_idx ON public.trainer_allocations USING btree (trainer_id) WHERE (status = 'approved'::text);
 CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USING btree (trainer_id, weekday, slot_start);

@@ -31,3 +31,9 @@ AS $$ SELECT 2 * 6371.0 * asin(sqrt(
 -- specialty index.
 CREATE INDEX trainers_active_radius_idx
     ON trainers ((CASE WHEN status = 'active' THEN service_radius_km END));
+
+-- Every allocation and sessions job reads where the purchase's schedule stands over all of
+-- its allocations (purchase_progress, lock_allocations_for_sessions): by purchase_id, which
+-- only the partial index of live allocations covered. A prepared (generic) plan then scanned
+-- the whole table per job (5,000 allocations: 1.1 ms of a 2.6 ms query; linear in the table).
+CREATE INDEX trainer_allocations_purchase_idx ON trainer_allocations (purchase_id);

@@ -7,7 +7,15 @@ SELECT pu.id, pu.student_id, pu.course_id, pu.purchase_tier, pu.start_date,
        pu.learning_mode, pu.group_size, pu.preferred_trainer_id,
        s.timezone, s.gender AS student_gender, c.title AS course_title,
        live.id AS live_allocation_id, live.status AS live_allocation_status,
-       live.trainer_id AS live_trainer_id
+       live.trainer_id AS live_trainer_id,
+       -- What the stage would otherwise ask in a statement each (usually: nothing).
+       EXISTS (SELECT 1 FROM allocation_requests r
+               WHERE r.purchase_id = pu.id AND r.status = 'open') AS has_request,
+       EXISTS (SELECT 1 FROM schedule_changes sc
+               WHERE sc.purchase_id = pu.id AND sc.status = 'open') AS has_changes,
+       EXISTS (SELECT 1 FROM trainer_allocations ta
+               JOIN tutoring_sessions ts ON ts.allocation_id = ta.id
+               WHERE ta.purchase_id = pu.id) AS has_sessions
 FROM student_course_purchases pu
 JOIN students s ON s.id = pu.student_id
 JOIN courses c ON c.id = pu.course_id
@@ -80,11 +88,12 @@ WITH purchase AS (
     FROM trainers t
     CROSS JOIN purchase p
     CROSS JOIN area a
-    WHERE CASE WHEN %(only_trainer)s::uuid IS NULL
-               THEN t.status = 'active'
-                    AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory],
-                                                           NULL)
-               ELSE t.id = %(only_trainer)s::uuid END
+    -- Two arms an index each serves (the specialty index, the primary key), also in the
+    -- generic plan of the prepared statement: a CASE here made that plan scan every trainer.
+    WHERE (%(only_trainer)s::uuid IS NULL
+           AND t.status = 'active'
+           AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL))
+       OR t.id = %(only_trainer)s::uuid
 ), far AS (
     SELECT gender_ok, count(*) AS trainers FROM teaching WHERE NOT near GROUP BY gender_ok
 ), base AS MATERIALIZED (

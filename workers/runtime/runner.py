@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import date
 from enum import StrEnum
 from typing import Any, Literal
@@ -46,7 +46,22 @@ class Outcome:
 
 @dataclass(frozen=True)
 class StageContext:
+    """What a batch's work may read besides its rows: the settings, and the holidays, read
+    once per batch (run_batch gives every batch a fresh context)."""
+
     settings: Settings
+    _holidays: list[tuple[date, frozenset[date]]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
+
+    async def holidays(self, conn: AsyncConn, from_day: date) -> set[date]:
+        """load_holidays, from the database once per batch (and again only for an earlier
+        day than any asked before)."""
+        if self._holidays and self._holidays[0][0] <= from_day:
+            return {day for day in self._holidays[0][1] if day >= from_day}
+        days = await load_holidays(conn, from_day)
+        self._holidays[:] = [(from_day, frozenset(days))]
+        return days
 
 
 @dataclass(frozen=True)
@@ -171,6 +186,7 @@ async def run_batch(
 ) -> dict[UUID, Outcome | Exception]:
     """Run the rows (distinct ids) in one transaction; per row, its outcome or exception."""
     refs = [work.ref for work in works]
+    ctx = replace(ctx)  # a fresh holidays memo: a batch never reads another batch's
     if len(set(refs)) != len(refs):
         raise ValueError(f"a {stage.value} batch names a row twice: {refs}")
     try:

@@ -57,7 +57,13 @@ from workers.rules.schedule import (
     resume_from,
     slot_end,
 )
-from workers.runtime.runner import Outcome, Results, StageContext, load_holidays, one_by_one
+from workers.runtime.runner import (
+    Outcome,
+    Results,
+    StageContext,
+    load_holidays,
+    together_or_one_by_one,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +84,14 @@ async def remaining_plan(
     conn: AsyncConn, purchase: DictRow, *, replacing: UUID | None, holidays: set[date]
 ) -> list[PlannedSession]:
     """The sessions still owed: after the last standing one, never before tomorrow."""
-    progress = await fetch_one(
-        conn, q("purchase_progress"), {"purchase_id": purchase["id"], "replacing": replacing}
-    )
-    assert progress is not None
+    if replacing is None and purchase.get("has_sessions") is False:
+        progress: dict[str, Any] = {"delivered": 0, "last_number": 0, "last_date": None}
+    else:
+        row = await fetch_one(
+            conn, q("purchase_progress"), {"purchase_id": purchase["id"], "replacing": replacing}
+        )
+        assert row is not None
+        progress = row
     remaining = purchase["purchase_tier"] - progress["delivered"]
     if remaining <= 0:
         return []
@@ -101,12 +111,17 @@ def _overlaps(a: list[PlannedSession], b: list[PlannedSession]) -> bool:
 
 
 async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
-    """A batch of purchases, one after the other in the batch's transaction, each in a
-    savepoint: a later purchase sees the trainers the earlier ones took (the re-check under
-    the trainer lock reads this transaction's own writes), and one that fails is rolled back
-    alone. Purchases are taken in id order, as every worker does, so two batches lock them
-    without waiting on each other in a circle."""
-    return await one_by_one(conn, sorted(refs), ctx, allocate)
+    """A batch of purchases, one after the other in the batch's transaction: a later purchase
+    sees the trainers the earlier ones took (the re-check under the trainer lock reads this
+    transaction's own writes). When one raises, the batch's work is rolled back and each
+    purchase runs again in a savepoint of its own, so only that one fails (savepoints cost a
+    round trip each and a subtransaction, so they are kept for that case). Purchases are
+    taken in id order, as every worker does."""
+    return await together_or_one_by_one(conn, sorted(refs), ctx, together=_in_turn, one=allocate)
+
+
+async def _in_turn(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
+    return {ref: await allocate(conn, ref, ctx) for ref in refs}
 
 
 async def allocate(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Outcome:
@@ -115,13 +130,17 @@ async def allocate(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Out
     )
     if purchase is None:
         return Outcome("skipped", "purchase does not exist")
-    request = await fetch_one(conn, q("open_request"), {"purchase_id": purchase_id})
+    request = (
+        await fetch_one(conn, q("open_request"), {"purchase_id": purchase_id})
+        if purchase["has_request"]
+        else None
+    )
     if not purchase["is_active"]:
         if request is not None:
             await _close_request(conn, request, "refused", "the purchase is not active", None)
         return Outcome("skipped", "purchase is not active")
 
-    holidays = await load_holidays(conn, purchase["start_date"])
+    holidays = await ctx.holidays(conn, purchase["start_date"])
     if request is not None:
         return await carry_out_request(conn, purchase, request, holidays, ctx)
     from workers.stages import lifecycle  # built on this module: reschedules, trainers who left
@@ -451,14 +470,18 @@ async def search(
             "only_trainer": only,
         },
     )
-    active = await fetch_one(conn, q("count_active_trainers"), {})
     candidates = [c for c in CandidateFacts.from_rows(columns, rows) if c.trainer_id != exclude]
-    return decide(
-        candidates,
-        active_trainers=active["active"] if active else 0,
-        course=purchase["course_title"],
-        slot=_slot_text(purchase),
-    )
+    course, slot_text = purchase["course_title"], _slot_text(purchase)
+    decision = decide(candidates, active_trainers=len(candidates), course=course, slot=slot_text)
+    if decision.chosen is None:  # why nobody: whether any trainer is active at all matters
+        active = await fetch_one(conn, q("count_active_trainers"), {})
+        decision = decide(
+            candidates,
+            active_trainers=active["active"] if active else 0,
+            course=course,
+            slot=slot_text,
+        )
+    return decision
 
 
 class _Held:
@@ -531,14 +554,19 @@ async def still_fits(
         return Reason.AT_CAPACITY
     if row["overlapping_sessions"] > 0:
         return Reason.NO_FREE_SLOT
+    # Days before a schedule's first day do not change it: one read serves them all.
+    days_off = (
+        await load_holidays(conn, min(other["first_session_date"] for other in promised))
+        if promised
+        else set()
+    )
     for other in promised:
-        first_day = other["first_session_date"]
         theirs = plan_sessions(
             other,
-            earliest=first_day,
+            earliest=other["first_session_date"],
             count=other["purchase_tier"],
             first_number=1,
-            holidays=await load_holidays(conn, first_day),
+            holidays=days_off,
         )
         if _overlaps(sessions, theirs):
             return Reason.NO_FREE_SLOT

@@ -76,7 +76,11 @@ async def before_allocation(
     conn: AsyncConn, purchase: DictRow, holidays: set[date], ctx: StageContext
 ) -> Outcome | None:
     """The outcome of a reschedule or a move, or None: the allocation stage goes on."""
-    changes = await fetch_all(conn, q("open_schedule_changes"), {"purchase_id": purchase["id"]})
+    changes = (
+        await fetch_all(conn, q("open_schedule_changes"), {"purchase_id": purchase["id"]})
+        if purchase["has_changes"]
+        else []
+    )
     if changes:
         return await carry_out_reschedule(conn, purchase, changes, holidays, ctx)
     if purchase["live_allocation_status"] != "approved":
