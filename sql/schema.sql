@@ -375,6 +375,7 @@ CREATE INDEX trainer_allocations_purchase_idx ON public.trainer_allocations USIN
 CREATE INDEX trainer_allocations_student_course_idx ON public.trainer_allocations USING btree (student_id, course_id);
 CREATE INDEX trainer_allocations_trainer_live_idx ON public.trainer_allocations USING btree (trainer_id) WHERE (status = 'approved'::text);
 CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USING btree (trainer_id, weekday, slot_start);
+CREATE INDEX trainers_active_base_idx ON public.trainers USING btree (base_lat, base_lng) WHERE (status = 'active'::text);
 CREATE INDEX trainers_active_radius_idx ON public.trainers USING btree ((
 CASE
     WHEN (status = 'active'::text) THEN service_radius_km

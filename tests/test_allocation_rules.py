@@ -30,16 +30,19 @@ def test_gender_preference_is_respected(conn: Conn, db_url: str) -> None:
     assert allocation["metadata"]["match"]["eliminated"] == {"gender_mismatch": 1}
 
 
-def test_trainers_beyond_every_radius_are_counted_not_listed(conn: Conn, db_url: str) -> None:
+def test_trainers_beyond_every_radius_are_not_measured_but_named_when_nobody_fits(
+    conn: Conn, db_url: str
+) -> None:
     """The search measures only trainers inside the box the largest radius draws around the
-    student; the others are still counted under the rule they fail first."""
+    student. When nobody there can take the purchase, the sentence and the counts name
+    every trainer who teaches the course, under the rule each fails first."""
     course = f.course(conn)
     lat, lng = f.HOME
     chosen = f.trainer(conn, radius_km=10, name="Near")
     # ~22 km north: inside the box (the largest radius is 40 km), beyond its own 15 km.
     f.trainer(conn, radius_km=15, lat=lat + 0.2, name="Inside the box, beyond own radius")
     f.trainer(conn, radius_km=40, lat=lat + 3, name="North, far")  # ~330 km
-    f.trainer(conn, lng=lng - 2, gender="male", name="West, far, male")
+    f.trainer(conn, lng=lng - 2, gender="male", name="West, far, male")  # ~217 km
     f.trainer(conn, lat=-lat, lng=lng - 180, name="Antipode")
     student = f.student(conn, gender="female")
     f.payment(conn, student, course, GOOD)
@@ -47,17 +50,18 @@ def test_trainers_beyond_every_radius_are_counted_not_listed(conn: Conn, db_url:
     allocation = allocation_of(conn, student)
     assert allocation["trainer_id"] == chosen
     match = allocation["metadata"]["match"]
-    assert match["eliminated"] == {"gender_mismatch": 1, "out_of_range": 3}
+    assert match["eliminated"] == {"out_of_range": 1}  # within reach: measured one by one
     assert [r["trainerId"] for r in match["ranking"]] == [str(chosen)]
 
-    # Nobody eligible: the pending sentence counts every trainer, listed or not.
     conn.execute("UPDATE trainers SET status = 'inactive' WHERE id = %s", (chosen,))
-    other = f.student(conn, name="Other", lat=lat - 0.5)  # ~55 km south of everyone
-    f.payment(conn, other, course, GOOD)
+    lonely = f.student(conn, gender="female", name="Lonely", lat=lat - 0.5)  # ~55 km south
+    f.payment(conn, lonely, course, GOOD)
     drain(db_url)
-    pending = allocation_of(conn, other)
+    pending = allocation_of(conn, lonely)
     assert pending["reason"] == "out_of_range"
     assert pending["reason_detail"].startswith("4 trainer(s) teach")
+    eliminated = pending["metadata"]["match"]["eliminated"]
+    assert eliminated == {"gender_mismatch": 1, "out_of_range": 3}
 
 
 def test_subcategory_match_ranks_after_category(conn: Conn, db_url: str) -> None:
@@ -256,12 +260,24 @@ def test_candidate_search_uses_its_indexes(conn: Conn) -> None:
         "slot_end": "'17:00'",
         "max_sequential_km": "5.0",
         "only_trainer": "NULL",
+        "count_far": "false",
     }
     args = ", ".join(literals[name] for name in query.parameter_names())
+    # Counting the trainers beyond reach (only when nobody near is eligible) reads every
+    # teacher of the course, through an index.
+    counting = one(
+        conn,
+        f"EXPLAIN (FORMAT JSON) EXECUTE candidate_facts({args.replace('false', 'true')})",
+    )
+    assert not [
+        node
+        for node in _plan_nodes(counting["QUERY PLAN"][0]["Plan"])
+        if node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "trainers"
+    ]
     plan = one(conn, f"EXPLAIN (FORMAT JSON) EXECUTE candidate_facts({args})")
     text = json.dumps(plan)
     for index in (
-        "trainers_active_specialties_idx",
+        "trainers_active_base_idx",  # the box around the student's home
         "trainers_active_radius_idx",
         "trainer_availability_pkey",
         "trainer_allocations_trainer_live_idx",

@@ -184,6 +184,7 @@ def test_candidate_facts_columns_are_the_dataclass_fields(conn: Conn) -> None:
             "slot_end": "17:00",
             "max_sequential_km": 5.0,
             "only_trainer": None,
+            "count_far": True,
         },
     )
     assert cursor.description is not None

@@ -31,6 +31,8 @@ AS $$ SELECT 2 * 6371.0 * asin(sqrt(
 -- specialty index.
 CREATE INDEX trainers_active_radius_idx
     ON trainers ((CASE WHEN status = 'active' THEN service_radius_km END));
+-- ... and this one the active trainers based inside that box.
+CREATE INDEX trainers_active_base_idx ON trainers (base_lat, base_lng) WHERE status = 'active';
 
 -- Every allocation and sessions job reads where the purchase's schedule stands over all of
 -- its allocations (purchase_progress, lock_allocations_for_sessions): by purchase_id, which

@@ -36,8 +36,8 @@ SELECT count(*) AS active FROM trainers WHERE status = 'active';
 -- the costly facts (overlaps, sequential distance) are only measured for trainers who pass
 -- every rule before them (the filters in `timed` and the final SELECT follow that order); for
 -- the others they are NULL, "not measured". tests/test_rule_order.py fails when they differ.
--- Trainers too far away for any radius are not listed but counted, in at most two rows whose
--- `trainers` says how many they stand for (see `area`).
+-- Trainers too far away for any radius are not measured (see `area`); with count_far they
+-- are counted, in at most two rows whose `trainers` says how many they stand for.
 WITH purchase AS (
     SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
            lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
@@ -63,7 +63,7 @@ WITH purchase AS (
     -- the box would reach a pole or cross the antimeridian.
     SELECT p.home_lat - d.lat AS lat_min, p.home_lat + d.lat AS lat_max,
            p.home_lng - d.lng AS lng_min, p.home_lng + d.lng AS lng_max,
-           d.lng >= 180 AS every_lng, r.km
+           d.lng >= 180 OR abs(p.home_lng) + d.lng > 180 AS every_lng, r.km
     FROM purchase p
     CROSS JOIN (SELECT coalesce(max(CASE WHEN status = 'active' THEN service_radius_km END),
                                 0)::float8 AS km
@@ -74,17 +74,16 @@ WITH purchase AS (
                     ELSE least(180, degrees(asin(sin(r.km / 6371.0)
                                                  / cos(radians(p.home_lat)))) + 1e-6)
                END AS lng) d
-), teaching AS MATERIALIZED (
-    -- Cheap columns only, for every trainer who teaches the course (or the named one).
+), teaching AS NOT MATERIALIZED (
+    -- Every active trainer who teaches the course (or the named one), with whether they are
+    -- based inside the box. Inlined where it is used, so that the box bounds the index scan
+    -- of `base`.
     SELECT t.id, t.status, t.specialties_norm, t.base_lat, t.base_lng, t.service_radius_km,
            t.rating,
            (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender)
                AS gender_ok,
-           %(only_trainer)s::uuid IS NOT NULL
-           OR (t.base_lat BETWEEN a.lat_min AND a.lat_max
-               AND (a.every_lng OR t.base_lng BETWEEN a.lng_min AND a.lng_max
-                    OR t.base_lng BETWEEN a.lng_min + 360 AND a.lng_max + 360
-                    OR t.base_lng BETWEEN a.lng_min - 360 AND a.lng_max - 360)) AS near
+           t.base_lat BETWEEN a.lat_min AND a.lat_max
+           AND (a.every_lng OR t.base_lng BETWEEN a.lng_min AND a.lng_max) AS near
     FROM trainers t
     CROSS JOIN purchase p
     CROSS JOIN area a
@@ -95,7 +94,13 @@ WITH purchase AS (
            AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL))
        OR t.id = %(only_trainer)s::uuid
 ), far AS (
-    SELECT gender_ok, count(*) AS trainers FROM teaching WHERE NOT near GROUP BY gender_ok
+    -- Only when asked (count_far: nobody near is eligible, so the sentence names everyone):
+    -- the trainers based outside the box, by gender answer. Counting them costs a scan of
+    -- every trainer who teaches the course, so an approval does without.
+    SELECT gender_ok, count(*) AS trainers
+    FROM teaching
+    WHERE %(count_far)s::boolean AND %(only_trainer)s::uuid IS NULL AND NOT near
+    GROUP BY gender_ok
 ), base AS MATERIALIZED (
     SELECT t.id AS trainer_id,
            t.status = 'active' AS active,
@@ -109,7 +114,7 @@ WITH purchase AS (
            p.home_lat, p.home_lng
     FROM teaching t
     CROSS JOIN purchase p
-    WHERE t.near
+    WHERE t.near OR %(only_trainer)s::uuid IS NOT NULL
 ), counted AS MATERIALIZED (
     -- Capacity is read only for trainers who pass the rules before it (a named trainer:
     -- always).

@@ -452,6 +452,25 @@ async def search(
     only: UUID | None = None,
     exclude: UUID | None = None,
 ) -> Decision:
+    """Every trainer within reach measured and decided on. When nobody is eligible, the
+    search runs again counting the trainers beyond reach too, so that the pending sentence
+    and the eliminated counts name everyone who teaches the course."""
+    decision = await _search(conn, purchase, sessions, ctx, only, exclude, count_far=False)
+    if decision.chosen is None and only is None:
+        decision = await _search(conn, purchase, sessions, ctx, only, exclude, count_far=True)
+    return decision
+
+
+async def _search(
+    conn: AsyncConn,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    ctx: StageContext,
+    only: UUID | None,
+    exclude: UUID | None,
+    *,
+    count_far: bool,
+) -> Decision:
     slot: time = purchase["preferred_time_slot"]
     # A session that ends exactly at midnight needs availability until 24:00.
     end = slot_end(slot, purchase["session_duration_minutes"]) or "24:00"
@@ -468,20 +487,21 @@ async def search(
             "slot_end": end,
             "max_sequential_km": ctx.settings.max_sequential_distance_km,
             "only_trainer": only,
+            "count_far": count_far,
         },
     )
     candidates = [c for c in CandidateFacts.from_rows(columns, rows) if c.trainer_id != exclude]
-    course, slot_text = purchase["course_title"], _slot_text(purchase)
-    decision = decide(candidates, active_trainers=len(candidates), course=course, slot=slot_text)
-    if decision.chosen is None:  # why nobody: whether any trainer is active at all matters
-        active = await fetch_one(conn, q("count_active_trainers"), {})
-        decision = decide(
-            candidates,
-            active_trainers=active["active"] if active else 0,
-            course=course,
-            slot=slot_text,
-        )
-    return decision
+    if count_far or only is not None:
+        row = await fetch_one(conn, q("count_active_trainers"), {})
+        active = row["active"] if row else 0
+    else:  # it matters only when nobody is eligible, and then the search runs with count_far
+        active = len(candidates)
+    return decide(
+        candidates,
+        active_trainers=active,
+        course=purchase["course_title"],
+        slot=_slot_text(purchase),
+    )
 
 
 class _Held:
