@@ -1653,6 +1653,27 @@ BEGIN
     RETURN NEW;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_sessions_check_delivery_inserted()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v record;
+BEGIN
+    SELECT n.session_number, pu.learning_mode, n.delivery INTO v
+    FROM new_sessions n
+    JOIN trainer_allocations ta ON ta.id = n.allocation_id
+    JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+    WHERE n.delivery IS DISTINCT FROM kc_session_delivery(pu.learning_mode, n.session_number)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'session % of a % course is %, not %', v.session_number,
+            v.learning_mode, kc_session_delivery(v.learning_mode, v.session_number), v.delivery
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'tutoring_sessions_delivery';
+    END IF;
+    RETURN NULL;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_sessions_guard_status()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1765,7 +1786,8 @@ CREATE TRIGGER trainer_availability_removed AFTER DELETE ON public.trainer_avail
 CREATE TRIGGER trainer_availability_retry_pending AFTER INSERT OR UPDATE ON public.trainer_availability FOR EACH ROW EXECUTE FUNCTION trg_availability_retry_pending();
 CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
 CREATE TRIGGER trainers_retry_pending AFTER INSERT OR UPDATE ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_retry_pending();
-CREATE TRIGGER tutoring_sessions_check_delivery BEFORE INSERT OR UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
+CREATE TRIGGER tutoring_sessions_check_delivery BEFORE UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
+CREATE TRIGGER tutoring_sessions_check_delivery_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
 CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();
 CREATE TRIGGER tutoring_sessions_makeup AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_makeup();
 CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();

@@ -235,6 +235,20 @@ def test_database_keeps_the_hybrid_split(conn: Conn, db_url: str) -> None:
         )
     with pytest.raises(psycopg.errors.CheckViolation, match="hybrid_is_30"):
         conn.execute("UPDATE student_course_purchases SET purchase_tier = 20")
+    # An INSERT is checked once per statement, over every row it writes.
+    with pytest.raises(
+        psycopg.errors.CheckViolation, match="session 32 of a hybrid course is home, not online"
+    ):
+        conn.execute(
+            """INSERT INTO tutoring_sessions (allocation_id, session_number, student_id,
+            trainer_id, course_id, scheduled_date, scheduled_time, starts_at, ends_at,
+            duration_minutes, delivery)
+            SELECT allocation_id, session_number + 30, student_id, trainer_id, course_id,
+                   scheduled_date + 60, scheduled_time, starts_at + interval '60 days',
+                   ends_at + interval '60 days', duration_minutes, 'online'
+            FROM tutoring_sessions WHERE student_id = %s AND session_number IN (1, 2)""",
+            (student,),
+        )
 
 
 @pytest.mark.parametrize(

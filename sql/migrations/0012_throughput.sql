@@ -39,3 +39,37 @@ CREATE INDEX trainers_active_base_idx ON trainers (base_lat, base_lng) WHERE sta
 -- only the partial index of live allocations covered. A prepared (generic) plan then scanned
 -- the whole table per job (5,000 allocations: 1.1 ms of a 2.6 ms query; linear in the table).
 CREATE INDEX trainer_allocations_purchase_idx ON trainer_allocations (purchase_id);
+
+-- Sessions are written a batch at a time: the check that a session's delivery follows its
+-- number (0008) runs once per INSERT statement over its new rows, instead of a PL/pgSQL call
+-- and a lookup per row. An UPDATE of the columns it reads stays checked row by row (a
+-- trigger with a column list cannot have a transition table).
+CREATE FUNCTION trg_sessions_check_delivery_inserted() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v record;
+BEGIN
+    SELECT n.session_number, pu.learning_mode, n.delivery INTO v
+    FROM new_sessions n
+    JOIN trainer_allocations ta ON ta.id = n.allocation_id
+    JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+    WHERE n.delivery IS DISTINCT FROM kc_session_delivery(pu.learning_mode, n.session_number)
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'session % of a % course is %, not %', v.session_number,
+            v.learning_mode, kc_session_delivery(v.learning_mode, v.session_number), v.delivery
+            USING ERRCODE = 'check_violation', CONSTRAINT = 'tutoring_sessions_delivery';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER tutoring_sessions_check_delivery ON tutoring_sessions;
+CREATE TRIGGER tutoring_sessions_check_delivery
+    BEFORE UPDATE OF delivery, session_number, allocation_id ON tutoring_sessions
+    FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
+CREATE TRIGGER tutoring_sessions_check_delivery_inserted
+    AFTER INSERT ON tutoring_sessions
+    REFERENCING NEW TABLE AS new_sessions
+    FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
