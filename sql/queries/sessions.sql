@@ -21,9 +21,11 @@ CROSS JOIN LATERAL (
            max(ts.scheduled_date)
                FILTER (WHERE ts.status <> 'cancelled' OR ts.allocation_id = ta.id) AS last_date,
            max(ts.scheduled_date) FILTER (WHERE ts.allocation_id = ta.id) AS own_last_date
+    -- The purchase's allocations first, then their sessions by allocation id: a join here
+    -- let a planner with stale statistics hash all of tutoring_sessions once per allocation.
     FROM tutoring_sessions ts
-    JOIN trainer_allocations other ON other.id = ts.allocation_id
-    WHERE other.purchase_id = ta.purchase_id
+    WHERE ts.allocation_id = ANY (ARRAY(SELECT other.id FROM trainer_allocations other
+                                        WHERE other.purchase_id = ta.purchase_id))
 ) standing
 WHERE ta.id = ANY (%(allocation_ids)s::uuid[])
 ORDER BY ta.id
