@@ -36,8 +36,9 @@ SELECT count(*) AS active FROM trainers WHERE status = 'active';
 -- the costly facts (overlaps, sequential distance) are only measured for trainers who pass
 -- every rule before them (the filters in `timed` and the final SELECT follow that order); for
 -- the others they are NULL, "not measured". tests/test_rule_order.py fails when they differ.
--- Trainers too far away for any radius are not measured (see `area`); with count_far they
--- are counted, in at most two rows whose `trainers` says how many they stand for.
+-- Trainers too far away for any radius are not measured (see `area`). With count_far the
+-- query returns only them, counted, in at most two rows whose `trainers` says how many they
+-- stand for.
 WITH purchase AS (
     SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
            lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
@@ -114,7 +115,8 @@ WITH purchase AS (
            p.home_lat, p.home_lng
     FROM teaching t
     CROSS JOIN purchase p
-    WHERE t.near OR %(only_trainer)s::uuid IS NOT NULL
+    -- With count_far the caller has these rows already (a first run found nobody eligible).
+    WHERE (t.near OR %(only_trainer)s::uuid IS NOT NULL) AND NOT %(count_far)s::boolean
 ), counted AS MATERIALIZED (
     -- Capacity is read only for trainers who pass the rules before it (a named trainer:
     -- always).

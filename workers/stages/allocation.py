@@ -453,15 +453,25 @@ async def search(
     exclude: UUID | None = None,
 ) -> Decision:
     """Every trainer within reach measured and decided on. When nobody is eligible, the
-    search runs again counting the trainers beyond reach too, so that the pending sentence
-    and the eliminated counts name everyone who teaches the course."""
-    decision = await _search(conn, purchase, sessions, ctx, only, exclude, count_far=False)
-    if decision.chosen is None and only is None:
-        decision = await _search(conn, purchase, sessions, ctx, only, exclude, count_far=True)
-    return decision
+    trainers beyond reach are counted too (a second, cheap query), so that the pending
+    sentence and the eliminated counts name everyone who teaches the course."""
+    near = await _candidates(conn, purchase, sessions, ctx, only, exclude, count_far=False)
+    course, slot = purchase["course_title"], _slot_text(purchase)
+    decision = decide(near, active_trainers=len(near), course=course, slot=slot)
+    if decision.chosen is not None:
+        return decision
+    far = (
+        await _candidates(conn, purchase, sessions, ctx, only, exclude, count_far=True)
+        if only is None
+        else []
+    )
+    # Whether any trainer is active at all matters only now.
+    row = await fetch_one(conn, q("count_active_trainers"), {})
+    active = row["active"] if row else 0
+    return decide(near + far, active_trainers=active, course=course, slot=slot)
 
 
-async def _search(
+async def _candidates(
     conn: AsyncConn,
     purchase: DictRow,
     sessions: list[PlannedSession],
@@ -470,7 +480,9 @@ async def _search(
     exclude: UUID | None,
     *,
     count_far: bool,
-) -> Decision:
+) -> list[CandidateFacts]:
+    """The trainers within reach, measured; with count_far, only the group rows of those
+    beyond it."""
     slot: time = purchase["preferred_time_slot"]
     # A session that ends exactly at midnight needs availability until 24:00.
     end = slot_end(slot, purchase["session_duration_minutes"]) or "24:00"
@@ -490,18 +502,7 @@ async def _search(
             "count_far": count_far,
         },
     )
-    candidates = [c for c in CandidateFacts.from_rows(columns, rows) if c.trainer_id != exclude]
-    if count_far or only is not None:
-        row = await fetch_one(conn, q("count_active_trainers"), {})
-        active = row["active"] if row else 0
-    else:  # it matters only when nobody is eligible, and then the search runs with count_far
-        active = len(candidates)
-    return decide(
-        candidates,
-        active_trainers=active,
-        course=purchase["course_title"],
-        slot=_slot_text(purchase),
-    )
+    return [c for c in CandidateFacts.from_rows(columns, rows) if c.trainer_id != exclude]
 
 
 class _Held:
