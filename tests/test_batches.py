@@ -70,13 +70,18 @@ def sessions_of(conn: Conn, purchase: UUID) -> int:
     return int(row["n"]) if row else 0
 
 
-def assert_held_alone(conn: Conn, stage: str, poison: UUID, others: list[UUID]) -> None:
+def assert_held_alone(
+    conn: Conn, stage: str, poison: UUID, others: list[UUID], *, one_transaction: bool
+) -> None:
     lines = history(conn, stage)
     by_ref = {line["ref_id"]: line for line in lines}
     assert by_ref[poison]["event"] == "failed"
     assert all(by_ref[ref]["event"] == "succeeded" for ref in others)
-    # One transaction (one xmin) wrote every line: the rows were one batch.
-    assert len({by_ref[ref]["tx"] for ref in [poison, *others]}) == 1
+    transactions = {by_ref[ref]["tx"] for ref in [poison, *others]}
+    if one_transaction:  # one xmin on every line: the rows were one batch, one transaction
+        assert len(transactions) == 1
+    else:  # the allocation stage commits each purchase on its own
+        assert len(transactions) == ROWS
     failed = conn.execute("SELECT stage, ref_id, attempts, error FROM failed_jobs").fetchall()
     assert [(r["stage"], r["ref_id"], r["attempts"]) for r in failed] == [(stage, poison, 1)]
     assert "'Mars/Base' is not an IANA time zone" in failed[0]["error"]
@@ -88,7 +93,7 @@ def test_a_poison_purchase_in_an_allocation_batch_is_held_alone(conn: Conn, db_u
     conn.execute("UPDATE students SET timezone = 'Mars/Base' WHERE id = %s", (poison_student,))
     drain_in_batches(db_url)
     others = [purchase for _, purchase in made if purchase != poison]
-    assert_held_alone(conn, "allocation", poison, others)
+    assert_held_alone(conn, "allocation", poison, others, one_transaction=False)
     live = conn.execute(
         "SELECT purchase_id, status FROM trainer_allocations WHERE status IN "
         "('pending', 'approved')"
@@ -112,7 +117,11 @@ def test_a_poison_allocation_in_a_sessions_batch_is_held_alone(conn: Conn, db_ur
     drain_in_batches(db_url)
     others = [purchase for _, purchase in made if purchase != poison_purchase]
     assert_held_alone(
-        conn, "sessions", allocations[poison_purchase], [allocations[p] for p in others]
+        conn,
+        "sessions",
+        allocations[poison_purchase],
+        [allocations[p] for p in others],
+        one_transaction=True,
     )
     assert sessions_of(conn, poison_purchase) == 0
     assert [sessions_of(conn, p) for p in others] == [10] * (ROWS - 1)
@@ -121,3 +130,22 @@ def test_a_poison_allocation_in_a_sessions_batch_is_held_alone(conn: Conn, db_ur
     conn.execute("SELECT replay_stage('sessions', %s)", (allocations[poison_purchase],))
     drain_in_batches(db_url)
     assert sessions_of(conn, poison_purchase) == 10
+
+
+def test_an_upgrade_in_the_batch_of_its_purchase_is_applied_after_it(
+    conn: Conn, db_url: str
+) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    student = f.student(conn)
+    with conn.transaction():  # both jobs queued at once: one purchase batch
+        f.payment(conn, student, course, GOOD)
+        f.payment(conn, student, course, {"upgrade": True, "sessionCount": 20})
+    drain_in_batches(db_url)
+    purchase = conn.execute("SELECT id, purchase_tier FROM student_course_purchases").fetchall()
+    assert [p["purchase_tier"] for p in purchase] == [20]
+    assert sessions_of(conn, purchase[0]["id"]) == 20
+    assert conn.execute("SELECT count(*) AS n FROM payment_rejections").fetchone() == {"n": 0}
+    lines = history(conn, "purchase")
+    assert [line["event"] for line in lines] == ["succeeded", "succeeded"]
+    assert len({line["tx"] for line in lines}) == 1

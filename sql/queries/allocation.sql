@@ -7,15 +7,7 @@ SELECT pu.id, pu.student_id, pu.course_id, pu.purchase_tier, pu.start_date,
        pu.learning_mode, pu.group_size, pu.preferred_trainer_id,
        s.timezone, s.gender AS student_gender, c.title AS course_title,
        live.id AS live_allocation_id, live.status AS live_allocation_status,
-       live.trainer_id AS live_trainer_id,
-       -- What the stage would otherwise ask in a statement each (usually: nothing).
-       EXISTS (SELECT 1 FROM allocation_requests r
-               WHERE r.purchase_id = pu.id AND r.status = 'open') AS has_request,
-       EXISTS (SELECT 1 FROM schedule_changes sc
-               WHERE sc.purchase_id = pu.id AND sc.status = 'open') AS has_changes,
-       EXISTS (SELECT 1 FROM trainer_allocations ta
-               JOIN tutoring_sessions ts ON ts.allocation_id = ta.id
-               WHERE ta.purchase_id = pu.id) AS has_sessions
+       live.trainer_id AS live_trainer_id
 FROM student_course_purchases pu
 JOIN students s ON s.id = pu.student_id
 JOIN courses c ON c.id = pu.course_id
@@ -23,6 +15,20 @@ LEFT JOIN trainer_allocations live
        ON live.purchase_id = pu.id AND live.status IN ('pending', 'approved')
 WHERE pu.id = %(purchase_id)s::uuid
 FOR UPDATE OF pu;
+
+-- name: purchase_flags
+-- What the stage would otherwise ask in a statement each (usually: nothing). A statement of
+-- its own after lock_purchase_for_allocation: that one's snapshot may predate its wait for
+-- the lock, this one sees what committed meanwhile (a sessions stage, an admin's request).
+SELECT EXISTS (SELECT 1 FROM allocation_requests r
+               WHERE r.purchase_id = %(purchase_id)s::uuid AND r.status = 'open') AS has_request,
+       EXISTS (SELECT 1 FROM schedule_changes sc
+               WHERE sc.purchase_id = %(purchase_id)s::uuid AND sc.status = 'open')
+           AS has_changes,
+       EXISTS (SELECT 1 FROM tutoring_sessions ts
+               WHERE ts.allocation_id = ANY (ARRAY(
+                   SELECT ta.id FROM trainer_allocations ta
+                   WHERE ta.purchase_id = %(purchase_id)s::uuid))) AS has_sessions;
 
 -- name: count_active_trainers
 SELECT count(*) AS active FROM trainers WHERE status = 'active';

@@ -48,6 +48,8 @@ class Batcher(Generic[J]):
         self._scheduled = False
         while self._waiting and self._running < self.max_running:
             batch = self._take()
+            if not batch:  # every waiting job was cancelled
+                break
             self._running += 1
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._tasks.add(task)

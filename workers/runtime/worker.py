@@ -62,6 +62,13 @@ HANDLERS: dict[Stage, Handler] = {
     Stage.SESSIONS: sessions.handle,
 }
 
+# Stages whose rows each commit on their own (one after the other, in the batch's task). The
+# allocation stage holds a trainer's lock from the re-check to the commit: in a transaction
+# for the whole batch, every trainer a batch booked or only checked stayed locked until the
+# batch ended, so other batches passed over the best trainer, or waited for one while
+# holding others, in circles (deadlocks).
+ONE_TRANSACTION_PER_ROW = frozenset({Stage.ALLOCATION})
+
 # Errors no retry can fix: wrong data or a query the schema does not accept.
 PERMANENT: tuple[type[BaseException], ...] = (
     PermanentJobError,
@@ -112,6 +119,8 @@ async def run_jobs(
 ) -> list[BaseException | None]:
     """Run a batch of one stage's jobs (distinct rows); per job None (done) or the exception
     pgqueuer is to see: RetryRequested (retried with backoff) or another (held as failed)."""
+    if not jobs:
+        return []
     ctx = StageContext(settings=settings)
     refs = [job_ref(job) for job in jobs]
     try:
@@ -147,7 +156,12 @@ async def run_jobs(
         else:
             runnable.append(work)
     await record_failures(pool, stage, gave_up)
-    results = await run_batch(pool, stage, handler, runnable, ctx) if runnable else {}
+    results: dict[UUID, Outcome | Exception] = {}
+    if stage in ONE_TRANSACTION_PER_ROW:
+        for work in runnable:
+            results |= await run_batch(pool, stage, handler, [work], ctx)
+    elif runnable:
+        results = await run_batch(pool, stage, handler, runnable, ctx)
     for job, ref in zip(jobs, refs, strict=True):
         if int(job.id) in outcome:
             continue

@@ -111,12 +111,11 @@ def _overlaps(a: list[PlannedSession], b: list[PlannedSession]) -> bool:
 
 
 async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
-    """A batch of purchases, one after the other in the batch's transaction: a later purchase
-    sees the trainers the earlier ones took (the re-check under the trainer lock reads this
-    transaction's own writes). When one raises, the batch's work is rolled back and each
-    purchase runs again in a savepoint of its own, so only that one fails (savepoints cost a
-    round trip each and a subtransaction, so they are kept for that case). Purchases are
-    taken in id order, as every worker does."""
+    """Purchases one after the other. The worker gives this stage one purchase per
+    transaction (worker.ONE_TRANSACTION_PER_ROW), so a trainer's lock is held only while
+    one purchase books them; given several in one transaction, a later purchase sees the
+    trainers the earlier ones took, and when one raises, every one runs again in a savepoint
+    of its own so that only that one fails."""
     return await together_or_one_by_one(conn, sorted(refs), ctx, together=_in_turn, one=allocate)
 
 
@@ -125,11 +124,12 @@ async def _in_turn(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Resu
 
 
 async def allocate(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Outcome:
-    purchase = await fetch_one(
-        conn, q("lock_purchase_for_allocation"), {"purchase_id": purchase_id}
-    )
-    if purchase is None:
+    locked = await fetch_one(conn, q("lock_purchase_for_allocation"), {"purchase_id": purchase_id})
+    if locked is None:
         return Outcome("skipped", "purchase does not exist")
+    flags = await fetch_one(conn, q("purchase_flags"), {"purchase_id": purchase_id})
+    assert flags is not None
+    purchase: DictRow = {**locked, **flags}
     request = (
         await fetch_one(conn, q("open_request"), {"purchase_id": purchase_id})
         if purchase["has_request"]

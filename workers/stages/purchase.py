@@ -71,6 +71,7 @@ async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Res
     holidays = await load_holidays(conn, datetime.now(UTC).date() - timedelta(days=1))
     results: Results = {}
     new: list[tuple[DictRow, PurchasePlan]] = []
+    upgrades: list[tuple[DictRow, PurchasePlan]] = []
     for ref in refs:
         payment = by_id.get(ref)
         if (skipped := _skipped(payment)) is not None:
@@ -79,12 +80,10 @@ async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Res
         assert payment is not None
         try:
             plan = _plan(payment, holidays, ctx)
-            if plan.upgrade:
-                results[ref] = await _upgrade(conn, payment, plan)
-            else:
-                new.append((payment, plan))
         except InvalidPurchaseError as exc:
             results[ref] = await _reject(conn, ref, exc)
+            continue
+        (upgrades if plan.upgrade else new).append((payment, plan))
     created = await _insert(conn, new)
     for payment, _ in new:
         purchase_id = created.get(payment["id"])
@@ -94,6 +93,12 @@ async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Res
             results[payment["id"]] = await _reject(
                 conn, payment["id"], await _active(conn, payment)
             )
+    # After the new purchases: an upgrade paid right after its purchase may share the batch.
+    for payment, plan in upgrades:
+        try:
+            results[payment["id"]] = await _upgrade(conn, payment, plan)
+        except InvalidPurchaseError as exc:
+            results[payment["id"]] = await _reject(conn, payment["id"], exc)
     succeeded = [
         ref for ref, r in results.items() if isinstance(r, Outcome) and r.event == "succeeded"
     ]
