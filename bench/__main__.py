@@ -1,6 +1,9 @@
 """python -m bench [--quick]: every figure of `make bench` in one run, on a fresh database.
 
 python -m bench search: only the trainer search timing.
+
+The fixed world (bench/world.sql) is the search's; each pipeline phase (idle, rate, every
+backlog) adds a district of its own, sized to its payments (bench/district.sql).
 """
 
 from __future__ import annotations
@@ -8,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +47,6 @@ QUICK = {
 }
 
 
-def step(label: str) -> Progress:
-    progress = Progress(label)
-    progress(0, 1)
-    return progress
-
-
 def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str, Any]:
     admin = test_admin_url(load_settings())
     results: dict[str, Any] = {
@@ -55,47 +54,64 @@ def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str
         "processes": processes,
         "batch_size": batch,
         "machine": report.machine(),
+        "phase_seconds": {},
     }
+    took = results["phase_seconds"]
+
+    def phase(label: str, measure: Callable[[Progress], Any]) -> Any:
+        """One phase, its line on stderr and its wall time (district seeding included)."""
+        _checkpoint(results, out)
+        progress = Progress(label)
+        progress(0, 1)
+        figures = measure(progress)
+        took[label] = progress.done()
+        return figures
+
     with world.fresh_database(admin) as url:
-        p = step("seeding the world")
-        results["seed_seconds"] = round(
-            world.seed(
-                url,
-                trainers=size["trainers"],
-                students=size["students"],
-                booked_allocations=size["booked"],
+        results["seed_seconds"] = phase(
+            "seeding the world",
+            lambda p: round(
+                world.seed(
+                    url,
+                    trainers=size["trainers"],
+                    students=size["students"],
+                    booked_allocations=size["booked"],
+                ),
+                1,
             ),
-            1,
         )
-        p.done()
-        p = step("baseline: pgqueuer no-op jobs")
-        results["baseline"] = pipeline.baseline(url, size["baseline_jobs"], processes, batch)
-        p.done()
-        p = step("trainer search")
-        results["search"] = search.measure(url, size["search_samples"])
-        p.done()
+        results["baseline"] = phase(
+            "baseline: pgqueuer no-op jobs",
+            lambda p: pipeline.baseline(url, size["baseline_jobs"], processes, batch),
+        )
+        results["search"] = phase(
+            "trainer search", lambda p: search.measure(url, size["search_samples"])
+        )
+        results["idle"] = []
         for driver, samples in (
             ("listening", size["idle_samples"]),
             ("pgqueuer", size["idle_samples_pgqueuer"]),
         ):
-            p = step(f"idle latency ({driver} driver)")
-            results.setdefault("idle", []).append(
-                pipeline.idle_latency(url, driver, samples, gap=1.0)
+            results["idle"].append(
+                phase(
+                    f"idle latency ({driver} driver)",
+                    partial(pipeline.idle_latency, url, driver, samples, 1.0, out),
+                )
             )
-            p.done()
-        p = step(f"latency at {size['rate']:.0f} payments/s")
-        results["latency"] = pipeline.latency_at_rate(
-            url, size["rate"], size["rate_seconds"], processes, batch, p
+        results["latency"] = phase(
+            f"latency at {size['rate']:.0f} payments/s",
+            lambda p: pipeline.latency_at_rate(
+                url, size["rate"], size["rate_seconds"], processes, batch, out, p
+            ),
         )
-        p.done()
         results["backlog"] = []
         for backlog in size["backlogs"]:
-            _checkpoint(results, out)
-            p = step(f"throughput, backlog {backlog}")
             results["backlog"].append(
-                pipeline.backlog_throughput(url, backlog, processes, batch, p)
+                phase(
+                    f"throughput, backlog {backlog}",
+                    partial(pipeline.backlog_throughput, url, backlog, processes, batch, out),
+                )
             )
-            p.done()
     return results
 
 

@@ -28,10 +28,13 @@ class Progress:
         )
         self.stream.flush()
 
-    def done(self) -> None:
-        took = f"done in {time.monotonic() - self.started:.1f}s"
+    def done(self) -> float:
+        """Ends the phase's line; returns the seconds it took."""
+        elapsed = time.monotonic() - self.started
+        took = f"done in {elapsed:.1f}s"
         if self.interactive:
             self.stream.write(f"\r  {self.label:<34} {took}" + " " * 40 + "\n")
         else:
             self.stream.write(f"  {self.label:<34} {took}\n")
         self.stream.flush()
+        return round(elapsed, 1)

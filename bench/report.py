@@ -21,46 +21,82 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _ms(figures: dict[str, Any]) -> str:
+    return f"{figures.get('p50_ms')} / {figures.get('p95_ms')} / {figures.get('p99_ms')}"
+
+
+def _share(phase: dict[str, Any]) -> str:
+    share = phase.get("approved_share")
+    if share is None:
+        return "-"
+    return f"{share:.0%} ({phase['approved']:,} of {phase['payments']:,})"
+
+
+def _cpu(figures: dict[str, Any]) -> str:
+    """Worker CPU s, PostgreSQL CPU s: the whole server (this database's backends)."""
+    server, db = figures.get("postgres_cpu_s"), figures.get("postgres_db_cpu_s")
+    pg = "not measured" if server is None else f"{server} ({db})"
+    return f"{figures['workers_cpu_s']} / {pg}"
+
+
+def _isolation(phase: dict[str, Any]) -> str:
+    return f"{phase['healed_lines']} / {phase['foreign_jobs']} / {phase['failed_attempts']}"
+
+
+def _log(phase: dict[str, Any]) -> str:
+    lines = phase.get("worker_log_lines") or {}
+    return f"{lines.get('WARNING', 0)} / {lines.get('ERROR', 0)}"
+
+
 def table(results: dict[str, Any]) -> str:
+    """The issue's figures, one per line; CPU is "workers / PostgreSQL server (this
+    database's backends)" in seconds; "healed / foreign / failed" are, in the phase's window,
+    'healed' history lines and jobs not the phase's own (both should be 0), and attempts of
+    its own jobs that raised and were retried."""
     base = results["baseline"]
-    lines = [f"{'measure':<52} {'value':>14}", "-" * 67]
+    lines = [f"{'measure':<56} {'value':>30}", "-" * 87]
 
     def row(name: str, value: object) -> None:
-        lines.append(f"{name:<52} {value!s:>14}")
+        lines.append(f"{name:<56} {value!s:>30}")
 
     row(f"baseline: pgqueuer no-op jobs/s ({base['processes']} processes)", base["jobs_per_s"])
+    row("  CPU s: workers (whole lives) / PostgreSQL", _cpu(base))
     for run in results["backlog"]:
-        row(f"backlog {run['payments']:>6}: purchases/s", run["purchases_per_s"])
-        row(f"backlog {run['payments']:>6}: stage jobs/s", run["stage_jobs_per_s"])
-        row(
-            f"backlog {run['payments']:>6}: stage jobs / baseline",
-            f"{run['stage_jobs_per_s'] / base['jobs_per_s']:.2f}",
-        )
+        name = f"backlog {run['payments']:,}"
+        row(f"{name}: purchases/s", run["purchases_per_s"])
+        row(f"{name}: stage jobs/s", run["stage_jobs_per_s"])
+        row(f"{name}: stage jobs / baseline", f"{run['stage_jobs_per_s'] / base['jobs_per_s']:.2f}")
+        row(f"{name}: approved", _share(run))
+        row(f"{name}: CPU s, workers / PostgreSQL (this db)", _cpu(run))
+        row(f"{name}: seconds; healed / foreign / failed", f"{run['seconds']}; {_isolation(run)}")
+        row(f"{name}: worker log WARNING / ERROR lines", _log(run))
     rate = results["latency"]
-    row(f"latency at {rate['offered_per_s']}/s offered: p50 ms", rate["overall"]["p50_ms"])
-    row("  p95 ms", rate["overall"]["p95_ms"])
-    row("  p99 ms", rate["overall"]["p99_ms"])
+    row(f"latency at {rate['offered_per_s']}/s offered: p50/p95/p99 ms", _ms(rate["overall"]))
+    row("  approved", _share(rate))
     for stage, figures in rate["stages"].items():
-        row(
-            f"  {stage} stage p50 / p95 / p99 ms",
-            f"{figures.get('p50_ms')}/{figures.get('p95_ms')}/{figures.get('p99_ms')}",
-        )
+        row(f"  {stage} stage p50 / p95 / p99 ms", _ms(figures))
+    row("  CPU s, workers / PostgreSQL (this db)", _cpu(rate))
+    row("  healed / foreign / failed", _isolation(rate))
+    row("  worker log WARNING / ERROR lines", _log(rate))
     for idle in results["idle"]:
-        row(f"idle pipeline, driver {idle['driver']}: p50 ms", idle.get("p50_ms"))
-        row(f"idle pipeline, driver {idle['driver']}: p95 ms", idle.get("p95_ms"))
+        row(f"idle lone payment, {idle['driver']} driver: p50/p95/p99 ms", _ms(idle))
+        row("  approved; healed / foreign / failed", f"{_share(idle)}; {_isolation(idle)}")
     search = results["search"]
     row(
-        f"trainer search ({search['trainers']} trainers, {search['booked_sessions']} "
-        "sessions) p50 ms",
-        search["p50_ms"],
+        f"trainer search ({search['trainers']:,} trainers, {search['booked_sessions']:,} "
+        "sessions) p50/p95/p99 ms",
+        _ms(search),
     )
-    row("trainer search p95 ms", search["p95_ms"])
     if len(results["backlog"]) >= 2:
         first, last = results["backlog"][0], results["backlog"][-1]
         row(
-            f"throughput at {last['payments']} vs {first['payments']} backlog",
+            f"throughput at {last['payments']:,} vs {first['payments']:,} backlog",
             f"{last['purchases_per_s'] / first['purchases_per_s']:.0%}",
         )
+    lines.append("")
+    lines.append("phase seconds (wall, district seeding included):")
+    for label, seconds in results.get("phase_seconds", {}).items():
+        lines.append(f"  {label:<54} {seconds:>30}")
     return "\n".join(lines)
 
 
