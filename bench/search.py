@@ -17,19 +17,29 @@ from workers.runtime.runner import StageContext, load_holidays
 from workers.settings import Settings
 from workers.stages.allocation import remaining_plan, search
 
+# Purchases to search for: the fixed world's students without a payment, by their number
+# (`Student <n>`), each with a course, slot (07:00-19:00) and mode that follow from n, so
+# every run searches the same mix. (A course drawn once by random() served all of them, and
+# a run's figures depended on which course it drew: 200 or 520 candidates.)
 NEW_PURCHASES = """
-INSERT INTO payments (student_id, course_id, amount_cents, status, metadata)
-SELECT s.id, c.id, 499900, 'initiated', '{}'
-FROM (SELECT id FROM students s
-      WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.student_id = s.id)
-      ORDER BY id LIMIT %(n)s) s
-CROSS JOIN LATERAL (SELECT id FROM courses ORDER BY random() LIMIT 1) c;
+WITH picked AS (
+    SELECT s.id, substring(s.full_name FROM '[0-9]+$')::int AS n
+    FROM students s
+    WHERE NOT EXISTS (SELECT 1 FROM payments p WHERE p.student_id = s.id)
+    ORDER BY 2 LIMIT %(n)s::int
+), paid AS (
+    INSERT INTO payments (student_id, course_id, amount_cents, status, metadata)
+    SELECT picked.id, c.ids[1 + abs(hashtext('search:' || picked.n)) %% cardinality(c.ids)],
+           499900, 'initiated', '{}'
+    FROM picked, (SELECT array_agg(id ORDER BY title) AS ids FROM courses) c
+    RETURNING id, student_id, course_id
+)
 INSERT INTO student_course_purchases (payment_id, student_id, course_id, purchase_tier,
     start_date, preferred_time_slot, schedule_mode, session_duration_minutes)
-SELECT p.id, p.student_id, p.course_id, 20, current_date + 1,
-       make_time(7 + (abs(hashtext(p.id::text)) % 13), 0, 0),
-       (ARRAY['daily', 'weekdays', 'sunday_only'])[1 + abs(hashtext(p.id::text)) % 3], 60
-FROM payments p WHERE p.status = 'initiated';
+SELECT paid.id, paid.student_id, paid.course_id, 20, current_date + 1,
+       make_time(7 + picked.n %% 13, 0, 0),
+       (ARRAY['daily', 'weekdays', 'sunday_only'])[1 + picked.n %% 3], 60
+FROM paid JOIN picked ON picked.id = paid.student_id
 """
 
 
@@ -64,7 +74,7 @@ async def _time_searches(url: str, samples: int) -> dict[str, Any]:
     ):
         # Written as the benchmark's world is (triggers off: no allocation job is queued).
         await conn.execute("SET LOCAL session_replication_role = replica")
-        await conn.execute(NEW_PURCHASES.replace("%(n)s", str(int(samples))))
+        await conn.execute(NEW_PURCHASES, {"n": samples})
         await conn.execute("SET LOCAL session_replication_role = origin")
         rows = await fetch_all(conn, UNALLOCATED.replace("count(*)", "pu.id"), {})
         for row in rows:
