@@ -68,6 +68,7 @@ def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str
         return figures
 
     with world.fresh_database(admin) as url:
+        results["server_autovacuum"] = pipeline.autovacuum_on(url)
         results["seed_seconds"] = phase(
             "seeding the world",
             lambda p: round(

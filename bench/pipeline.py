@@ -16,6 +16,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,9 +176,53 @@ def any_live_job(conn: psycopg.Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
+# What autovacuum would do during a phase, when the server runs without it (this machine's
+# does): a queue whose done jobs are deleted piles up dead rows, and tables that grow from
+# a few thousand rows to millions keep the statistics of their start, so the planner picks
+# plans for tables they no longer are (a 100k backlog without it: 4 purchases/s, the
+# dequeue sorting on disk). A production server keeps autovacuum on.
+MAINTENANCE_SECONDS = 20.0
+MAINTAINED = (
+    "VACUUM (ANALYZE) pgqueuer",
+    "ANALYZE payments, student_course_purchases, trainer_allocations, tutoring_sessions, "
+    "stage_history, job_starts",
+)
+
+
+def autovacuum_on(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT current_setting('autovacuum')::boolean").fetchone()
+    return bool(row and row[0])
+
+
+@contextmanager
+def maintenance(url: str) -> Iterator[None]:
+    """Autovacuum's work every MAINTENANCE_SECONDS while the block runs, if the server has
+    autovacuum off; nothing otherwise."""
+    if autovacuum_on(url):
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.wait(MAINTENANCE_SECONDS):
+                for statement in MAINTAINED:
+                    conn.execute(statement)
+
+    thread = threading.Thread(target=loop, name="bench-maintenance", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextmanager
 def workers(url: str, count: int, log: Path, **env: str) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """`count` worker processes, their output into `log`; stopped on exit."""
+    """`count` worker processes, their output into `log`, and autovacuum's work in its
+    place when the server runs without it (`maintenance`); stopped on exit."""
     environment = {**os.environ, "DATABASE_URL": url, **WORKER_ENV, **env}
     with log.open("ab") as output:
         procs = [
@@ -192,7 +237,8 @@ def workers(url: str, count: int, log: Path, **env: str) -> Iterator[list[subpro
         try:
             with psycopg.connect(url, autocommit=True) as conn:
                 wait(lambda: _listeners(conn) >= count, 60, "workers to start")
-            yield procs
+            with maintenance(url):
+                yield procs
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)

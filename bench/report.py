@@ -59,6 +59,11 @@ def table(results: dict[str, Any]) -> str:
     def row(name: str, value: object) -> None:
         lines.append(f"{name:<56} {value!s:>30}")
 
+    if "server_autovacuum" in results:
+        row(
+            "server autovacuum",
+            "on" if results["server_autovacuum"] else "off (bench vacuums every 20 s)",
+        )
     row(f"baseline: pgqueuer no-op jobs/s ({base['processes']} processes)", base["jobs_per_s"])
     row("  CPU s: workers (whole lives) / PostgreSQL", _cpu(base))
     for run in results["backlog"]:
