@@ -147,7 +147,8 @@ TABLE stage_history (
     job_id bigint,
     detail text,
     error jsonb,
-    at timestamp with time zone NOT NULL DEFAULT clock_timestamp()
+    at timestamp with time zone NOT NULL DEFAULT clock_timestamp(),
+    actor text DEFAULT NULLIF(current_setting('kc.actor'::text, true), ''::text)
 );
 TABLE student_course_purchases (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -273,7 +274,7 @@ CONSTRAINT schedule_changes.schedule_changes_purchase_id_fkey FOREIGN KEY (purch
 CONSTRAINT schedule_changes.schedule_changes_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text])));
 CONSTRAINT stage_followups.stage_followups_pkey PRIMARY KEY (stage, ref_id);
 CONSTRAINT stage_followups.stage_followups_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
-CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text])));
+CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text, 'assign_requested'::text])));
 CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
 CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
@@ -736,43 +737,24 @@ BEGIN
     RETURN kc_apply_refund_unchecked(p_payment);
 END
 $function$
-CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text, p_actor text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_request    bigint;
-    v_superseded bigint[];
+    v_previous text := kc_act_as(p_actor);
+    v_request  bigint := kc_assign_trainer(p_purchase, p_trainer, p_override, p_note);
 BEGIN
-    -- The purchase's lock orders this request after an allocation job in flight for it.
-    PERFORM 1 FROM student_course_purchases WHERE id = p_purchase AND is_active FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no active purchase %', p_purchase USING ERRCODE = 'no_data_found';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM trainers WHERE id = p_trainer) THEN
-        RAISE EXCEPTION 'no trainer %', p_trainer USING ERRCODE = 'no_data_found';
-    END IF;
-    IF p_override IS NULL THEN
-        RAISE EXCEPTION 'override must be true or false' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_override AND nullif(btrim(p_note), '') IS NULL THEN
-        RAISE EXCEPTION 'an override needs a note saying why'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    WITH closed AS (
-        UPDATE allocation_requests SET status = 'superseded', decided_at = now()
-        WHERE purchase_id = p_purchase AND status = 'open'
-        RETURNING id
-    )
-    SELECT array_agg(id) INTO v_superseded FROM closed;
-    INSERT INTO allocation_requests (purchase_id, trainer_id, override, note)
-    VALUES (p_purchase, p_trainer, p_override, p_note)
-    RETURNING id INTO v_request;
-    UPDATE allocation_requests SET outcome = 'superseded by request ' || v_request
-    WHERE id = ANY (v_superseded);
-    PERFORM enqueue_stage('allocation', p_purchase);
+    UPDATE allocation_requests SET requested_by = current_setting('kc.actor')
+    WHERE id = v_request;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    SELECT 'allocation', p_purchase, 'assign_requested',
+           format('request %s: trainer %s (%s)%s', v_request, t.id, t.full_name,
+                  CASE WHEN p_override THEN ', override: ' || p_note ELSE '' END)
+    FROM trainers t WHERE t.id = p_trainer;
+    PERFORM set_config('kc.actor', v_previous, true);
     RETURN v_request;
 END
 $function$
@@ -1023,6 +1005,22 @@ AS $function$
     FROM todo t
     CROSS JOIN LATERAL (SELECT enqueue_stage(t.stage, t.ref_id, 'healed')) AS enqueued
 $function$
+CREATE OR REPLACE FUNCTION public.kc_act_as(p_actor text)
+ RETURNS text
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_previous text := coalesce(current_setting('kc.actor', true), '');
+BEGIN
+    IF p_actor IS NOT NULL
+       AND (btrim(p_actor) = '' OR length(p_actor) > 100 OR p_actor ~ '[[:cntrl:]]') THEN
+        RAISE EXCEPTION 'an actor is 1 to 100 printable characters (or NULL: the database login)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM set_config('kc.actor', coalesce(btrim(p_actor), session_user), true);
+    RETURN v_previous;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_apply_refund_unchecked(p_payment uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -1074,6 +1072,45 @@ BEGIN
     INSERT INTO stage_history (stage, ref_id, event, detail)
     VALUES ('purchase', p_payment, 'refunded', v_detail);
     RETURN v_detail;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_request    bigint;
+    v_superseded bigint[];
+BEGIN
+    -- The purchase's lock orders this request after an allocation job in flight for it.
+    PERFORM 1 FROM student_course_purchases WHERE id = p_purchase AND is_active FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no active purchase %', p_purchase USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM trainers WHERE id = p_trainer) THEN
+        RAISE EXCEPTION 'no trainer %', p_trainer USING ERRCODE = 'no_data_found';
+    END IF;
+    IF p_override IS NULL THEN
+        RAISE EXCEPTION 'override must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_override AND nullif(btrim(p_note), '') IS NULL THEN
+        RAISE EXCEPTION 'an override needs a note saying why'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH closed AS (
+        UPDATE allocation_requests SET status = 'superseded', decided_at = now()
+        WHERE purchase_id = p_purchase AND status = 'open'
+        RETURNING id
+    )
+    SELECT array_agg(id) INTO v_superseded FROM closed;
+    INSERT INTO allocation_requests (purchase_id, trainer_id, override, note)
+    VALUES (p_purchase, p_trainer, p_override, p_note)
+    RETURNING id INTO v_request;
+    UPDATE allocation_requests SET outcome = 'superseded by request ' || v_request
+    WHERE id = ANY (v_superseded);
+    PERFORM enqueue_stage('allocation', p_purchase);
+    RETURN v_request;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_check_trainers(p_trainers uuid[])
@@ -1174,92 +1211,9 @@ BEGIN
     RETURN make_time(v_hour, v_minute, 0);
 END
 $function$
-CREATE OR REPLACE FUNCTION public.kc_require_refunded(p_payment uuid)
- RETURNS void
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-    v_status text;
-BEGIN
-    SELECT status INTO v_status FROM payments WHERE id = p_payment;
-    IF v_status IS DISTINCT FROM 'refunded' THEN
-        RAISE EXCEPTION 'apply_refund(%): the payment is %, not refunded', p_payment,
-            coalesce(v_status, 'missing')
-            USING HINT = 'a refund takes effect when payments.status becomes refunded',
-                  ERRCODE = 'invalid_parameter_value';
-    END IF;
-END
-$function$
-CREATE OR REPLACE FUNCTION public.kc_session_delivery(p_learning_mode text, p_number integer)
- RETURNS text
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
-AS $function$
-    SELECT CASE
-        WHEN p_learning_mode = 'home' THEN 'home'
-        WHEN p_number <= 6 OR (p_number - 6) % 2 = 1 THEN 'online'
-        ELSE 'home'
-    END
-$function$
-CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_minutes integer)
- RETURNS time without time zone
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes >= 86400 THEN time '24:00'
-                  ELSE p_start + make_interval(mins => p_minutes) END $function$
-CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
- RETURNS integer
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
-AS $function$ SELECT CASE WHEN rating >= 4.6 THEN 8
-                  WHEN rating >= 4.1 THEN 7
-                  WHEN rating >= 3.6 THEN 6
-                  WHEN rating >= 3.1 THEN 5
-                  ELSE 4 END $function$
-CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
- RETURNS boolean
- LANGUAGE sql
-AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
-CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
- RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
- LANGUAGE sql
-AS $function$
-    WITH h AS (
-        DELETE FROM stage_history WHERE at < now() - p_keep RETURNING 1
-    ), l AS (
-        DELETE FROM pgqueuer_log
-        WHERE created < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
-        RETURNING 1
-    ), s AS (
-        DELETE FROM job_starts
-        WHERE last_started_at < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM l), (SELECT count(*) FROM s)
-$function$
-CREATE OR REPLACE FUNCTION public.record_job_start(p_job bigint, p_stage text, p_ref uuid, p_worker uuid)
- RETURNS integer
- LANGUAGE sql
-AS $function$
-    INSERT INTO job_starts (job_id, stage, ref_id, last_worker)
-    VALUES (p_job, p_stage, p_ref, p_worker)
-    ON CONFLICT (job_id) DO UPDATE
-    SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = p_worker
-    RETURNING starts
-$function$
-CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text)
- RETURNS integer
- LANGUAGE sql
- SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
-AS $function$
-    SELECT count(replay_stage(stage, ref_id))::integer
-    FROM (SELECT stage, ref_id FROM stage_jobs WHERE stage = p_stage AND status = 'failed') f
-$function$
-CREATE OR REPLACE FUNCTION public.replay_stage(p_stage text, p_ref uuid)
+CREATE OR REPLACE FUNCTION public.kc_replay_stage(p_stage text, p_ref uuid)
  RETURNS bigint
  LANGUAGE plpgsql
- SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
@@ -1295,10 +1249,25 @@ BEGIN
     RETURN enqueue_stage(p_stage, p_ref, 'replayed');
 END
 $function$
-CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION public.kc_require_refunded(p_payment uuid)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_status text;
+BEGIN
+    SELECT status INTO v_status FROM payments WHERE id = p_payment;
+    IF v_status IS DISTINCT FROM 'refunded' THEN
+        RAISE EXCEPTION 'apply_refund(%): the payment is %, not refunded', p_payment,
+            coalesce(v_status, 'missing')
+            USING HINT = 'a refund takes effect when payments.status becomes refunded',
+                  ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
- SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
@@ -1371,6 +1340,108 @@ BEGIN
         'request %s: %s at %s from %s -> %s at %s from %s', v_request,
         v_purchase.schedule_mode, to_char(v_purchase.preferred_time_slot, 'HH24:MI'),
         v_purchase.start_date, v_mode, to_char(v_slot, 'HH24:MI'), v_start));
+    RETURN v_request;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_session_delivery(p_learning_mode text, p_number integer)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$
+    SELECT CASE
+        WHEN p_learning_mode = 'home' THEN 'home'
+        WHEN p_number <= 6 OR (p_number - 6) % 2 = 1 THEN 'online'
+        ELSE 'home'
+    END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_minutes integer)
+ RETURNS time without time zone
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes >= 86400 THEN time '24:00'
+                  ELSE p_start + make_interval(mins => p_minutes) END $function$
+CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
+ RETURNS integer
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$ SELECT CASE WHEN rating >= 4.6 THEN 8
+                  WHEN rating >= 4.1 THEN 7
+                  WHEN rating >= 3.6 THEN 6
+                  WHEN rating >= 3.1 THEN 5
+                  ELSE 4 END $function$
+CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
+ RETURNS boolean
+ LANGUAGE sql
+AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
+CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
+ RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
+ LANGUAGE sql
+AS $function$
+    WITH h AS (
+        DELETE FROM stage_history WHERE at < now() - p_keep RETURNING 1
+    ), l AS (
+        DELETE FROM pgqueuer_log
+        WHERE created < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
+        RETURNING 1
+    ), s AS (
+        DELETE FROM job_starts
+        WHERE last_started_at < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM l), (SELECT count(*) FROM s)
+$function$
+CREATE OR REPLACE FUNCTION public.record_job_start(p_job bigint, p_stage text, p_ref uuid, p_worker uuid)
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    INSERT INTO job_starts (job_id, stage, ref_id, last_worker)
+    VALUES (p_job, p_stage, p_ref, p_worker)
+    ON CONFLICT (job_id) DO UPDATE
+    SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = p_worker
+    RETURNING starts
+$function$
+CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text, p_actor text DEFAULT NULL::text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_previous text := kc_act_as(p_actor);
+    v_replayed integer;
+BEGIN
+    SELECT count(kc_replay_stage(stage, ref_id))::integer INTO v_replayed
+    FROM (SELECT stage, ref_id FROM stage_jobs WHERE stage = p_stage AND status = 'failed') f;
+    PERFORM set_config('kc.actor', v_previous, true);
+    RETURN v_replayed;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.replay_stage(p_stage text, p_ref uuid, p_actor text DEFAULT NULL::text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_previous text := kc_act_as(p_actor);
+    v_job      bigint := kc_replay_stage(p_stage, p_ref);
+BEGIN
+    PERFORM set_config('kc.actor', v_previous, true);
+    RETURN v_job;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text, p_actor text DEFAULT NULL::text)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_previous text := kc_act_as(p_actor);
+    v_request  bigint := kc_reschedule(p_purchase, p_time_slot, p_start_date, p_schedule_mode);
+BEGIN
+    UPDATE schedule_changes SET requested_by = current_setting('kc.actor') WHERE id = v_request;
+    PERFORM set_config('kc.actor', v_previous, true);
     RETURN v_request;
 END
 $function$

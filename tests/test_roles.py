@@ -114,12 +114,13 @@ def test_operator_role_reads_and_replays_but_changes_nothing(
         job = op.execute("SELECT replay_stage('purchase', %s) AS job", (payment,)).fetchone()
         assert job is not None and job["job"] is not None
     events = [
-        r["event"]
+        (r["event"], r["actor"])
         for r in conn.execute(
-            "SELECT event FROM stage_history WHERE ref_id = %s ORDER BY id", (payment,)
+            "SELECT event, actor FROM stage_history WHERE ref_id = %s ORDER BY id", (payment,)
         )
     ]
-    assert events == ["enqueued", "replayed"]
+    # The replay names who asked: without an actor, the operator's own login.
+    assert events == [("enqueued", None), ("replayed", login["operator"])]
 
     assert refused(operator_url, "INSERT INTO holidays VALUES ('2030-01-01', 'x')")
     assert refused(operator_url, "UPDATE payments SET status = 'refunded' WHERE id = %s", payment)
@@ -172,6 +173,11 @@ def test_each_role_may_run_only_its_functions(
         assert refused(url, "SELECT kc_apply_refund_unchecked(%s)", payment)
         assert refused(url, "SELECT sweep_pending_allocations('0 seconds')")
         assert refused(url, "SELECT * FROM heal_pipeline('0 seconds')")
+        # What the operator functions call inside: only through them, as the owner.
+        assert refused(url, "SELECT kc_replay_stage('purchase', %s)", payment)
+        assert refused(url, "SELECT kc_assign_trainer(%s, %s)", purchase["id"], uuid.uuid4())
+        assert refused(url, "SELECT kc_reschedule(%s, '6 PM')", purchase["id"])
+        assert refused(url, "SELECT kc_act_as('console:someone')")
     assert refused(nobody, "SELECT replay_stage('purchase', %s)", payment)
     assert refused(nobody, "SELECT assign_trainer(%s, %s)", purchase["id"], uuid.uuid4())
     assert refused(nobody, "SELECT * FROM stuck_rows()")

@@ -29,10 +29,11 @@ SELECT job_id, stage, ref_id, attempts, failed_at, error_type, error FROM failed
 ORDER BY failed_at;
 
 -- name: replay_stage
-SELECT replay_stage(%(stage)s::text, %(ref_id)s::uuid) AS job_id;
+-- actor: who asks (stage_history.actor); NULL names the database login.
+SELECT replay_stage(%(stage)s::text, %(ref_id)s::uuid, %(actor)s::text) AS job_id;
 
 -- name: replay_failed
-SELECT replay_failed(%(stage)s::text) AS replayed;
+SELECT replay_failed(%(stage)s::text, %(actor)s::text) AS replayed;
 
 -- name: trigger_states
 SELECT t.tgname AS name, c.relname AS table_name, t.tgenabled <> 'D' AS enabled

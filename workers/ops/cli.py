@@ -119,6 +119,7 @@ def cmd_assign(args: argparse.Namespace, settings: Settings) -> int:
         "trainer_id": UUID(args.trainer),
         "override": args.override,
         "note": args.note,
+        "actor": None,  # the database login
     }
     return _submit(settings, "request_assignment", params, "request_status", args.wait)
 
@@ -169,6 +170,7 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
         "time_slot": args.time_slot,
         "start_date": args.start_date,
         "schedule_mode": args.mode,
+        "actor": None,  # the database login
     }
     return _submit(settings, "request_reschedule", params, "schedule_change_status", args.wait)
 

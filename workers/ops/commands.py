@@ -70,10 +70,11 @@ def failures(conn: SyncConn) -> str:
 
 
 def replay(conn: SyncConn, stage: str, ref: UUID | None) -> str:
+    # No actor: stage_history names the database login as the one who asked.
     if ref is None:
-        row = conn.execute(q("replay_failed"), {"stage": stage}).fetchone()
+        row = conn.execute(q("replay_failed"), {"stage": stage, "actor": None}).fetchone()
         return f"{row['replayed'] if row else 0} failed {stage} job(s) enqueued again"
-    row = conn.execute(q("replay_stage"), {"stage": stage, "ref_id": ref}).fetchone()
+    row = conn.execute(q("replay_stage"), {"stage": stage, "ref_id": ref, "actor": None}).fetchone()
     return f"{stage} {ref} enqueued again as job {row['job_id'] if row else '?'}"
 
 
