@@ -10,7 +10,7 @@ PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: help install run-workers test lint format migrate psql db-stop schema clean \
-	status trace failures replay reschedule doctor bench embedded-smoke
+	status trace failures replay reschedule doctor console screenshots bench embedded-smoke
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
@@ -82,6 +82,12 @@ reschedule: $(STAMP) ## move what is ahead: make reschedule ID=<purchase> [SLOT=
 
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
+
+console: $(STAMP) ## the operations console in a browser: http://127.0.0.1:8080 (CONSOLE_HOST, CONSOLE_PORT; actions need KC_CONSOLE_TOKEN)
+	$(PY) -m workers console $${CONSOLE_HOST:+--host "$$CONSOLE_HOST"} $${CONSOLE_PORT:+--port "$$CONSOLE_PORT"}
+
+screenshots: $(STAMP) ## docs/console-overview.png and docs/console-trace.png, taken by the console's browser test (headless chromium)
+	KC_SCREENSHOT_DIR=docs $(MAKE) --no-print-directory test PYTEST_ARGS="-q -p no:cacheprovider tests/test_console_browser.py"
 
 bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'

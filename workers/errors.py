@@ -61,3 +61,13 @@ class TooManyAttemptsError(PermanentJobError):
 class InvalidTimezoneError(PermanentJobError):
     """A time zone name that is not an IANA zone (`localtime`, a path, a typo), for instance a
     student's changed after the purchase: no retry helps."""
+
+
+class RequestRefused(PipelineError):
+    """The operations console refuses a request (no token, no sign-in, a bad CSRF token, a
+    value that does not parse, an id that does not exist, an action the database refuses):
+    nothing changed, and the page says why. `status` is the page's HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)

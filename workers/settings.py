@@ -6,7 +6,7 @@ from datetime import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -163,6 +163,15 @@ class Settings(BaseSettings):
         validation_alias="KC_TEST_SERVER",
         description="Server `make test` creates its databases on: 'local' = 127.0.0.1:5432, "
         "'embedded' = the embedded one, 'auto' = local when it answers, else embedded.",
+    )
+
+    console_token: SecretStr | None = Field(
+        # Its length is checked by the console, whose message does not repeat the value.
+        default=None,
+        validation_alias="KC_CONSOLE_TOKEN",
+        description="The operations console's token (at least 16 characters): with it, a person "
+        "who signs in with it may act (replay, retry, assign, reschedule); without it the "
+        "console is read-only and listens on loopback only. No default.",
     )
 
     @field_validator("log_level", mode="before")

@@ -1,6 +1,7 @@
 """psycopg connections and row access. A stage gets its connection from the stages' pool,
 inside a transaction (`transaction`); a command opens one autocommit connection
-(`connect_sync`). The queue's own connections are in `driver.py`."""
+(`connect_sync`); the console has a pool of autocommit connections that act as kc_operator
+(`make_operator_pool`). The queue's own connections are in `driver.py`."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ def make_pool(
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         # After the server restarts or terminates backends, hand out live connections only.
+        check=AsyncConnectionPool.check_connection,
+    )
+
+
+# The role the console acts as, whichever login DATABASE_URL names (README, "Roles").
+OPERATOR_ROLE = "kc_operator"
+
+
+async def act_as_operator(conn: AsyncConn) -> None:
+    """SET ROLE kc_operator: what the connection may do is what that role may do, even when
+    the login is the owner or a superuser (development, the embedded server)."""
+    await conn.execute("SET ROLE kc_operator")
+
+
+def make_operator_pool(
+    url: str, size: int = 4, timeout: float = 5.0
+) -> AsyncConnectionPool[AsyncConn]:
+    """The console's connections: autocommit (each action is one call of an operator
+    function), as kc_operator. A connection the server dropped (a restart, a terminated
+    backend) is replaced before it is handed out; while the server is away, a request waits
+    `timeout` seconds for one and gets PoolTimeout."""
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=size,
+        open=False,
+        name="console",
+        timeout=timeout,
+        # A connection attempt that keeps failing is given up after this long; the next
+        # request starts a new one, so the pool comes back whenever the server does.
+        reconnect_timeout=30.0,
+        kwargs={
+            "row_factory": dict_row,
+            "autocommit": True,
+            "application_name": "koding-caravan-console",
+            "connect_timeout": max(1, int(timeout)),
+            "options": "-c statement_timeout=15000",
+        },
+        connection_class=psycopg.AsyncConnection[DictRow],
+        configure=act_as_operator,
         check=AsyncConnectionPool.check_connection,
     )
 

@@ -15,7 +15,7 @@ from uuid import UUID
 from workers.database import migrate
 from workers.database import server as database
 from workers.database.connections import SyncConn, connect_sync
-from workers.errors import PipelineError
+from workers.errors import ConfigurationError, PipelineError
 from workers.settings import REPO_ROOT, Settings, load_settings
 
 log = logging.getLogger("workers")
@@ -220,6 +220,16 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.console.serve import serve
+
+    try:
+        return serve(database.pipeline_url(settings), settings, args.host, args.port)
+    except ConfigurationError as exc:  # the address, the token, the role, the migrations
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from workers.ops import commands as ops
 
@@ -250,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assign(sub)
     _add_reschedule(sub)
     _add_operator_commands(sub)
+    _add_console(sub)
     _add_tools(sub)
     return parser
 
@@ -394,6 +405,35 @@ def _add_operator_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:
 
     doctor = sub.add_parser("doctor", help="check everything; print each problem with its fix")
     doctor.set_defaults(func=cmd_doctor)
+
+
+def _add_console(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    from workers.console.serve import DEFAULT_HOST, DEFAULT_PORT
+
+    console = sub.add_parser(
+        "console",
+        help="the operations console in a browser (http://127.0.0.1:8080 by default)",
+        description="A web page for support and operations staff: the funnel, each stage's "
+        "backlog and latency, the purchases waiting for a trainer and why, failed jobs, "
+        "rejected payments, and a search whose trace shows a purchase's timeline in the "
+        "student's time zone. It reads the database as kc_operator. Actions (replay, retry, "
+        "assign, reschedule) need the token in KC_CONSOLE_TOKEN (at least 16 characters; no "
+        "default): a person signs in with it and a name, recorded with what they do. Without "
+        "the token the console is read-only and only listens on loopback.",
+    )
+    console.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}); anything but loopback needs "
+        "KC_CONSOLE_TOKEN",
+    )
+    console.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port to listen on (default {DEFAULT_PORT})",
+    )
+    console.set_defaults(func=cmd_console)
 
 
 def _add_tools(sub: Subcommands[argparse.ArgumentParser]) -> None:

@@ -1,0 +1,322 @@
+"""What the console changes, and who may: signing in with the token and a name, the CSRF
+token of every form, and the actions (replay, retry, assign, reschedule), each one call of an
+operator function that records `console:<name>` as its actor.
+
+Every POST is checked in the same order, and a refusal changes nothing: the console must
+have a token (else it is read-only), the form's CSRF token must be this session's, the
+person must be signed in (except to sign in), and every value must parse. What the database
+refuses (an unknown id, a purchase that is not active, an override without a note, a slot
+that does not parse) comes back in its own words."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+from collections.abc import Mapping
+from datetime import date
+from typing import Any, LiteralString
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import DictRow
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from workers.console.app import console_of, render
+from workers.database.connections import fetch_one
+from workers.database.sql import q
+from workers.errors import RequestRefused
+from workers.runtime.runner import Stage
+
+NAME_LIMIT = 60
+
+# The database's refusals, by SQLSTATE class: what the page's status says.
+REFUSAL_STATUS = {
+    "P0002": 404,  # no_data_found: no such payment, purchase, trainer ...
+    "22": 400,  # data exception: a value the function does not accept
+    "55": 409,  # object not in prerequisite state: a finished or refunded purchase
+}
+
+
+# -- the session ------------------------------------------------------------------------------
+
+
+def csrf_token(request: Request) -> str:
+    """This session's CSRF token, made on first use: every form carries it."""
+    if "session" not in request.scope:
+        return ""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        request.session["csrf"] = token
+    return token
+
+
+def signed_in_name(request: Request) -> str | None:
+    if "session" not in request.scope or console_of(request).token is None:
+        return None
+    name = request.session.get("name")
+    return name if isinstance(name, str) else None
+
+
+async def checked_form(request: Request, *, signed_in: bool = True) -> FormData:
+    """The POSTed form, once the console, the CSRF token and (for an action) the person have
+    been checked; RequestRefused (403) otherwise."""
+    if console_of(request).token is None:
+        raise RequestRefused(
+            403,
+            "This console is read-only: it was started without KC_CONSOLE_TOKEN, so nobody "
+            "may act through it. Start it with the token set to allow actions.",
+        )
+    form = await request.form()
+    sent = form.get("csrf")
+    expected = request.session.get("csrf")
+    if (
+        not isinstance(sent, str)
+        or not isinstance(expected, str)
+        or not hmac.compare_digest(sent.encode(), expected.encode())
+    ):
+        raise RequestRefused(
+            403,
+            "The form's CSRF token is missing or is not this browser session's, so nothing "
+            "was done. Reload the page and submit the form again.",
+        )
+    if signed_in and signed_in_name(request) is None:
+        raise RequestRefused(403, "Sign in with the console's token and your name first.")
+    return form
+
+
+def actor(request: Request) -> str:
+    return f"console:{signed_in_name(request)}"
+
+
+def back_to(form: FormData, default: str = "/") -> str:
+    """Where to go after an action: a path of this console, never another site."""
+    target = form.get("back")
+    if isinstance(target, str) and target.startswith("/") and not target.startswith("//"):
+        return target
+    return default
+
+
+def done(request: Request, target: str, message: str, kind: str = "ok") -> Response:
+    request.session["flash"] = {"kind": kind, "text": message}
+    return RedirectResponse(target, status_code=303)
+
+
+# -- signing in -------------------------------------------------------------------------------
+
+
+async def signin_form(request: Request) -> Response:
+    return await render(request, None, "signin.html", {"title": "Sign in", "error": None})
+
+
+async def signin(request: Request) -> Response:
+    form = await checked_form(request, signed_in=False)
+    token = console_of(request).token
+    sent = form.get("token")
+    name = form.get("name")
+    name = name.strip() if isinstance(name, str) else ""
+    problem = None
+    if (
+        not isinstance(sent, str)
+        or token is None
+        or not hmac.compare_digest(sent.encode(), token.encode())
+    ):
+        problem = "That is not the console's token."
+    elif not name or len(name) > NAME_LIMIT or not name.isprintable():
+        problem = (
+            f"Give your name (1 to {NAME_LIMIT} printable characters): it is recorded with "
+            "what you do."
+        )
+    if problem is not None:
+        return await render(
+            request, None, "signin.html", {"title": "Sign in", "error": problem}, 403
+        )
+    request.session.clear()
+    request.session["name"] = name
+    request.session["csrf"] = secrets.token_urlsafe(32)  # a new one for the signed-in session
+    return done(request, back_to(form), f"Signed in as {name}.")
+
+
+async def signout(request: Request) -> Response:
+    await checked_form(request, signed_in=False)
+    request.session.clear()
+    return done(request, "/", "Signed out.")
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+
+def text_field(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.strip()
+
+
+def uuid_field(form: FormData, name: str, what: str) -> UUID:
+    value = text_field(form, name)
+    if value is None:
+        raise RequestRefused(400, f"Give the {what}'s id.")
+    try:
+        return UUID(value)
+    except ValueError:
+        raise RequestRefused(
+            400,
+            f"{value[:80]!r} is not a {what} id: an id looks like "
+            "90000000-0000-4000-8000-000000000001.",
+        ) from None
+
+
+def stage_field(form: FormData) -> Stage:
+    value = text_field(form, "stage") or ""
+    try:
+        return Stage(value)
+    except ValueError:
+        raise RequestRefused(
+            400,
+            f"{value[:40]!r} is not a stage: the stages are purchase, allocation and sessions.",
+        ) from None
+
+
+def date_field(form: FormData, name: str) -> date | None:
+    value = text_field(form, name)
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise RequestRefused(400, f"{value[:40]!r} is not a date: give YYYY-MM-DD.") from None
+
+
+# -- calling the operator functions -----------------------------------------------------------
+
+
+async def call(request: Request, query: LiteralString, params: Mapping[str, Any]) -> DictRow:
+    """One call of an operator function; its refusal becomes RequestRefused with the
+    database's own message (the call is its own transaction: nothing changed)."""
+    async with console_of(request).pool.connection() as conn:
+        try:
+            row = await fetch_one(conn, query, params)
+        except psycopg.errors.OperationalError:
+            raise  # the database is away: the "unavailable" page
+        except psycopg.Error as exc:
+            raise RequestRefused(refusal_status(exc), refusal_message(exc)) from exc
+    assert row is not None
+    return row
+
+
+def refusal_status(exc: psycopg.Error) -> int:
+    state = exc.sqlstate or ""
+    return REFUSAL_STATUS.get(state) or REFUSAL_STATUS.get(state[:2]) or 500
+
+
+def refusal_message(exc: psycopg.Error) -> str:
+    message = exc.diag.message_primary or str(exc)
+    hint = exc.diag.message_hint
+    return f"The database refused it: {message}" + (f" ({hint})" if hint else "")
+
+
+async def outcome(request: Request, status_query: LiteralString, request_id: int) -> DictRow | None:
+    """The allocation stage's answer to a request, waited for a little (a worker normally
+    decides within a second); None while it is still open."""
+    console = console_of(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + console.outcome_wait
+    while True:
+        async with console.pool.connection() as conn:
+            row = await fetch_one(conn, status_query, {"request_id": request_id})
+        if row is not None and row["status"] != "open":
+            return row
+        if loop.time() >= deadline:
+            return None
+        await asyncio.sleep(0.2)
+
+
+async def report(
+    request: Request, form: FormData, purchase: UUID, what: str, row: DictRow, status: str
+) -> Response:
+    """Back to the purchase's trace with the allocation stage's answer to the request."""
+    request_id = row["request_id"]
+    target = back_to(form, f"/trace/{purchase}")
+    decided = await outcome(request, q(status), request_id)
+    if decided is None:
+        return done(
+            request,
+            target,
+            f"{what} request {request_id} is recorded; the allocation stage has not decided it "
+            "yet (is a worker running?). Its outcome will show on this page.",
+            "warning",
+        )
+    kind = "ok" if decided["status"] == "done" else "error"
+    message = f"{what} request {request_id} {decided['status']}: {decided['outcome']}"
+    return done(request, target, message, kind)
+
+
+# -- the actions ------------------------------------------------------------------------------
+
+
+async def replay(request: Request) -> Response:
+    """Run one row's stage again: a failed job, or a waiting purchase's allocation (retry)."""
+    form = await checked_form(request)
+    stage = stage_field(form)
+    ref = uuid_field(
+        form, "ref_id", {"purchase": "payment", "allocation": "purchase"}.get(stage, "allocation")
+    )
+    row = await call(
+        request, q("replay_stage"), {"stage": stage.value, "ref_id": ref, "actor": actor(request)}
+    )
+    return done(
+        request,
+        back_to(form, f"/trace/{ref}"),
+        f"{stage} {ref} enqueued again as job {row['job_id']}.",
+    )
+
+
+async def replay_failed(request: Request) -> Response:
+    form = await checked_form(request)
+    stage = stage_field(form)
+    row = await call(request, q("replay_failed"), {"stage": stage.value, "actor": actor(request)})
+    return done(
+        request,
+        back_to(form, "/failures"),
+        f"{row['replayed']} failed {stage} job(s) enqueued again.",
+    )
+
+
+async def assign(request: Request) -> Response:
+    """Assign or re-assign a trainer: the same rules as the allocation stage, unless an
+    override with a note sets aside those it may."""
+    form = await checked_form(request)
+    purchase = uuid_field(form, "purchase_id", "purchase")
+    trainer = uuid_field(form, "trainer_id", "trainer")
+    override = form.get("override") in ("on", "true", "1")
+    note = text_field(form, "note")
+    row = await call(
+        request,
+        q("request_assignment"),
+        {
+            "purchase_id": purchase,
+            "trainer_id": trainer,
+            "override": override,
+            "note": note,
+            "actor": actor(request),
+        },
+    )
+    return await report(request, form, purchase, "Assignment", row, "request_status")
+
+
+async def reschedule(request: Request) -> Response:
+    form = await checked_form(request)
+    purchase = uuid_field(form, "purchase_id", "purchase")
+    params = {
+        "purchase_id": purchase,
+        "time_slot": text_field(form, "time_slot"),
+        "start_date": date_field(form, "start_date"),
+        "schedule_mode": text_field(form, "mode"),
+        "actor": actor(request),
+    }
+    row = await call(request, q("request_reschedule"), params)
+    return await report(request, form, purchase, "Reschedule", row, "schedule_change_status")
