@@ -1,10 +1,5 @@
 -- Stage bookkeeping shared by every stage.
 
--- name: record_history
-INSERT INTO stage_history (stage, ref_id, event, job_id, detail, error)
-VALUES (%(stage)s::text, %(ref_id)s::uuid, %(event)s::text, %(job_id)s::bigint,
-        %(detail)s::text, %(error)s::jsonb);
-
 -- name: holidays_from
 -- Days without sessions; every stage that plans a schedule reads them (stages.load_holidays).
 SELECT day FROM holidays WHERE day >= %(from_day)s::date ORDER BY day;
@@ -25,10 +20,6 @@ WHERE id = %(request_id)s::bigint;
 
 -- name: heal_pipeline
 SELECT stage, ref_id FROM heal_pipeline(%(min_age)s::interval);
-
--- name: record_job_start
-SELECT record_job_start(%(job_id)s::bigint, %(stage)s::text, %(ref_id)s::uuid,
-                        %(worker)s::uuid) AS starts;
 
 -- name: prune_history
 SELECT history_deleted, log_deleted, starts_deleted FROM prune_history(%(keep)s::interval);

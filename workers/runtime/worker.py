@@ -143,15 +143,15 @@ async def run_jobs(
     runnable: list[Work] = []
     gave_up: list[tuple[Work, BaseException]] = []
     for job, ref in zip(jobs, refs, strict=True):
-        work = Work(ref, int(job.id))
-        if starts[work.job_id or 0] > settings.max_attempts:
+        work, started = Work(ref, int(job.id)), starts[int(job.id)]
+        if started > settings.max_attempts:
             error = TooManyAttemptsError(
-                f"{stage.value} {ref}: started {starts[int(job.id)] - 1} times without success "
+                f"{stage.value} {ref}: started {started - 1} times without success "
                 "(the last attempts may have been cut short by worker crashes); held as "
                 f"failed, replay with SELECT replay_stage('{stage.value}', '{ref}')"
             )
             gave_up.append((work, error))
-            log_failure(job, stage, ref, error, starts=starts[int(job.id)], retry_in=None)
+            log_failure(job, stage, ref, error, starts=started, retry_in=None)
             outcome[int(job.id)] = error
         else:
             runnable.append(work)
