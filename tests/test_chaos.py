@@ -17,7 +17,7 @@ from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from bench import world
-from tests.helpers import spawn_worker
+from tests.helpers import spawn_worker, wait_for
 from tests.invariants import violations
 
 Conn = psycopg.Connection[DictRow]
@@ -118,6 +118,9 @@ def test_chaos(conn: Conn, db_url: str, tmp_path: Path) -> None:
             assert all(w.poll() is None for w in workers), log.read_text()[-5000:]
             time.sleep(0.5)
         elapsed = time.monotonic() - started
+        # A worker respawned just before the pipeline settled may still be starting (the
+        # interpreter, its imports): the stop below is meant for started workers.
+        wait_for(lambda: _listening(conn) >= WORKERS, 30, "every worker to listen")
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -155,3 +158,11 @@ def test_chaos(conn: Conn, db_url: str, tmp_path: Path) -> None:
     }
     print("chaos summary:", json.dumps(summary))
     (tmp_path / "chaos-summary.json").write_text(json.dumps(summary))
+
+
+def _listening(conn: psycopg.Connection[DictRow]) -> int:
+    row = conn.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'koding-caravan-listen'"
+    ).fetchone()
+    return int(row["n"]) if row else 0
