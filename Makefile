@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install run-workers test lint format migrate psql db-stop schema clean \
+.PHONY: help install venv-check run-workers test lint format migrate psql db-stop schema clean \
 	status trace failures replay reschedule doctor console screenshots bench embedded-smoke
 
 help: ## list the targets
@@ -20,7 +20,18 @@ help: ## list the targets
 	@echo
 	@echo "Database: DATABASE_URL, or (unset) the embedded PostgreSQL in .pgdata/."
 
-$(STAMP): pyproject.toml
+# A .venv that is not a working virtual environment (a link to another machine's folder, a
+# file, a venv whose Python is gone) is named with its fix in one line, before anything runs.
+# Order-only and phony: checked on every run, without forcing a reinstall.
+venv-check:
+	@if [ -L $(VENV) ] && [ ! -e $(VENV) ]; then \
+		echo "make: .venv is a link to $$(readlink $(VENV)), which does not exist on this machine; remove it and run make again: rm $(VENV)" >&2; exit 2; fi
+	@if [ -e $(VENV) ] && [ ! -d $(VENV) ]; then \
+		echo "make: .venv is a file, not a virtual environment; remove it and run make again: rm $(VENV)" >&2; exit 2; fi
+	@if [ -d $(VENV) ] && [ -n "$$(ls -A $(VENV))" ] && ! $(PY) -c '' >/dev/null 2>&1; then \
+		echo "make: .venv is not a working virtual environment ($(PY) does not run$$(test -L $(PY) && echo ": it links to $$(readlink $(PY))")); remove it and run make again: rm -rf $(VENV)" >&2; exit 2; fi
+
+$(STAMP): pyproject.toml | venv-check
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
