@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install venv-check run-workers test lint format migrate psql db-stop schema clean \
+.PHONY: help install venv-check run-workers test lint format migrate psql db-start db-stop db-remove schema clean \
 	status trace failures replay reschedule doctor console screenshots bench embedded-smoke
 
 help: ## list the targets
@@ -63,8 +63,14 @@ migrate: $(STAMP) ## apply the migrations to the pipeline's database
 psql: $(STAMP) ## psql on the pipeline's database (extra arguments: PSQL_ARGS=...)
 	@$(PY) -m workers psql -- $(PSQL_ARGS)
 
+db-start: $(STAMP) ## start the embedded PostgreSQL alone (no workers); other commands never start it
+	@$(PY) -m workers db-start
+
 db-stop: $(STAMP) ## stop the embedded PostgreSQL
 	$(PY) -m workers db-stop
+
+db-remove: $(STAMP) ## stop the embedded PostgreSQL and delete its data: a clean slate
+	@$(PY) -m workers db-remove
 
 status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
 	@$(PY) -m workers status
@@ -75,7 +81,7 @@ trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocat
 	@test -n "$$ID" || { echo "usage: make trace ID=<uuid>"; exit 2; }
 	@$(PY) -m workers trace "$$ID"
 
-failures: $(STAMP) ## jobs held as failed after their last attempt, with their errors
+failures: $(STAMP) ## jobs held as failed after their last attempt, and rejected payments, with their errors
 	@$(PY) -m workers failures
 
 replay: $(STAMP) ## run a stage again: make replay STAGE=<stage> ID=<id> (no ID: all failed)

@@ -142,7 +142,10 @@ def test_the_apps_names_and_words_and_unread_keys(conn: Conn, db_url: str) -> No
     trace = one(conn, "SELECT * FROM purchase_trace WHERE payment_id = %s", payment)
     assert (trace["group_size"], trace["learning_mode"]) == (3, "home")
     assert trace["unused_keys"] == ["coinsToRedeem", "pricing", "schedule.note"]
-    assert "group_size" in ops.trace(conn, payment)
+    text = ops.trace(conn, payment)
+    assert text is not None
+    assert "group  3 students" in text
+    assert "metadata unused  coinsToRedeem, pricing, schedule.note" in text
 
 
 def test_names_that_disagree_are_a_rejection_naming_both(conn: Conn, db_url: str) -> None:

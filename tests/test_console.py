@@ -69,12 +69,16 @@ def test_overview_shows_the_funnel_the_stages_and_the_chart(world: World, db_url
     text = page_text(page.text)
     # Four payments entered the pipeline: two became purchases, one approved with its ten
     # sessions, one waiting; one failed in the purchase stage, one was rejected.
-    assert "4 payments succeeded" in text
-    assert "2 purchases" in text
-    assert "1 trainer approved" in text
-    assert "1 waiting for a trainer" in text
-    assert "1 payments rejected" in text
-    assert "10 sessions written (for 1 purchase)" in text
+    # Each row of the funnel adds up to its whole.
+    assert (
+        "4 payments succeeded = 2 purchases made + 0 upgrades applied + 1 rejected "
+        "+ 1 purchase job failed + 0 in the purchase stage"
+    ) in text
+    assert (
+        "2 purchases = 1 trainer approved + 1 waiting for a trainer "
+        "+ 0 closed (refunded or finished) + 0 in the allocation stage"
+    ) in text
+    assert "10 sessions written for 1 purchase." in text
     assert "purchase 0 0 1" in text  # queued, in flight, failed
     assert "<svg" in page.text and "Jobs done and p95 latency per stage" in page.text
     assert "polyline" in page.text or "<circle" in page.text  # jobs were done: a line or a dot

@@ -138,14 +138,33 @@ def test_a_person_reads_the_overview_and_a_waiting_purchase_s_trace(
     assert browser.title == "Overview · Koding Caravan operations"
     funnel = {
         key: browser.find_element(By.ID, f"funnel-{key}").text
-        for key in ("payments", "purchases", "approved", "pending", "rejected", "sessions")
+        for key in (
+            "payments",
+            "purchases",
+            "upgrades",
+            "rejected",
+            "failed",
+            "in-purchase",
+            "approved",
+            "pending",
+            "closed",
+            "in-allocation",
+            "sessions",
+        )
     }
+    # Four payments: two purchases, one rejected, one whose purchase job failed; of the two
+    # purchases one approved, one waiting. Each row adds up to its whole.
     assert funnel == {
         "payments": "4",
         "purchases": "2",
+        "upgrades": "0",
+        "rejected": "1",
+        "failed": "1",
+        "in-purchase": "0",
         "approved": "1",
         "pending": "1",
-        "rejected": "1",
+        "closed": "0",
+        "in-allocation": "0",
         "sessions": "10",
     }
     stages = [

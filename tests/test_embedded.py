@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from workers.database import server as database
 from workers.database.embedded import OS_USER, EmbeddedServer, server_version
 from workers.errors import EmbeddedDatabaseError
-from workers.settings import Settings
+from workers.settings import REPO_ROOT, Settings
 
 
 def _status_field(pid: int, field: str) -> str:
@@ -105,3 +107,73 @@ def test_kc_test_server_embedded_never_picks_the_local_server(tmp_path: Path) ->
         server.stop()
         if server.cluster_dir != server.root:
             shutil.rmtree(server.cluster_dir, ignore_errors=True)
+
+
+# -- as an operator's commands meet it (issue 26: `make status` and `make psql` silently started
+# a stopped server; the README's `rm -rf $(cat .pgdata/cluster)` also deleted the words of the
+# file's second line in the current folder) -------------------------------------------------
+
+
+def workers_cli(server: EmbeddedServer, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
+    env["KC_EMBEDDED_DIR"] = str(server.root)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_operator_commands_do_not_start_a_stopped_server(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    server.ensure_running()
+    server.stop()
+    for command in (["status"], ["trace", "90000000-0000-4000-8000-000000000001"], ["failures"]):
+        answer = workers_cli(server, *command, cwd=tmp_path)
+        assert answer.returncode == 1, (command, answer.stdout, answer.stderr)
+        assert "the embedded PostgreSQL" in answer.stderr and "is not running" in answer.stderr
+        assert "make run-workers" in answer.stderr and "make db-start" in answer.stderr
+        assert not server.is_running(), command
+    doctor = workers_cli(server, "doctor", cwd=tmp_path)
+    assert doctor.returncode == 1 and "is not running" in doctor.stdout
+    assert not server.is_running()
+
+    started = workers_cli(server, "db-start", cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert server.is_running()
+    early = workers_cli(server, "status", cwd=tmp_path)
+    assert early.returncode == 1 and "Traceback" not in early.stderr
+    assert "is at migration (none)" in early.stderr and "make migrate" in early.stderr
+    migrated = workers_cli(server, "migrate", cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    status = workers_cli(server, "status", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "allocation" in status.stdout
+
+
+def test_db_remove_deletes_the_cluster_and_nothing_else(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    server.ensure_running()
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    # The words a careless `rm -rf $(cat .pgdata/cluster)` would also have deleted.
+    for word in ("the", "embedded", "cluster", "of", "this", "folder"):
+        (here / word).write_text("keep me\n")
+    cluster, root = server.cluster_dir, server.root
+    answer = workers_cli(server, "db-remove", cwd=here)
+    assert answer.returncode == 0, answer.stderr
+    assert not server.is_running()
+    assert not cluster.exists() and not root.exists()
+    assert f"removed {cluster}" in answer.stdout
+    assert sorted(p.name for p in here.iterdir()) == sorted(
+        ["the", "embedded", "cluster", "of", "this", "folder"]
+    )
+    again = workers_cli(server, "db-remove", cwd=here)
+    assert again.returncode == 0 and "nothing to remove" in again.stdout

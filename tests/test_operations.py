@@ -45,8 +45,10 @@ def test_trace_follows_a_payment_through_every_stage(conn: Conn, db_url: str) ->
         assert row["allocated_at"] <= row["sessions_at"]
         assert (row["purchase_job"], row["allocation_job"], row["sessions_job"]) == (None,) * 3
     text = ops.trace(conn, payment)
-    assert "sessions_written" in text
-    assert "succeeded" in text
+    assert text is not None
+    assert "On track: Trainer Ravi teaches it: 10 sessions written, 10 ahead." in text
+    assert "first payment: 10 sessions; succeeded" in text
+    assert "10 sessions written: numbers 1..10 of 10" in text
 
 
 def test_stage_overview_counts_backlog_and_latency(conn: Conn, db_url: str) -> None:

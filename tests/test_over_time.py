@@ -294,7 +294,8 @@ def test_makeup_and_reschedule_through_a_running_worker_and_the_cli(
     assert "refused: '25:00': the hour must be 0..23" in bad.stderr
     done = run("--time-slot", "7 PM")
     assert done.returncode == 0, done.stderr
-    assert "done: request 1: sessions 1..10 daily at 19:00" in done.stdout
+    # The outcome does not repeat the request's id ("request 1 done: request 1: ...").
+    assert "request 1 done: sessions 1..10 daily at 19:00" in done.stdout
     assert f"with trainer {late} (trainer {early} cannot teach it)" in done.stdout
     mine = conn.execute(
         "SELECT trainer_id, scheduled_time::text AS at FROM tutoring_sessions "

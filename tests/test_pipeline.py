@@ -115,7 +115,7 @@ def test_sessions_stage_fills_only_what_is_missing(conn: Conn, db_url: str) -> N
     allocation = one(conn, "SELECT id FROM trainer_allocations")["id"]
     conn.execute("DELETE FROM tutoring_sessions WHERE session_number > 7")
     outcome = run_one(db_url, Stage.SESSIONS, allocation)
-    assert outcome.detail == "3 sessions written (8..10 of 10)"
+    assert outcome.detail == "3 sessions written: numbers 8..10 of 10"
     numbers = [
         r["session_number"]
         for r in conn.execute("SELECT session_number FROM tutoring_sessions ORDER BY 1").fetchall()

@@ -65,7 +65,7 @@ def test_worker_process_turns_a_payment_into_sessions_and_stops_on_sigterm(
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     output = worker.stdout.read() if worker.stdout else ""
-    assert "sessions" in output and "10 sessions written (1..10 of 10)" in output
+    assert "sessions" in output and "10 sessions written: numbers 1..10 of 10" in output
 
 
 def test_assign_cli_reassigns_through_the_running_worker(

@@ -9,32 +9,49 @@ SELECT (SELECT count(*) FROM trainer_allocations WHERE status = 'pending') AS wa
 
 -- name: console_funnel
 -- The payments that entered the pipeline in the window (their purchase stage was enqueued:
--- a payment becoming succeeded does that) and how far each got. Upgrades raise an existing
--- purchase instead of making one. Approved and pending are the live allocation's state now.
+-- a payment becoming succeeded does that) and where each is now. Every payment is counted
+-- once: a purchase, an upgrade of one, a rejection, a failed purchase job, or still in the
+-- purchase stage; every
+-- purchase once: approved, waiting for a trainer, closed (refunded or finished), or still in
+-- the allocation stage. So the parts add up to their whole on the page.
 WITH entered AS (
     SELECT DISTINCT h.ref_id AS payment_id
     FROM stage_history h
     WHERE h.stage = 'purchase' AND h.event = 'enqueued'
       AND h.at > now() - %(window)s::interval
+), placed AS (
+    SELECT e.payment_id, pu.id AS purchase_id, pu.is_active, ta.id AS allocation_id,
+           ta.status AS allocation_status,
+           up.payment_id IS NOT NULL AS upgrade,
+           rj.payment_id IS NOT NULL AS rejected,
+           coalesce(j.status = 'failed', false) AS failed
+    FROM entered e
+    LEFT JOIN student_course_purchases pu ON pu.payment_id = e.payment_id
+    LEFT JOIN purchase_upgrades up ON up.payment_id = e.payment_id
+    LEFT JOIN payment_rejections rj ON rj.payment_id = e.payment_id AND rj.resolved_at IS NULL
+    LEFT JOIN trainer_allocations ta ON ta.purchase_id = pu.id
+         AND ta.status IN ('pending', 'approved')
+    LEFT JOIN stage_jobs j ON j.stage = 'purchase' AND j.ref_id = e.payment_id
 )
 SELECT count(*) AS payments,
-       count(pu.id) AS purchases,
-       count(up.payment_id) AS upgrades,
-       count(*) FILTER (WHERE ta.status = 'approved') AS approved,
-       count(*) FILTER (WHERE ta.status = 'pending') AS pending,
-       count(rj.payment_id) AS rejected,
+       count(purchase_id) AS purchases,
+       count(*) FILTER (WHERE upgrade) AS upgrades,
+       count(*) FILTER (WHERE rejected) AS rejected,
+       count(*) FILTER (WHERE purchase_id IS NULL AND NOT upgrade AND NOT rejected AND failed)
+           AS failed,
+       count(*) FILTER (WHERE purchase_id IS NULL AND NOT upgrade AND NOT rejected
+                          AND NOT failed) AS in_purchase_stage,
+       count(*) FILTER (WHERE is_active AND allocation_status = 'approved') AS approved,
+       count(*) FILTER (WHERE is_active AND allocation_status = 'pending') AS pending,
+       count(*) FILTER (WHERE purchase_id IS NOT NULL AND NOT is_active) AS closed,
+       count(*) FILTER (WHERE is_active AND allocation_id IS NULL) AS in_allocation_stage,
        count(*) FILTER (WHERE ss.n > 0) AS with_sessions,
        coalesce(sum(ss.n), 0)::bigint AS sessions
-FROM entered e
-LEFT JOIN student_course_purchases pu ON pu.payment_id = e.payment_id
-LEFT JOIN purchase_upgrades up ON up.payment_id = e.payment_id
-LEFT JOIN payment_rejections rj ON rj.payment_id = e.payment_id AND rj.resolved_at IS NULL
-LEFT JOIN trainer_allocations ta ON ta.purchase_id = pu.id
-     AND ta.status IN ('pending', 'approved')
+FROM placed
 LEFT JOIN LATERAL (
     SELECT count(*) AS n FROM tutoring_sessions ts
-    WHERE ts.allocation_id = ta.id AND ts.status <> 'cancelled'
-) ss ON ta.id IS NOT NULL;
+    WHERE ts.allocation_id = placed.allocation_id AND ts.status <> 'cancelled'
+) ss ON placed.allocation_id IS NOT NULL;
 
 -- name: console_stage_chart
 -- Per stage and time bucket: jobs done and their latency (enqueue, replay or heal to the
@@ -108,63 +125,6 @@ FROM students s
 WHERE s.full_name ILIKE %(pattern)s::text
 ORDER BY s.full_name, s.id
 LIMIT %(limit)s::integer;
-
--- name: console_resolve
--- The payments an id belongs to: a payment, a purchase, an allocation or a student (each
--- branch reads one index).
-SELECT DISTINCT payment_id FROM (
-    SELECT p.id AS payment_id FROM payments p WHERE p.id = %(id)s::uuid
-    UNION ALL
-    SELECT pu.payment_id FROM student_course_purchases pu WHERE pu.id = %(id)s::uuid
-    UNION ALL
-    SELECT pu.payment_id FROM trainer_allocations ta
-    JOIN student_course_purchases pu ON pu.id = ta.purchase_id
-    WHERE ta.id = %(id)s::uuid
-    UNION ALL
-    SELECT p.id FROM payments p WHERE p.student_id = %(id)s::uuid
-) found;
-
--- name: console_trace
-SELECT t.*, s.full_name AS student, s.timezone, c.title AS course,
-       tr.full_name AS trainer, pu.preferred_time_slot, pu.schedule_mode, pu.start_date,
-       pu.session_duration_minutes
-FROM purchase_trace t
-JOIN students s ON s.id = t.student_id
-JOIN courses c ON c.id = t.course_id
-LEFT JOIN trainers tr ON tr.id = t.trainer_id
-LEFT JOIN student_course_purchases pu ON pu.id = t.purchase_id
-WHERE t.payment_id = ANY (%(payments)s::uuid[])
-ORDER BY t.payment_at DESC;
-
--- name: console_allocations_of
--- Every allocation a purchase had (a reassignment, a trainer who left, a reschedule end one
--- and start another): their sessions' history belongs to the trace.
-SELECT id FROM trainer_allocations
-WHERE student_id = %(student_id)s::uuid AND course_id = %(course_id)s::uuid
-  AND purchase_id = %(purchase_id)s::uuid;
-
--- name: console_history
-SELECT h.at, h.stage, h.event, h.ref_id, h.job_id, h.detail, h.actor
-FROM stage_history h
-WHERE h.ref_id = ANY (%(refs)s::uuid[])
-ORDER BY h.at, h.id;
-
--- name: console_requests
--- An admin's requests for a purchase: assignments and reschedules, with their outcome.
-SELECT 'assign' AS kind, r.id, r.requested_by, r.requested_at, r.status, r.outcome,
-       'trainer ' || r.trainer_id || ' (' || t.full_name || ')'
-           || CASE WHEN r.override THEN ', override: ' || r.note ELSE '' END AS what
-FROM allocation_requests r
-JOIN trainers t ON t.id = r.trainer_id
-WHERE r.purchase_id = %(purchase_id)s::uuid
-UNION ALL
-SELECT 'reschedule', c.id, c.requested_by, c.requested_at, c.status, c.outcome,
-       c.from_schedule_mode || ' at ' || to_char(c.from_time_slot, 'HH24:MI') || ' from '
-           || c.from_start_date || ' -> ' || c.to_schedule_mode || ' at '
-           || to_char(c.to_time_slot, 'HH24:MI') || ' from ' || c.to_start_date
-FROM schedule_changes c
-WHERE c.purchase_id = %(purchase_id)s::uuid
-ORDER BY 4;
 
 -- name: console_trainers_for
 -- Active trainers who teach a course, nearest to the student first: the choices an

@@ -13,20 +13,13 @@ SELECT (SELECT count(*) FROM rejected_payments) AS rejected_payments,
        (SELECT count(*) FROM stuck_rows(%(stuck_after)s::interval)) AS stuck_rows,
        (SELECT count(*) FROM failed_jobs) AS failed_jobs;
 
--- name: trace_rows
-SELECT * FROM purchase_trace
-WHERE %(id)s::uuid IN (payment_id, purchase_id, allocation_id, student_id, course_id)
-ORDER BY payment_at;
-
--- name: trace_history
-SELECT h.at, h.stage, h.event, h.ref_id, h.job_id, h.detail
-FROM stage_history h
-WHERE h.ref_id = ANY (%(refs)s::uuid[])
-ORDER BY h.at, h.id;
-
 -- name: failures
 SELECT job_id, stage, ref_id, attempts, failed_at, error_type, error FROM failed_jobs
 ORDER BY failed_at;
+
+-- name: rejected_payments_list
+SELECT payment_id, reason, errors, rejections, rejected_at FROM rejected_payments
+ORDER BY rejected_at;
 
 -- name: replay_stage
 -- actor: who asks (stage_history.actor); NULL names the database login.

@@ -10,10 +10,9 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -32,6 +31,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from workers.database.connections import AsyncConn, fetch_one, make_operator_pool
 from workers.database.sql import q
 from workers.errors import RequestRefused
+from workers.ops.story import (
+    allocation_line,
+    allocation_sessions,
+    event_line,
+    local,
+    payment_line,
+    slot,
+    zone,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +100,6 @@ class SecurityHeaders:
 # -- rendering --------------------------------------------------------------------------------
 
 
-def zone(name: str | None) -> ZoneInfo:
-    """A student's time zone; UTC when the name is no IANA zone (the page says so)."""
-    try:
-        return ZoneInfo(name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("UTC")
-
-
-def local(value: datetime | None, zone_name: str | None = None) -> str:
-    if value is None:
-        return ""
-    at = value.astimezone(zone(zone_name))
-    return at.strftime("%a %d %b %Y %H:%M:%S %Z")
-
-
 def local_short(value: datetime | None, zone_name: str | None = None) -> str:
     if value is None:
         return ""
@@ -141,13 +134,6 @@ def milliseconds(value: float | None) -> str:
     return f"{value / 1000:.1f} s" if value >= 10_000 else f"{value:.1f} ms"
 
 
-def slot(start: time | None, mode: str | None, first_day: date | None) -> str:
-    if start is None:
-        return ""
-    text = f"{start:%H:%M} {(mode or '').replace('_', ' ')}"
-    return f"{text} from {first_day:%d %b %Y}" if first_day else text
-
-
 def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     filters = templates.env.filters
@@ -157,6 +143,10 @@ def make_templates() -> Jinja2Templates:
     filters["since"] = since
     filters["ms"] = milliseconds
     filters["slot"] = slot
+    filters["payment_line"] = payment_line
+    filters["allocation_line"] = allocation_line
+    filters["allocation_sessions"] = allocation_sessions
+    filters["event_line"] = event_line
     return templates
 
 

@@ -3,7 +3,7 @@ kc_operator: the overview, the waiting purchases, the failures, the search and t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,11 +14,12 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from workers.console.actions import signed_in_name
-from workers.console.app import console_of, render, zone
+from workers.console.app import console_of, render
 from workers.console.charts import StagePoint, stage_chart
-from workers.database.connections import AsyncConn, fetch_all, fetch_one
+from workers.database.connections import fetch_all, fetch_one
 from workers.database.sql import q
 from workers.errors import RequestRefused
+from workers.ops.story import Row, Story, load_async
 
 FUNNEL_WINDOW = timedelta(hours=24)
 CHART_SPAN = timedelta(hours=12)
@@ -109,93 +110,11 @@ async def search(request: Request) -> Response:
 
 
 @dataclass(frozen=True)
-class Purchase:
-    """One payment's trace: where it is, why, what happened when, and the admin requests."""
+class Card:
+    """One story on the trace page, with the trainers an assignment offers (signed in)."""
 
-    row: DictRow
-    state: str  # ok | waiting | problem | info
-    summary: str
-    history: list[DictRow]
-    requests: list[DictRow]
+    story: Story
     trainers: list[DictRow]
-    zone_name: str
-    zone_is_valid: bool
-
-
-def where_it_is(row: Mapping[str, Any]) -> tuple[str, str]:
-    """The answer to "where is this purchase, and why?" in one sentence."""
-    if row["rejected_reason"]:
-        problems = "; ".join(
-            f"{e.get('field', '')}: {e.get('message', '')}" for e in row["rejected_errors"] or []
-        )
-        return "problem", f"The payment was rejected ({row['rejected_reason']}): {problems}"
-    if row["purchase_id"] is None:
-        if row["purchase_job"] == "failed":
-            return "problem", f"The purchase stage failed: {row['purchase_error']}"
-        if row["payment_status"] != "succeeded":
-            return "info", f"The payment is {row['payment_status']}: no purchase is made for it."
-        return "waiting", "The payment is waiting for the purchase stage."
-    if row["allocation_job"] == "failed":
-        return "problem", f"The allocation stage failed: {row['allocation_error']}"
-    if row["sessions_job"] == "failed":
-        return "problem", f"The sessions stage failed: {row['sessions_error']}"
-    if not row["is_active"]:
-        if row["completed_at"]:
-            return "info", "The course is finished."
-        return "info", "The purchase is no longer active (refunded)."
-    status = row["allocation_status"]
-    if status == "pending":
-        return (
-            "waiting",
-            f"Waiting for a trainer ({row['allocation_reason']}): "
-            f"{row['allocation_reason_detail']}",
-        )
-    if status == "approved":
-        if row["sessions_written"]:
-            return (
-                "ok",
-                f"Trainer {row['trainer']} teaches it: {row['sessions_written']} sessions "
-                f"written, {row['sessions_ahead'] or 0} ahead.",
-            )
-        return "waiting", f"Trainer {row['trainer']} is chosen; the sessions are being written."
-    return "waiting", "The purchase is waiting for the allocation stage."
-
-
-async def load_purchase(conn: AsyncConn, row: DictRow, signed_in: bool) -> Purchase:
-    refs = [row["payment_id"]]
-    requests: list[DictRow] = []
-    trainers: list[DictRow] = []
-    if row["purchase_id"] is not None:
-        allocations = await fetch_all(
-            conn,
-            q("console_allocations_of"),
-            {
-                "student_id": row["student_id"],
-                "course_id": row["course_id"],
-                "purchase_id": row["purchase_id"],
-            },
-        )
-        refs += [row["purchase_id"], *(a["id"] for a in allocations)]
-        requests = await fetch_all(conn, q("console_requests"), {"purchase_id": row["purchase_id"]})
-        if signed_in and row["is_active"]:
-            trainers = await fetch_all(
-                conn,
-                q("console_trainers_for"),
-                {"course_id": row["course_id"], "student_id": row["student_id"], "limit": 50},
-            )
-    history = await fetch_all(conn, q("console_history"), {"refs": refs})
-    state, summary = where_it_is(row)
-    zone_name = row["timezone"]
-    return Purchase(
-        row,
-        state,
-        summary,
-        history,
-        requests,
-        trainers,
-        zone_name,
-        zone(zone_name).key == zone_name,
-    )
 
 
 async def trace(request: Request) -> Response:
@@ -210,18 +129,33 @@ async def trace(request: Request) -> Response:
         ) from None
     signed_in = signed_in_name(request) is not None
     async with console_of(request).pool.connection() as conn:
-        payments = [
-            r["payment_id"] for r in await fetch_all(conn, q("console_resolve"), {"id": ref})
-        ]
-        if not payments:
+
+        async def fetch(name: str, params: dict[str, Any]) -> Sequence[Row]:
+            return await fetch_all(conn, q(name), params)
+
+        stories = await load_async(fetch, ref)
+        if not stories:
             raise RequestRefused(
                 404, f"No payment, purchase, allocation or student has the id {ref}."
             )
-        rows = await fetch_all(conn, q("console_trace"), {"payments": payments})
-        purchases = [await load_purchase(conn, row, signed_in) for row in rows]
+        cards = []
+        for story in stories:
+            trainers: list[DictRow] = []
+            header = story.header
+            if signed_in and header["purchase_id"] is not None and header["is_active"]:
+                trainers = await fetch_all(
+                    conn,
+                    q("console_trainers_for"),
+                    {
+                        "course_id": header["course_id"],
+                        "student_id": header["student_id"],
+                        "limit": 50,
+                    },
+                )
+            cards.append(Card(story, trainers))
         return await render(
             request,
             conn,
             "trace.html",
-            {"title": f"Trace {ref}", "ref": ref, "purchases": purchases},
+            {"title": f"Trace {ref}", "ref": ref, "cards": cards},
         )

@@ -134,6 +134,18 @@ class EmbeddedServer:
             self._run([pg_ctl, "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "stop"])
             return True
 
+    def remove(self) -> list[Path]:
+        """Stop the server and delete its cluster (data, socket, log) and this folder: the
+        paths are computed here, never read from a file. What was removed, in order."""
+        self.stop()
+        removed = []
+        for path in (self.cluster_dir, self.root):
+            if path.is_symlink() or not path.exists():
+                continue
+            shutil.rmtree(path)
+            removed.append(path)
+        return removed
+
     def server_pid(self) -> int | None:
         """The postmaster's pid while it runs (from postmaster.pid), else None."""
         try:

@@ -26,6 +26,20 @@ def pipeline_url(settings: Settings) -> str:
     return embedded(settings).ensure_running()
 
 
+def running_pipeline_url(settings: Settings) -> str:
+    """The pipeline's database for an operator's command (status, trace, psql, the console):
+    like `pipeline_url`, but a stopped embedded server is not started behind their back."""
+    if settings.database_url:
+        return settings.database_url
+    server = embedded(settings)
+    if not server.is_running():
+        raise ConfigurationError(
+            f"the embedded PostgreSQL ({server.cluster_dir}) is not running: start the "
+            "pipeline with `make run-workers`, or only its server with `make db-start`"
+        )
+    return server.url()
+
+
 def test_admin_url(settings: Settings) -> str:
     """A server on which tests may create and drop databases (they never touch the
     pipeline's own database). KC_TEST_SERVER: 'local' = 127.0.0.1:5432, 'embedded' = the

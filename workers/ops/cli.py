@@ -70,6 +70,24 @@ def cmd_db_url(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_db_start(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.database_url:
+        print("DATABASE_URL is set: there is no embedded server to start", file=sys.stderr)
+        return 2
+    print(f"embedded PostgreSQL running: {database.pipeline_url(settings)}")
+    return 0
+
+
+def cmd_db_remove(args: argparse.Namespace, settings: Settings) -> int:
+    server = database.embedded(settings)
+    removed = server.remove()
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"nothing to remove: no embedded cluster for {server.root}")
+    return 0
+
+
 def cmd_db_stop(args: argparse.Namespace, settings: Settings) -> int:
     stopped = database.embedded(settings).stop()
     print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
@@ -96,7 +114,7 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
 
     # The password goes to psql through its environment, never its command line (which
     # every user of the machine can read in `ps`).
-    params = conninfo_to_dict(database.pipeline_url(settings))
+    params = conninfo_to_dict(database.running_pipeline_url(settings))
     password = params.pop("password", None)
     env = dict(os.environ)
     if password is not None:
@@ -176,7 +194,17 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ops_connection(settings: Settings) -> SyncConn:
-    return connect_sync(database.pipeline_url(settings))
+    """The pipeline's database, running and migrated to this code's revision (otherwise an
+    error that says what to do, not a traceback about a missing view)."""
+    conn = connect_sync(database.running_pipeline_url(settings))
+    current, head = migrate.current_revision(conn), migrate.head_revision()
+    if current != head:
+        conn.close()
+        raise ConfigurationError(
+            f"the pipeline's database is at migration {current or '(none)'}, this code needs "
+            f"{head}: run `make migrate` (`make run-workers` migrates too)"
+        )
+    return conn
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -191,7 +219,11 @@ def cmd_trace(args: argparse.Namespace, settings: Settings) -> int:
     from workers.ops import commands as ops
 
     with _ops_connection(settings) as conn:
-        print(ops.trace(conn, args.id))
+        text = ops.trace(conn, args.id)
+    if text is None:
+        print(f"no payment, purchase, allocation or student has the id {args.id}", file=sys.stderr)
+        return 1
+    print(text, end="")
     return 0
 
 
@@ -224,7 +256,7 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
     from workers.console.serve import serve
 
     try:
-        return serve(database.pipeline_url(settings), settings, args.host, args.port)
+        return serve(database.running_pipeline_url(settings), settings, args.host, args.port)
     except ConfigurationError as exc:  # the address, the token, the role, the migrations
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -233,13 +265,18 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from workers.ops import commands as ops
 
-    problems = ops.doctor(database.pipeline_url(settings), settings)
+    try:
+        url = database.running_pipeline_url(settings)
+    except ConfigurationError as exc:
+        print(f"PROBLEM: {exc}\n    fix: make run-workers")
+        return 1
+    problems = ops.doctor(url, settings)
     for problem in problems:
         print(f"PROBLEM: {problem.what}\n    fix: {problem.fix}")
     if not problems:
         print(
             "all checks passed: database, migrations, pgqueuer schema, triggers, workers, "
-            "backlog, failures"
+            "backlog, failed jobs, rejected payments"
         )
     return 1 if problems else 0
 
@@ -309,8 +346,22 @@ def _add_server_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:
     )
     url.set_defaults(func=cmd_db_url)
 
+    start = sub.add_parser(
+        "db-start",
+        help="start the embedded PostgreSQL (initialise it the first time) without workers",
+    )
+    start.set_defaults(func=cmd_db_start)
+
     stop = sub.add_parser("db-stop", help="stop the embedded PostgreSQL")
     stop.set_defaults(func=cmd_db_stop)
+
+    remove = sub.add_parser(
+        "db-remove",
+        help="stop the embedded PostgreSQL and delete its data (the pipeline's database)",
+        description="Deletes the embedded cluster of this clone (data, socket, log; as root its "
+        "folder under /var/lib/kcpg) and KC_EMBEDDED_DIR. Nothing else is touched.",
+    )
+    remove.set_defaults(func=cmd_db_remove)
 
 
 def _add_assign(sub: Subcommands[argparse.ArgumentParser]) -> None:
@@ -379,13 +430,18 @@ def _add_operator_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:
 
     trace = sub.add_parser(
         "trace",
-        help="where is this purchase, and why? (any payment, "
-        "purchase, allocation, student or course id)",
+        help="where is this purchase, and why? its story (any payment, purchase, "
+        "allocation or student id)",
+        description="Every purchase (or payment that made none) the id belongs to, the newest "
+        "first: where it is and why, its payments, its allocations and what became of their "
+        "sessions, the requests, and every event in order. Exit 1 when nothing has the id.",
     )
     trace.add_argument("id", type=UUID)
     trace.set_defaults(func=cmd_trace)
 
-    fails = sub.add_parser("failures", help="jobs held as failed, with their errors")
+    fails = sub.add_parser(
+        "failures", help="jobs held as failed and payments rejected, with their errors"
+    )
     fails.set_defaults(func=cmd_failures)
 
     replay = sub.add_parser(

@@ -15,6 +15,7 @@ from workers.database import migrate
 from workers.database.connections import SyncConn, connect_sync
 from workers.database.sql import SQL_DIR, q
 from workers.errors import ConfigurationError
+from workers.ops import story
 from workers.settings import Settings
 
 
@@ -52,21 +53,33 @@ def status(conn: SyncConn, settings: Settings) -> str:
     return "\n\n".join(parts)
 
 
-def trace(conn: SyncConn, ref: UUID) -> str:
-    rows = conn.execute(q("trace_rows"), {"id": ref}).fetchall()
-    if not rows:
-        return f"no payment, purchase, allocation, student or course {ref}"
-    out = []
-    for row in rows:
-        out.append("\n".join(f"{k:>26}  {_cell(v)}" for k, v in row.items()))
-        refs = [r for r in (row["payment_id"], row["purchase_id"], row["allocation_id"]) if r]
-        history = conn.execute(q("trace_history"), {"refs": refs}).fetchall()
-        out.append(table(history, ["at", "stage", "event", "job_id", "detail"]))
-    return "\n\n".join(out)
+def trace(conn: SyncConn, ref: UUID) -> str | None:
+    """The story of every purchase (or lone payment) `ref` belongs to; None for an unknown id."""
+    stories = story.load_sync(lambda name, params: conn.execute(q(name), params).fetchall(), ref)
+    return story.as_text(stories) if stories else None
 
 
 def failures(conn: SyncConn) -> str:
-    return table(conn.execute(q("failures")).fetchall())
+    """Everything that stopped and waits for a person: jobs held as failed after their last
+    attempt, and payments rejected for their metadata (fix the row, then replay)."""
+    failed = conn.execute(q("failures")).fetchall()
+    rejected = conn.execute(q("rejected_payments_list")).fetchall()
+    jobs = table(failed) if failed else "(none)"
+    payments = "\n".join(
+        f"{r['payment_id']}  rejected {r['rejected_at']:%Y-%m-%d %H:%M:%S %Z} ({r['reason']}, "
+        f"{r['rejections']} time(s)): {story.rejection_text(r['errors'])}"
+        for r in rejected
+    )
+    return (
+        f"Failed jobs: {len(failed)}\n{jobs}\n\n"
+        f"Rejected payments: {len(rejected)}\n{payments or '(none)'}"
+        + (
+            "\n\nFix a rejected payment's metadata (UPDATE payments ...), then "
+            "make replay STAGE=purchase ID=<payment id>"
+            if rejected
+            else ""
+        )
+    )
 
 
 def replay(conn: SyncConn, stage: str, ref: UUID | None) -> str:
@@ -113,6 +126,7 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
             *_workers(conn),
             *_backlog(conn, settings),
             *_held_jobs(conn),
+            *_rejected_payments(conn),
         ]
 
 
@@ -189,6 +203,19 @@ def _held_jobs(conn: SyncConn) -> list[Problem]:
             f"{len(failed)} job(s) failed after their last attempt",
             "make failures; fix the cause, then make replay STAGE=<stage> ID=<id> "
             "(or STAGE=<stage> alone for all of a stage)",
+        )
+    ]
+
+
+def _rejected_payments(conn: SyncConn) -> list[Problem]:
+    rejected = conn.execute(q("rejected_payments_list")).fetchall()
+    if not rejected:
+        return []
+    return [
+        Problem(
+            f"{len(rejected)} payment(s) rejected for their metadata, waiting for a fix",
+            "make failures; fix the payment's metadata, then "
+            "make replay STAGE=purchase ID=<payment id>",
         )
     ]
 

@@ -316,7 +316,7 @@ async def extend_if_short(
         await conn.execute(q("enqueue_sessions"), {"allocation_id": live_id})
         return Outcome(
             "succeeded",
-            f"{len(extra)} more sessions for allocation {live_id}, "
+            f"{len(extra)} more session{'' if len(extra) == 1 else 's'} for allocation {live_id}, "
             f"same trainer {purchase['live_trainer_id']}",
         )
     remainder = await remaining_plan(conn, purchase, replacing=live_id, holidays=holidays)

@@ -203,9 +203,9 @@ async def carry_out_reschedule(
         keep=old_trainer,
     )
     if moved is None:
-        text = f"{label}: nothing to re-plan, every session has started"
-        await _close(conn, ids, text, purchase["live_allocation_id"])
-        return Outcome("skipped", text)
+        done = "nothing to re-plan, every session has started"
+        await _close(conn, ids, done, purchase["live_allocation_id"])
+        return Outcome("skipped", f"{label}: {done}")
     note = {
         "reschedule": {
             "requests": ids,
@@ -221,14 +221,15 @@ async def carry_out_reschedule(
             if live["trainer_id"] == old_trainer
             else f"trainer {live['trainer_id']} (trainer {old_trainer} cannot teach it)"
         )
-        text = (
-            f"{label}: sessions {_numbers(moved.sessions)} {schedule}, first on "
+        done = (
+            f"sessions {_numbers(moved.sessions)} {schedule}, first on "
             f"{moved.sessions[0].local_date}, with {whom}"
         )
     else:
-        text = f"{label}: pending ({live['reason']}): {live['reason_detail']}"
-    await _close(conn, ids, text, live["id"])
-    return Outcome("succeeded", text)
+        done = f"pending ({live['reason']}): {live['reason_detail']}"
+    # The request's own outcome does not repeat its id; the history line names the requests.
+    await _close(conn, ids, done, live["id"])
+    return Outcome("succeeded", f"{label}: {done}")
 
 
 async def annotate(

@@ -69,10 +69,24 @@ async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Res
     for allocation, sessions in plans:
         results[allocation["id"]] = Outcome(
             "succeeded",
-            f"{written[allocation['id']]} sessions written "
-            f"({sessions[0].number}..{sessions[-1].number} of {allocation['purchase_tier']})",
+            written_text(
+                written[allocation["id"]],
+                sessions[0].number,
+                sessions[-1].number,
+                allocation["purchase_tier"],
+            ),
         )
     return results
+
+
+def written_text(written: int, first: int, last: int, tier: int) -> str:
+    """`10 sessions written: numbers 1..10 of 10`; a make-up's number is above the course's
+    count, so it says why instead of `21..21 of 20`."""
+    numbers = f"number {first}" if first == last else f"numbers {first}..{last}"
+    text = f"{written} session{'' if written == 1 else 's'} written: {numbers}"
+    if last > tier:
+        return f"{text}, making up for cancelled sessions (the course has {tier})"
+    return f"{text} of {tier}"
 
 
 def _earliest(allocation: DictRow) -> date:
