@@ -22,7 +22,7 @@ DISTRICT_SQL = Path(__file__).with_name("district.sql")
 
 # A district's size: one trainer for this many of its payments (capacity by rating is 5 to 8,
 # but a trainer's slots, modes and the neighbour rule leave fewer places; measured: see
-# README, "Benchmark"), never fewer than MIN_TRAINERS (every course has teachers), at the
+# docs/benchmark.md), never fewer than MIN_TRAINERS (every course has teachers), at the
 # fixed world's density (1,000 trainers in ~900 km2).
 PAYMENTS_PER_TRAINER = 4
 MIN_TRAINERS = 50

@@ -55,7 +55,7 @@ def make_pool(
     )
 
 
-# The role the console acts as, whichever login DATABASE_URL names (README, "Roles").
+# The role the console acts as, whichever login DATABASE_URL names (docs/security.md, "Roles").
 OPERATOR_ROLE = "kc_operator"
 
 
