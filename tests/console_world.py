@@ -106,7 +106,7 @@ def console(
         pool_timeout=pool_timeout,
         throttle=throttle,
     )
-    with TestClient(app, base_url=base_url) as client:
+    with TestClient(app, base_url=base_url, client=("127.0.0.1", 50000)) as client:
         yield client
 
 

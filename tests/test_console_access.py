@@ -181,6 +181,21 @@ def test_beyond_loopback_no_page_answers_before_sign_in(
     assert replayed(conn) == before
 
 
+def test_on_loopback_a_client_elsewhere_still_signs_in_first(world: World, db_url: str) -> None:
+    """A loopback console published through a reverse proxy: the proxy forwards the client's
+    address (uvicorn takes X-Forwarded-For from loopback), and that client is not reading
+    from this machine."""
+    for address, reads in (("203.0.113.7", False), ("::1", True), ("127.0.0.1", True)):
+        app = create_app(db_url, read_needs_sign_in=False, allowed_hosts=["*"])
+        with TestClient(app, base_url="http://127.0.0.1", client=(address, 443)) as client:
+            answer = client.get(f"/trace/{world.waiting}", follow_redirects=False)
+            assert (answer.status_code == 200, "Meera" in answer.text) == (reads, reads)
+            if not reads:
+                assert answer.status_code == 303
+                sign_in(client, world.token())
+                assert "Meera Iyer" in page_text(client.get(f"/trace/{world.waiting}").text)
+
+
 def test_a_console_on_all_addresses_answers_no_page_without_sign_in(
     world: World, db_url: str, tmp_path: Path
 ) -> None:

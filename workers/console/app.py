@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -206,11 +207,22 @@ async def not_found(request: Request, exc: Exception) -> Response:
 # -- the gate ---------------------------------------------------------------------------------
 
 
+def from_loopback(request: Request) -> bool:
+    """The client is on this machine. Behind a reverse proxy on this machine the client is
+    the address the proxy forwards (uvicorn trusts X-Forwarded-For from loopback), so a
+    console published through a proxy is not read as if from here."""
+    try:
+        return request.client is not None and ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
 class Gate:
     """Every request but the style sheet's: who is asking (the cookie's session, looked up in
-    the database; a first visit gets a cookie), and beyond loopback nothing but the sign-in
-    page for someone not signed in. A POST to /signin is not looked up: it makes a new
-    session, and its throttle comes before any work."""
+    the database; a first visit gets a cookie), and nothing but the sign-in page for someone
+    not signed in, unless the console listens on loopback and the client is on this machine.
+    A POST to /signin is not looked up: it makes a new session, and its throttle comes before
+    any work."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -250,7 +262,9 @@ class Gate:
             found = await access.session_of(console.pool, visit.cookie)
             if found is not None:
                 visit.operator, visit.expires_at = found["operator"], found["expires_at"]
-        if visit.operator is not None or not console.access.read_needs_sign_in:
+        if visit.operator is not None:
+            return None
+        if not console.access.read_needs_sign_in and from_loopback(request):
             return None
         if path == "/signin":
             return None
