@@ -461,7 +461,7 @@ def test_a_console_on_ipv6_loopback_refuses_another_host(db_url: str, tmp_path: 
 
 # -- 12. request bodies are bounded before anything reads them ---------------------------------
 
-FIELD = 1024 * 1024  # 1,000 fields of 1 MB: the body the reproduction sent
+FIELD = 1_000_000  # 1,000 fields of 1 MB: the body the reproduction sent
 FIELDS = 1000
 
 
