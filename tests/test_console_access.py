@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -568,7 +569,7 @@ def test_operator_commands_add_list_revoke_and_say_what_is_wrong(
     assert again.returncode == 1 and "was already revoked" in again.stderr
     assert re.search(r"^Priya\s+revoked ", operator_command(db_url, "list").stdout, re.MULTILINE)
     # Only the owner manages operators: a login in kc_operator is told so.
-    login = f"kc_test_operator_{os.getpid()}"
+    login = f"kc_test_operator_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {login} LOGIN IN ROLE kc_operator")
     try:
