@@ -600,7 +600,7 @@ def test_a_database_behind_on_migrations_is_refused(conn: Conn, db_url: str) -> 
         serve.check_database(db_url)
 
 
-def test_console_help_names_host_port_and_token() -> None:
+def test_console_help_names_host_port_and_operators() -> None:
     helped = subprocess.run(
         [sys.executable, "-m", "workers", "console", "--help"],
         capture_output=True,
