@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 PSQL_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help install venv-check run-workers test lint format migrate psql db-start db-stop db-remove schema clean \
-	status trace failures replay reschedule doctor console screenshots bench embedded-smoke
+.PHONY: help install venv-check run-workers test lint format migrate psql db-start db-stop db-remove \
+	schema clean status trace failures replay reschedule doctor console operator-add operators \
+	operator-revoke screenshots bench embedded-smoke
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
@@ -75,7 +76,7 @@ db-remove: $(STAMP) ## stop the embedded PostgreSQL and delete its data: a clean
 status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
 	@$(PY) -m workers status
 
-# ID, STAGE, SLOT, DATE and MODE reach the commands through the environment ("$$ID"), never
+# ID, STAGE, SLOT, DATE, MODE and NAME reach the commands through the environment ("$$ID"), never
 # pasted into the recipe's shell text: a value cannot run a command. The CLI validates them.
 trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocation|student id>
 	@test -n "$$ID" || { echo "usage: make trace ID=<uuid>"; exit 2; }
@@ -100,8 +101,19 @@ reschedule: $(STAMP) ## move what is ahead: make reschedule ID=<purchase> [SLOT=
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
 
-console: $(STAMP) ## the operations console in a browser: http://127.0.0.1:8080 (CONSOLE_HOST, CONSOLE_PORT; actions need KC_CONSOLE_TOKEN)
+console: $(STAMP) ## the operations console in a browser: http://127.0.0.1:8080 (CONSOLE_HOST, CONSOLE_PORT; actions need an operator: make operator-add)
 	$(PY) -m workers console $${CONSOLE_HOST:+--host "$$CONSOLE_HOST"} $${CONSOLE_PORT:+--port "$$CONSOLE_PORT"}
+
+operator-add: $(STAMP) ## a console operator: make operator-add NAME=<name> (prints their token, once)
+	@test -n "$$NAME" || { echo "usage: make operator-add NAME=<the person's name>"; exit 2; }
+	@$(PY) -m workers operator add "$$NAME"
+
+operators: $(STAMP) ## the console's operators: live or revoked, sessions, last sign-in
+	@$(PY) -m workers operator list
+
+operator-revoke: $(STAMP) ## revoke a console operator: make operator-revoke NAME=<name> (their sessions end now)
+	@test -n "$$NAME" || { echo "usage: make operator-revoke NAME=<name>"; exit 2; }
+	@$(PY) -m workers operator revoke "$$NAME"
 
 screenshots: $(STAMP) ## docs/console-overview.png and docs/console-trace.png, taken by the console's browser test (headless chromium)
 	KC_SCREENSHOT_DIR=docs $(MAKE) --no-print-directory test PYTEST_ARGS="-q -p no:cacheprovider tests/test_console_browser.py"

@@ -24,6 +24,24 @@ TABLE allocation_requests (
     decided_at timestamp with time zone,
     allocation_id uuid
 );
+TABLE console_operators (
+    id bigint NOT NULL IDENTITY,
+    name text NOT NULL,
+    token_hash bytea NOT NULL,
+    token_issued_at timestamp with time zone NOT NULL DEFAULT now(),
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    created_by text NOT NULL DEFAULT SESSION_USER,
+    revoked_at timestamp with time zone,
+    revoked_by text
+);
+TABLE console_sessions (
+    id_hash bytea NOT NULL,
+    operator_id bigint NOT NULL,
+    signed_in_at timestamp with time zone NOT NULL DEFAULT now(),
+    expires_at timestamp with time zone NOT NULL,
+    ended_at timestamp with time zone,
+    client text
+);
 TABLE courses (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     title text NOT NULL,
@@ -43,6 +61,11 @@ TABLE job_starts (
     first_started_at timestamp with time zone NOT NULL DEFAULT now(),
     last_started_at timestamp with time zone NOT NULL DEFAULT now(),
     last_worker uuid
+);
+TABLE kc_acting (
+    pid integer NOT NULL,
+    actor text NOT NULL,
+    previous_setting text
 );
 TABLE payment_rejections (
     payment_id uuid NOT NULL,
@@ -148,7 +171,7 @@ TABLE stage_history (
     detail text,
     error jsonb,
     at timestamp with time zone NOT NULL DEFAULT clock_timestamp(),
-    actor text DEFAULT NULLIF(current_setting('kc.actor'::text, true), ''::text)
+    actor text
 );
 TABLE student_course_purchases (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -243,6 +266,14 @@ CONSTRAINT allocation_requests.allocation_requests_pkey PRIMARY KEY (id);
 CONSTRAINT allocation_requests.allocation_requests_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
 CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text, 'superseded'::text])));
 CONSTRAINT allocation_requests.allocation_requests_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CONSTRAINT console_operators.console_operators_name_check CHECK (((name = btrim(name)) AND ((length(name) >= 1) AND (length(name) <= 60)) AND (name !~ '[[:cntrl:]]'::text)));
+CONSTRAINT console_operators.console_operators_pkey PRIMARY KEY (id);
+CONSTRAINT console_operators.console_operators_token_hash_check CHECK ((length(token_hash) = 32));
+CONSTRAINT console_operators.console_operators_token_hash_key UNIQUE (token_hash);
+CONSTRAINT console_sessions.console_sessions_client_check CHECK ((length(client) <= 100));
+CONSTRAINT console_sessions.console_sessions_id_hash_check CHECK ((length(id_hash) = 32));
+CONSTRAINT console_sessions.console_sessions_operator_id_fkey FOREIGN KEY (operator_id) REFERENCES console_operators(id);
+CONSTRAINT console_sessions.console_sessions_pkey PRIMARY KEY (id_hash);
 CONSTRAINT courses.courses_category_check CHECK ((btrim(category) <> ''::text));
 CONSTRAINT courses.courses_pkey PRIMARY KEY (id);
 CONSTRAINT courses.courses_subcategory_check CHECK ((btrim(subcategory) <> ''::text));
@@ -250,6 +281,7 @@ CONSTRAINT courses.courses_title_check CHECK ((btrim(title) <> ''::text));
 CONSTRAINT holidays.holidays_pkey PRIMARY KEY (day);
 CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
 CONSTRAINT job_starts.job_starts_pkey PRIMARY KEY (job_id);
+CONSTRAINT kc_acting.kc_acting_pkey PRIMARY KEY (pid);
 CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
 CONSTRAINT payment_rejections.payment_rejections_pkey PRIMARY KEY (payment_id);
 CONSTRAINT payments.payments_amount_cents_check CHECK ((amount_cents >= 0));
@@ -333,9 +365,15 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trai
 CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
 CREATE UNIQUE INDEX allocation_requests_one_open_idx ON public.allocation_requests USING btree (purchase_id) WHERE (status = 'open'::text);
 CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
+CREATE UNIQUE INDEX console_operators_name_key ON public.console_operators USING btree (lower(name));
+CREATE UNIQUE INDEX console_operators_pkey ON public.console_operators USING btree (id);
+CREATE UNIQUE INDEX console_operators_token_hash_key ON public.console_operators USING btree (token_hash);
+CREATE INDEX console_sessions_operator_idx ON public.console_sessions USING btree (operator_id) WHERE (ended_at IS NULL);
+CREATE UNIQUE INDEX console_sessions_pkey ON public.console_sessions USING btree (id_hash);
 CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
 CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
 CREATE UNIQUE INDEX job_starts_pkey ON public.job_starts USING btree (job_id);
+CREATE UNIQUE INDEX kc_acting_pkey ON public.kc_acting USING btree (pid);
 CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
 CREATE UNIQUE INDEX payments_pkey ON public.payments USING btree (id);
 CREATE INDEX payments_student_course_idx ON public.payments USING btree (student_id, course_id);
@@ -737,24 +775,23 @@ BEGIN
     RETURN kc_apply_refund_unchecked(p_payment);
 END
 $function$
-CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text, p_actor text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_previous text := kc_act_as(p_actor);
-    v_request  bigint := kc_assign_trainer(p_purchase, p_trainer, p_override, p_note);
+    v_actor   text   := kc_begin_acting(kc_operator_actor(p_session));
+    v_request bigint := kc_assign_trainer(p_purchase, p_trainer, p_override, p_note);
 BEGIN
-    UPDATE allocation_requests SET requested_by = current_setting('kc.actor')
-    WHERE id = v_request;
+    UPDATE allocation_requests SET requested_by = v_actor WHERE id = v_request;
     INSERT INTO stage_history (stage, ref_id, event, detail)
     SELECT 'allocation', p_purchase, 'assign_requested',
            format('request %s: trainer %s (%s)%s', v_request, t.id, t.full_name,
                   CASE WHEN p_override THEN ', override: ' || p_note ELSE '' END)
     FROM trainers t WHERE t.id = p_trainer;
-    PERFORM set_config('kc.actor', v_previous, true);
+    PERFORM kc_end_acting();
     RETURN v_request;
 END
 $function$
@@ -825,6 +862,128 @@ BEGIN
     GET DIAGNOSTICS courses_completed = ROW_COUNT;
     RETURN NEXT;
 END
+$function$
+CREATE OR REPLACE FUNCTION public.console_operator_add(p_name text, p_token text)
+ RETURNS TABLE(operator text, reinstated boolean)
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_name     text := btrim(p_name);
+    v_existing console_operators;
+BEGIN
+    IF v_name IS NULL OR v_name = '' OR length(v_name) > 60 OR v_name ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'an operator''s name is 1 to 60 printable characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_token IS NULL OR p_token !~ '^[A-Za-z0-9_-]{43,200}$' THEN
+        RAISE EXCEPTION 'an operator''s token is 43 to 200 URL-safe characters (256 random bits '
+                        'or more, as secrets.token_urlsafe(32) makes)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO v_existing FROM console_operators o WHERE lower(o.name) = lower(v_name)
+    FOR UPDATE;
+    IF FOUND AND v_existing.revoked_at IS NULL THEN
+        RAISE EXCEPTION 'operator % already has a token', v_existing.name
+            USING ERRCODE = 'unique_violation',
+                  HINT = format('to give %s a new one: revoke it first, then add %s again',
+                                v_existing.name, v_existing.name);
+    END IF;
+    IF FOUND THEN
+        UPDATE console_operators
+        SET token_hash = sha256(convert_to(p_token, 'UTF8')), token_issued_at = now(),
+            revoked_at = NULL, revoked_by = NULL
+        WHERE id = v_existing.id;
+        RETURN QUERY SELECT v_existing.name, true;
+        RETURN;
+    END IF;
+    INSERT INTO console_operators (name, token_hash)
+    VALUES (v_name, sha256(convert_to(p_token, 'UTF8')));
+    RETURN QUERY SELECT v_name, false;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.console_operator_count()
+ RETURNS integer
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$ SELECT count(*)::integer FROM console_operators WHERE revoked_at IS NULL $function$
+CREATE OR REPLACE FUNCTION public.console_operator_revoke(p_name text)
+ RETURNS integer
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_operator console_operators;
+    v_ended    integer;
+BEGIN
+    SELECT * INTO v_operator FROM console_operators o WHERE lower(o.name) = lower(btrim(p_name))
+    FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no console operator is named %', p_name
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_operator.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'operator % was already revoked at %', v_operator.name,
+            v_operator.revoked_at
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE console_operators SET revoked_at = now(), revoked_by = session_user
+    WHERE id = v_operator.id;
+    UPDATE console_sessions SET ended_at = now()
+    WHERE operator_id = v_operator.id AND ended_at IS NULL;
+    GET DIAGNOSTICS v_ended = ROW_COUNT;
+    RETURN v_ended;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.console_session(p_session text)
+ RETURNS TABLE(operator text, expires_at timestamp with time zone)
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$ SELECT * FROM kc_console_operator(p_session) $function$
+CREATE OR REPLACE FUNCTION public.console_sign_in(p_token text, p_session text, p_client text DEFAULT NULL::text)
+ RETURNS TABLE(operator text, expires_at timestamp with time zone)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_operator console_operators;
+    v_expires  timestamptz := now() + interval '12 hours';
+BEGIN
+    IF p_session IS NULL OR p_session !~ '^[A-Za-z0-9_-]{43,200}$' THEN
+        RAISE EXCEPTION 'a console session id is 43 to 200 URL-safe characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_token IS NULL OR length(p_token) > 200 THEN
+        RETURN;
+    END IF;
+    SELECT * INTO v_operator FROM console_operators o
+    WHERE o.token_hash = sha256(convert_to(p_token, 'UTF8')) AND o.revoked_at IS NULL;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- Sessions are kept a month after they end, for the record.
+    DELETE FROM console_sessions s
+    WHERE coalesce(s.ended_at, s.expires_at) < now() - interval '30 days';
+    INSERT INTO console_sessions (id_hash, operator_id, expires_at, client)
+    VALUES (sha256(convert_to(p_session, 'UTF8')), v_operator.id, v_expires,
+            left(p_client, 100));
+    RETURN QUERY SELECT v_operator.name, v_expires;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.console_sign_out(p_session text)
+ RETURNS boolean
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+    WITH ended AS (
+        UPDATE console_sessions SET ended_at = now()
+        WHERE id_hash = sha256(convert_to(p_session, 'UTF8')) AND length(p_session) <= 200
+          AND ended_at IS NULL
+        RETURNING 1
+    )
+    SELECT count(*) > 0 FROM ended
 $function$
 CREATE OR REPLACE FUNCTION public.end_allocation(p_allocation uuid, p_reason text, p_detail text)
  RETURNS integer
@@ -1005,22 +1164,6 @@ AS $function$
     FROM todo t
     CROSS JOIN LATERAL (SELECT enqueue_stage(t.stage, t.ref_id, 'healed')) AS enqueued
 $function$
-CREATE OR REPLACE FUNCTION public.kc_act_as(p_actor text)
- RETURNS text
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-    v_previous text := coalesce(current_setting('kc.actor', true), '');
-BEGIN
-    IF p_actor IS NOT NULL
-       AND (btrim(p_actor) = '' OR length(p_actor) > 100 OR p_actor ~ '[[:cntrl:]]') THEN
-        RAISE EXCEPTION 'an actor is 1 to 100 printable characters (or NULL: the database login)'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM set_config('kc.actor', coalesce(btrim(p_actor), session_user), true);
-    RETURN v_previous;
-END
-$function$
 CREATE OR REPLACE FUNCTION public.kc_apply_refund_unchecked(p_payment uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -1113,6 +1256,15 @@ BEGIN
     RETURN v_request;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_begin_acting(p_actor text)
+ RETURNS text
+ LANGUAGE sql
+AS $function$
+    INSERT INTO kc_acting (pid, actor, previous_setting)
+    VALUES (pg_backend_pid(), p_actor, current_setting('kc.acting', true));
+    SELECT set_config('kc.acting', 'on', true);
+    SELECT p_actor;
+$function$
 CREATE OR REPLACE FUNCTION public.kc_check_trainers(p_trainers uuid[])
  RETURNS integer
  LANGUAGE sql
@@ -1121,6 +1273,25 @@ AS $function$
                                        'trainer ' || u.trainer_id || ': ' || u.detail))::integer
     FROM unfit_allocations u
     WHERE u.trainer_id = ANY (p_trainers)
+$function$
+CREATE OR REPLACE FUNCTION public.kc_console_operator(p_session text)
+ RETURNS TABLE(operator text, expires_at timestamp with time zone)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT o.name, s.expires_at
+    FROM console_sessions s
+    JOIN console_operators o ON o.id = s.operator_id
+    WHERE s.id_hash = sha256(convert_to(p_session, 'UTF8'))
+      AND length(p_session) <= 200
+      AND s.ended_at IS NULL AND s.expires_at > now() AND o.revoked_at IS NULL
+$function$
+CREATE OR REPLACE FUNCTION public.kc_end_acting()
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    WITH ended AS (DELETE FROM kc_acting WHERE pid = pg_backend_pid() RETURNING previous_setting)
+    SELECT set_config('kc.acting', coalesce((SELECT previous_setting FROM ended), ''), true);
 $function$
 CREATE OR REPLACE FUNCTION public.kc_enqueue_allocation(p_purchase uuid, p_event text, p_detail text)
  RETURNS bigint
@@ -1171,6 +1342,26 @@ CREATE OR REPLACE FUNCTION public.kc_mode_weekdays(p_mode text)
 AS $function$ SELECT CASE p_mode WHEN 'daily' THEN '{1,2,3,4,5,6,7}'::smallint[]
                          WHEN 'weekdays' THEN '{1,2,3,4,5}'::smallint[]
                          WHEN 'sunday_only' THEN '{7}'::smallint[] END $function$
+CREATE OR REPLACE FUNCTION public.kc_operator_actor(p_session text)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+DECLARE
+    v_name text;
+BEGIN
+    IF p_session IS NULL THEN
+        RETURN session_user;
+    END IF;
+    SELECT c.operator INTO v_name FROM kc_console_operator(p_session) c;
+    IF v_name IS NULL THEN
+        RAISE EXCEPTION 'this console session is not signed in: it was signed out, it expired '
+                        '(12 hours after sign-in), or its operator was revoked'
+            USING ERRCODE = 'insufficient_privilege', HINT = 'sign in again';
+    END IF;
+    RETURN 'console:' || v_name;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_parse_clock(p_text text)
  RETURNS time without time zone
  LANGUAGE plpgsql
@@ -1400,48 +1591,48 @@ AS $function$
     SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = p_worker
     RETURNING starts
 $function$
-CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text, p_actor text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text, p_session text DEFAULT NULL::text)
  RETURNS integer
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_previous text := kc_act_as(p_actor);
+    v_actor    text := kc_begin_acting(kc_operator_actor(p_session));
     v_replayed integer;
 BEGIN
     SELECT count(kc_replay_stage(stage, ref_id))::integer INTO v_replayed
     FROM (SELECT stage, ref_id FROM stage_jobs WHERE stage = p_stage AND status = 'failed') f;
-    PERFORM set_config('kc.actor', v_previous, true);
+    PERFORM kc_end_acting();
     RETURN v_replayed;
 END
 $function$
-CREATE OR REPLACE FUNCTION public.replay_stage(p_stage text, p_ref uuid, p_actor text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION public.replay_stage(p_stage text, p_ref uuid, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_previous text := kc_act_as(p_actor);
-    v_job      bigint := kc_replay_stage(p_stage, p_ref);
+    v_actor text   := kc_begin_acting(kc_operator_actor(p_session));
+    v_job   bigint := kc_replay_stage(p_stage, p_ref);
 BEGIN
-    PERFORM set_config('kc.actor', v_previous, true);
+    PERFORM kc_end_acting();
     RETURN v_job;
 END
 $function$
-CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text, p_actor text DEFAULT NULL::text)
+CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_previous text := kc_act_as(p_actor);
-    v_request  bigint := kc_reschedule(p_purchase, p_time_slot, p_start_date, p_schedule_mode);
+    v_actor   text   := kc_begin_acting(kc_operator_actor(p_session));
+    v_request bigint := kc_reschedule(p_purchase, p_time_slot, p_start_date, p_schedule_mode);
 BEGIN
-    UPDATE schedule_changes SET requested_by = current_setting('kc.actor') WHERE id = v_request;
-    PERFORM set_config('kc.actor', v_previous, true);
+    UPDATE schedule_changes SET requested_by = v_actor WHERE id = v_request;
+    PERFORM kc_end_acting();
     RETURN v_request;
 END
 $function$
@@ -1705,6 +1896,22 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_requested_by_guard()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM kc_acting a
+                   WHERE a.pid = pg_backend_pid() AND a.actor = NEW.requested_by) THEN
+        RAISE EXCEPTION '%.requested_by is decided by the database: the operator function '
+                        'that records a request names who asked', TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    RETURN NEW;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_sessions_check_delivery()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1808,6 +2015,17 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_stage_history_actor()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    NEW.actor := (SELECT a.actor FROM kc_acting a WHERE a.pid = pg_backend_pid());
+    RETURN NEW;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_trainers_check_live_allocations()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1842,11 +2060,14 @@ END
 $function$
 
 -- TRIGGERS
+CREATE TRIGGER allocation_requests_requested_by BEFORE UPDATE OF requested_by ON public.allocation_requests FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
 CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
 CREATE TRIGGER payments_refunded AFTER UPDATE OF status ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_refunded();
 CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_touch();
 CREATE TRIGGER pgqueuer_followups AFTER DELETE ON public.pgqueuer REFERENCING OLD TABLE AS finished FOR EACH STATEMENT EXECUTE FUNCTION trg_pgqueuer_followups();
 CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
+CREATE TRIGGER schedule_changes_requested_by BEFORE UPDATE OF requested_by ON public.schedule_changes FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
+CREATE TRIGGER stage_history_actor BEFORE INSERT ON public.stage_history FOR EACH ROW WHEN (((new.actor IS NOT NULL) OR (current_setting('kc.acting'::text, true) = 'on'::text))) EXECUTE FUNCTION trg_stage_history_actor();
 CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
 CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
 CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();

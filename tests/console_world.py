@@ -1,13 +1,15 @@
 """What the console's tests look at: one purchase on track, one waiting for a trainer, one
-payment whose purchase stage failed, one rejected payment; and a test client signed in."""
+payment whose purchase stage failed, one rejected payment; operators with their tokens; and
+a test client signed in."""
 
 from __future__ import annotations
 
 import html
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from uuid import UUID
 
 import psycopg
@@ -16,10 +18,11 @@ from starlette.testclient import TestClient
 
 from tests import factories as f
 from tests.helpers import drain, one
+from workers.console.access import Throttle
 from workers.console.app import create_app
 
 Conn = psycopg.Connection[DictRow]
-TOKEN = "console-test-token-0123456789"
+OPERATORS = ("Priya", "Arun", "Mallory")
 EVERY_DAY_A_HOLIDAY = (
     "INSERT INTO holidays SELECT d::date, 'closed' FROM generate_series("
     "current_date, current_date + 4 * 366, interval '1 day') d"
@@ -35,9 +38,20 @@ class World:
     waiting_purchase: UUID
     failed: UUID  # the payment of Dev Patel: every day was a holiday (ScheduleError)
     rejected: UUID  # the payment of Kiran Das: sessionCount 7
+    tokens: dict[str, str] = field(default_factory=dict)  # operator -> token
+
+    def token(self, name: str = "Priya") -> str:
+        return self.tokens[name]
 
 
-def build_world(conn: Conn, db_url: str) -> World:
+def add_operator(conn: Conn, name: str) -> str:
+    """An operator as `python -m workers operator add` makes one; their token."""
+    token = secrets.token_urlsafe(32)
+    conn.execute("SELECT * FROM console_operator_add(%s, %s)", (name, token))
+    return token
+
+
+def build_world(conn: Conn, db_url: str, operators: tuple[str, ...] = OPERATORS) -> World:
     course = f.course(conn)
     trainer = f.trainer(conn, name="Ravi Kumar")  # 08:00-20:00 every day
     weekdays = {"sessionCount": 10, "scheduleMode": "weekdays"}
@@ -56,7 +70,8 @@ def build_world(conn: Conn, db_url: str) -> World:
     drain(db_url)
     conn.execute("DELETE FROM holidays")
     purchase = one(conn, "SELECT id FROM student_course_purchases WHERE payment_id = %s", waiting)
-    return World(course, trainer, on_track, waiting, purchase["id"], failed, rejected)
+    tokens = {name: add_operator(conn, name) for name in operators}
+    return World(course, trainer, on_track, waiting, purchase["id"], failed, rejected, tokens)
 
 
 def page_text(response_text: str) -> str:
@@ -73,25 +88,33 @@ def csrf_of(response_text: str) -> str:
 
 @contextmanager
 def console(
-    db_url: str, token: str | None = TOKEN, *, outcome_wait: float = 0.5, pool_timeout: float = 5
+    db_url: str,
+    *,
+    beyond_loopback: bool = False,
+    outcome_wait: float = 0.5,
+    pool_timeout: float = 5,
+    throttle: Throttle | None = None,
+    base_url: str = "http://127.0.0.1",
 ) -> Iterator[TestClient]:
-    """The console on the test database, as `make console` serves it on loopback."""
+    """The console on the test database, as `make console` serves it on loopback (or, with
+    `beyond_loopback`, on 0.0.0.0: every page needs sign-in, any Host is accepted)."""
     app = create_app(
         db_url,
-        token,
-        allowed_hosts=["127.0.0.1", "localhost"],
+        read_needs_sign_in=beyond_loopback,
+        allowed_hosts=["*"] if beyond_loopback else ["127.0.0.1", "localhost", "[::1]"],
         outcome_wait=outcome_wait,
         pool_timeout=pool_timeout,
+        throttle=throttle,
     )
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with TestClient(app, base_url=base_url, client=("127.0.0.1", 50000)) as client:
         yield client
 
 
-def sign_in(client: TestClient, name: str = "Priya") -> None:
+def sign_in(client: TestClient, token: str) -> None:
     form = client.get("/signin")
     answer = client.post(
         "/signin",
-        data={"csrf": csrf_of(form.text), "token": TOKEN, "name": name, "back": "/"},
+        data={"csrf": csrf_of(form.text), "token": token, "back": "/"},
         follow_redirects=False,
     )
     assert answer.status_code == 303, page_text(answer.text)

@@ -21,8 +21,8 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.console_world import (
-    TOKEN,
     World,
+    add_operator,
     build_world,
     console,
     csrf_of,
@@ -200,43 +200,41 @@ def test_pages_send_security_headers_and_refuse_other_hosts(db_url: str) -> None
 # -- refusals ---------------------------------------------------------------------------------
 
 
-def test_a_console_without_a_token_is_read_only(world: World, conn: Conn, db_url: str) -> None:
+def test_a_console_without_operators_is_read_only(conn: Conn, db_url: str) -> None:
+    """On loopback with no operator: every page reads, nobody may sign in or act."""
+    world = build_world(conn, db_url, operators=())
     before = counts(conn)
-    with console(db_url, token=None) as client:
-        assert "read-only" in page_text(client.get("/").text)
+    with console(db_url) as client:
+        assert "Meera Iyer" in page_text(client.get(f"/trace/{world.waiting}").text)
         signin = page_text(client.get("/signin").text)
-        assert "started without KC_CONSOLE_TOKEN" in signin
-        answer = client.post(
+        assert "No operator may sign in yet, so this console is read-only" in signin
+        assert "python -m workers operator add <name>" in signin
+        status, text = post(
+            client,
             "/actions/replay",
-            data={"stage": "purchase", "ref_id": str(world.failed), "csrf": "x"},
+            {"stage": "purchase", "ref_id": str(world.failed)},
+            page="/signin",
         )
-        tried = client.post("/signin", data={"token": TOKEN, "name": "Priya", "csrf": "x"})
-    assert answer.status_code == 403 and tried.status_code == 403
-    assert "This console is read-only" in page_text(answer.text)
+        tried = post(client, "/signin", {"token": "x" * 43}, page="/signin")
+    assert status == 403 and "Sign in with your operator token first" in text
+    assert tried[0] == 403 and "That is not the token of an operator" in tried[1]
     assert counts(conn) == before
 
 
-def test_actions_need_a_csrf_token_and_a_sign_in(world: World, conn: Conn, db_url: str) -> None:
+def test_actions_need_a_sign_in_and_a_csrf_token(world: World, conn: Conn, db_url: str) -> None:
     before = counts(conn)
     replay = {"stage": "purchase", "ref_id": str(world.failed)}
     with console(db_url) as client:
-        missing = client.post("/actions/replay", data=replay)
-        client.get("/signin")  # the session now has a CSRF token, the form below another
-        wrong = client.post("/actions/replay", data={**replay, "csrf": "forged"})
         status, text = post(client, "/actions/replay", replay, page="/signin")
-        bad_token = post(
-            client, "/signin", {"token": "not-the-token-at-all", "name": "Priya"}, page="/signin"
-        )
-        no_name = post(client, "/signin", {"token": TOKEN, "name": "  "}, page="/signin")
+        bad_token = post(client, "/signin", {"token": "not-the-token-at-all"}, page="/signin")
+        sign_in(client, world.token())
+        missing = client.post("/actions/replay", data=replay)
+        wrong = client.post("/actions/replay", data={**replay, "csrf": "forged"})
+    assert status == 403 and "Sign in with your operator token first" in text
+    assert bad_token[0] == 403 and "That is not the token of an operator" in bad_token[1]
     for refused in (missing, wrong):
         assert refused.status_code == 403
         assert "CSRF token is missing or is not this browser session's" in page_text(refused.text)
-    assert (status, "Sign in with the console's token and your name first." in text) == (
-        403,
-        True,
-    )
-    assert bad_token[0] == 403 and "That is not the console's token." in bad_token[1]
-    assert no_name[0] == 403 and "Give your name" in no_name[1]
     assert counts(conn) == before
 
 
@@ -244,8 +242,8 @@ def test_a_form_from_another_session_is_refused(world: World, conn: Conn, db_url
     """A CSRF token is this session's: one copied from another signed-in session fails."""
     before = counts(conn)
     with console(db_url) as mallory, console(db_url) as priya:
-        sign_in(mallory, "Mallory")
-        sign_in(priya, "Priya")
+        sign_in(mallory, world.token("Mallory"))
+        sign_in(priya, world.token("Priya"))
         foreign = csrf_of(mallory.get("/").text)
         answer = priya.post(
             "/actions/replay",
@@ -284,7 +282,7 @@ def test_bad_input_gets_a_clear_message_and_changes_nothing(
         (reschedule, {"purchase_id": purchase, "start_date": "2020-01-01"}, 400, "in the past"),
     ]
     with console(db_url) as client:
-        sign_in(client)
+        sign_in(client, world.token())
         for path, data, status, message in cases:
             got, text = post(client, path, data)
             assert (got, message in text) == (status, True), (path, data, text)
@@ -299,7 +297,7 @@ def test_replay_a_failed_job_and_retry_a_waiting_purchase(
     world: World, conn: Conn, db_url: str
 ) -> None:
     with console(db_url) as client:
-        sign_in(client, "Priya")
+        sign_in(client, world.token("Priya"))
         failures = client.get("/failures")
         assert "Replay" in page_text(failures.text)  # signed in: the buttons are there
         status, text = post(
@@ -338,7 +336,7 @@ def test_replay_a_failed_job_and_retry_a_waiting_purchase(
 
 def test_replay_every_failed_job_of_a_stage(world: World, conn: Conn, db_url: str) -> None:
     with console(db_url) as client:
-        sign_in(client, "Priya")
+        sign_in(client, world.token("Priya"))
         status, text = post(
             client, "/actions/replay-failed", {"stage": "purchase"}, page="/failures"
         )
@@ -367,7 +365,7 @@ def test_assign_a_trainer_by_the_same_rules_then_with_an_override(
     purchase = str(world.waiting_purchase)
     page = f"/trace/{purchase}"
     with console(db_url, outcome_wait=30) as client:
-        sign_in(client, "Priya")
+        sign_in(client, world.token("Priya"))
         trace = page_text(client.get(page).text)
         assert "Ravi Kumar · rating 4.70 · 1/8 students" in trace  # the choices offered
         status, refused = post(
@@ -418,7 +416,7 @@ def test_reschedule_through_the_console(
     )["id"]
     page = f"/trace/{world.on_track}"
     with console(db_url, outcome_wait=30) as client:
-        sign_in(client, "Arun")
+        sign_in(client, world.token("Arun"))
         status, text = post(
             client,
             "/actions/reschedule",
@@ -444,7 +442,7 @@ def test_reschedule_through_the_console(
 def test_an_outcome_not_decided_yet_is_said_so(world: World, conn: Conn, db_url: str) -> None:
     """No worker runs: the request is recorded, and the page says it is not decided yet."""
     with console(db_url, outcome_wait=0.3) as client:
-        sign_in(client)
+        sign_in(client, world.token())
         status, text = post(
             client,
             "/actions/assign",
@@ -457,8 +455,9 @@ def test_an_outcome_not_decided_yet_is_said_so(world: World, conn: Conn, db_url:
 
 def test_signing_out_ends_the_right_to_act(world: World, conn: Conn, db_url: str) -> None:
     with console(db_url) as client:
-        sign_in(client)
-        assert post(client, "/signout", {})[0] == 303
+        sign_in(client, world.token())
+        status, text = post(client, "/signout", {})
+        assert status == 303 and "Signed out." in text and "signed in as" not in text
         status, text = post(
             client,
             "/actions/replay",
@@ -547,6 +546,7 @@ def test_pages_answer_while_a_worker_runs(
 
 
 def console_command(db_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m workers console ...` (it stops at a check before listening, or at port 1)."""
     environment = {k: v for k, v in os.environ.items() if k != "KC_CONSOLE_TOKEN"}
     environment.update(DATABASE_URL=db_url, **env)
     return subprocess.run(
@@ -559,18 +559,30 @@ def console_command(db_url: str, *args: str, **env: str) -> subprocess.Completed
     )
 
 
-def test_listening_beyond_loopback_needs_a_token(db_url: str) -> None:
+def test_listening_beyond_loopback_needs_an_operator(conn: Conn, db_url: str) -> None:
     refused = console_command(db_url, "--host", "0.0.0.0", "--port", "1")
     assert refused.returncode == 2
-    assert "refusing to listen on 0.0.0.0 without KC_CONSOLE_TOKEN" in refused.stderr
-    short = console_command(db_url, "--port", "1", KC_CONSOLE_TOKEN="tiny-secret")
-    assert short.returncode == 2
-    assert "KC_CONSOLE_TOKEN has 11 characters; it needs at least 16" in short.stderr
-    assert "tiny-secret" not in short.stderr + short.stdout
+    assert "refusing to listen on 0.0.0.0: beyond loopback every page needs sign-in" in (
+        refused.stderr
+    )
+    assert "python -m workers operator add <name>" in refused.stderr
     assert serve.is_loopback("127.0.0.1") and serve.is_loopback("::1")
     assert serve.is_loopback("localhost") and serve.is_loopback("127.1.2.3")
     assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("console.example")
-    serve.check_address("0.0.0.0", "a-token-of-enough-length")  # with a token: allowed
+    serve.check_address("127.0.0.1", 0)  # loopback: reading needs no operator
+    serve.check_address("0.0.0.0", 1)  # an operator may sign in: allowed
+    serve.check_address("0.0.0.0", None)  # the database does not answer yet: it starts
+    add_operator(conn, "Priya")
+    assert serve.check_database(db_url) == 1
+
+
+def test_the_shared_token_is_refused_with_what_replaced_it(db_url: str) -> None:
+    """KC_CONSOLE_TOKEN set: the console does not start, and says what to do instead."""
+    old = console_command(db_url, "--port", "1", KC_CONSOLE_TOKEN="a-shared-token-0123456789")
+    assert old.returncode == 2
+    assert "KC_CONSOLE_TOKEN is no longer used" in old.stderr
+    assert "python -m workers operator add <name>" in old.stderr
+    assert "a-shared-token" not in old.stderr + old.stdout
 
 
 def test_a_login_that_may_not_act_as_kc_operator_is_refused(db_url: str, admin_url: str) -> None:
@@ -592,7 +604,7 @@ def test_a_database_behind_on_migrations_is_refused(conn: Conn, db_url: str) -> 
         serve.check_database(db_url)
 
 
-def test_console_help_names_host_port_and_token() -> None:
+def test_console_help_names_host_port_and_operators() -> None:
     helped = subprocess.run(
         [sys.executable, "-m", "workers", "console", "--help"],
         capture_output=True,
@@ -600,7 +612,7 @@ def test_console_help_names_host_port_and_token() -> None:
         timeout=60,
         check=True,
     )
-    for word in ("--host", "--port", "KC_CONSOLE_TOKEN", "127.0.0.1", "8080", "kc_operator"):
+    for word in ("--host", "--port", "operator add", "127.0.0.1", "8080", "kc_operator"):
         assert word in helped.stdout
 
 

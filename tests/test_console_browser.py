@@ -31,7 +31,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.console_world import TOKEN, World, build_world
+from tests.console_world import World, build_world
 from tests.helpers import one, wait_for
 from workers.settings import REPO_ROOT
 
@@ -65,16 +65,23 @@ def answers(url: str) -> bool:
 
 
 @pytest.fixture
-def served(conn: Conn, db_url: str, tmp_path: Path) -> Iterator[tuple[str, World]]:
-    """`python -m workers console` on a free port, with the token, on the console's world."""
+def served(
+    request: pytest.FixtureRequest, conn: Conn, db_url: str, tmp_path: Path
+) -> Iterator[tuple[str, World]]:
+    """`python -m workers console` on a free port, on the console's world (its operators);
+    on loopback, or on the address a test gives (indirect parametrization)."""
     need_a_browser()
+    host = getattr(request, "param", "127.0.0.1")
     world = build_world(conn, db_url)
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": db_url, "KC_CONSOLE_TOKEN": TOKEN}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "KC_CONSOLE_TOKEN"},
+        "DATABASE_URL": db_url,
+    }
     log = tmp_path / "console.log"
     with open(log, "ab") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "workers", "console", "--port", str(port)],
+            [sys.executable, "-m", "workers", "console", "--host", host, "--port", str(port)],
             env=env,
             stdout=sink,
             stderr=sink,
@@ -188,10 +195,10 @@ def test_a_person_reads_the_overview_and_a_waiting_purchase_s_trace(
     ]
     assert len(when) == 4 and all(w.endswith(" IST") for w in when)  # Asia/Kolkata
 
-    # Signing in brings the person back to the trace, with what they may do.
+    # Signing in (Priya's own token names her) brings her back to the trace, with what she
+    # may do.
     follow(browser, browser.find_element(By.LINK_TEXT, "Sign in"))
-    browser.find_element(By.NAME, "name").send_keys("Priya")
-    browser.find_element(By.NAME, "token").send_keys(TOKEN)
+    browser.find_element(By.NAME, "token").send_keys(world.token("Priya"))
     follow(browser, browser.find_element(By.CSS_SELECTOR, "form.action button"))
     assert browser.find_element(By.CSS_SELECTOR, ".flash").text == "Signed in as Priya."
     assert "Meera Iyer" in browser.find_element(By.TAG_NAME, "h2").text
@@ -206,3 +213,20 @@ def test_a_person_reads_the_overview_and_a_waiting_purchase_s_trace(
     assert one(conn, "SELECT actor FROM stage_history WHERE event = 'replayed'") == {
         "actor": "console:Priya"
     }
+
+
+@pytest.mark.parametrize("served", ["0.0.0.0"], indirect=True)
+def test_beyond_loopback_a_person_signs_in_before_any_page(
+    served: tuple[str, World], browser: WebDriver
+) -> None:
+    base, world = served
+    browser.get(f"{base}/trace/{world.waiting}")
+    assert browser.title == "Sign in · Koding Caravan operations"
+    assert "Meera" not in browser.find_element(By.TAG_NAME, "body").text
+    browser.find_element(By.NAME, "token").send_keys(world.token("Arun"))
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "form.action button"))
+    assert browser.find_element(By.CSS_SELECTOR, ".flash").text == "Signed in as Arun."
+    assert "Meera Iyer" in browser.find_element(By.TAG_NAME, "h2").text
+    follow(browser, browser.find_element(By.XPATH, "//button[text()='Sign out']"))
+    browser.get(f"{base}/waiting")
+    assert browser.title == "Sign in · Koding Caravan operations"

@@ -4,6 +4,7 @@ everything and replays, but cannot change a table or the schema."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -177,7 +178,14 @@ def test_each_role_may_run_only_its_functions(
         assert refused(url, "SELECT kc_replay_stage('purchase', %s)", payment)
         assert refused(url, "SELECT kc_assign_trainer(%s, %s)", purchase["id"], uuid.uuid4())
         assert refused(url, "SELECT kc_reschedule(%s, '6 PM')", purchase["id"])
-        assert refused(url, "SELECT kc_act_as('console:someone')")
+        assert refused(url, "SELECT kc_begin_acting('console:someone')")
+        assert refused(url, "SELECT kc_operator_actor(NULL)")
+        assert refused(url, "SELECT * FROM console_operator_add('Mallory', %s)", "m" * 43)
+        assert refused(url, "SELECT console_operator_revoke('Priya')")
+        # Tokens' and sessions' hashes, and who is acting, are the owner's to read.
+        assert refused(url, "SELECT * FROM console_operators")
+        assert refused(url, "SELECT * FROM console_sessions")
+        assert refused(url, "SELECT * FROM kc_acting")
     assert refused(nobody, "SELECT replay_stage('purchase', %s)", payment)
     assert refused(nobody, "SELECT assign_trainer(%s, %s)", purchase["id"], uuid.uuid4())
     assert refused(nobody, "SELECT * FROM stuck_rows()")
@@ -241,3 +249,81 @@ def test_every_object_belongs_to_the_owner_role(conn: Conn) -> None:
         "WHERE n.nspname = 'public' AND p.proowner <> 'kc_owner'::regrole"
     ).fetchall()
     assert strays == []
+
+
+def test_no_session_decides_the_actor_of_an_event(
+    conn: Conn, db_url: str, login: dict[str, str]
+) -> None:
+    """The actor of an event is decided by the database: a worker that sets kc.actor (or
+    kc.acting, or names the column) writes no name; an operator's name comes from a console
+    session the database checks, or is the login; requested_by cannot be rewritten."""
+    course = f.course(conn)
+    trainer = f.trainer(conn)
+    payment = f.payment(conn, f.student(conn), course, GOOD)
+    drain(db_url)
+    purchase = conn.execute("SELECT id FROM student_course_purchases").fetchone()
+    assert purchase is not None
+    conn.execute("SELECT assign_trainer(%s, %s)", (purchase["id"], trainer))
+    conn.execute("SELECT reschedule(%s, '6 PM')", (purchase["id"],))
+
+    worker = as_user(db_url, login["worker"])
+    with psycopg.connect(worker, autocommit=True, row_factory=dict_row) as w:
+        w.execute("SET kc.actor = 'console:Mallory'")
+        w.execute("SET kc.acting = 'on'")
+        written = [
+            w.execute(
+                "INSERT INTO stage_history (stage, ref_id, event) "
+                "VALUES ('purchase', %s, 'succeeded') RETURNING actor",
+                (payment,),
+            ).fetchone(),
+            w.execute(
+                "INSERT INTO stage_history (stage, ref_id, event, actor) "
+                "VALUES ('purchase', %s, 'succeeded', 'console:Priya') RETURNING actor",
+                (payment,),
+            ).fetchone(),
+        ]
+        assert written == [{"actor": None}, {"actor": None}]
+        for table in ("allocation_requests", "schedule_changes"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="requested_by"):
+                w.execute(f"UPDATE {table} SET requested_by = 'console:Mallory'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            w.execute("INSERT INTO kc_acting VALUES (pg_backend_pid(), 'console:Mallory')")
+
+    operator = as_user(db_url, login["operator"])
+    token = secrets.token_urlsafe(32)
+    conn.execute("SELECT * FROM console_operator_add('Priya', %s)", (token,))
+    session = secrets.token_urlsafe(32)
+    with psycopg.connect(operator, autocommit=True, row_factory=dict_row) as op:
+        op.execute("SET kc.actor = 'console:Mallory'")
+        # A name where the session id goes is no session.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not signed in"):
+            op.execute("SELECT replay_stage('purchase', %s, 'console:Priya')", (payment,))
+        op.execute("SELECT replay_stage('purchase', %s)", (payment,))  # the login
+        signed = op.execute(
+            "SELECT operator FROM console_sign_in(%s, %s, 'test')", (token, session)
+        ).fetchone()
+        assert signed == {"operator": "Priya"}
+        op.execute("SELECT replay_stage('purchase', %s, %s)", (payment, session))
+        conn.execute("SELECT console_operator_revoke('Priya')")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not signed in"):
+            op.execute("SELECT replay_stage('purchase', %s, %s)", (payment, session))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not signed in"):
+            op.execute("SELECT reschedule(%s, '7 PM', NULL, NULL, %s)", (purchase["id"], session))
+
+    replays = [
+        r["actor"]
+        for r in conn.execute(
+            "SELECT actor FROM stage_history WHERE event = 'replayed' ORDER BY id"
+        )
+    ]
+    assert replays == [login["operator"], "console:Priya"]
+    everyone = {r["actor"] for r in conn.execute("SELECT DISTINCT actor FROM stage_history")}
+    assert "console:Mallory" not in everyone
+    admin = conn.execute("SELECT session_user AS login").fetchone()
+    assert admin is not None
+    asked = conn.execute(
+        "SELECT requested_by FROM allocation_requests UNION ALL "
+        "SELECT requested_by FROM schedule_changes"
+    ).fetchall()
+    assert asked == [{"requested_by": admin["login"]}] * 2
+    assert conn.execute("SELECT count(*) AS n FROM kc_acting").fetchone() == {"n": 0}

@@ -64,10 +64,12 @@ class InvalidTimezoneError(PermanentJobError):
 
 
 class RequestRefused(PipelineError):
-    """The operations console refuses a request (no token, no sign-in, a bad CSRF token, a
-    value that does not parse, an id that does not exist, an action the database refuses):
-    nothing changed, and the page says why. `status` is the page's HTTP status."""
+    """The operations console refuses a request (no sign-in, a bad CSRF token, too many
+    sign-in attempts, a body too large, a value that does not parse, an id that does not
+    exist, an action the database refuses): nothing changed, and the page says why. `status`
+    is the page's HTTP status; `retry_after`, when set, the seconds to wait (429)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)

@@ -166,12 +166,11 @@ class Settings(BaseSettings):
     )
 
     console_token: SecretStr | None = Field(
-        # Its length is checked by the console, whose message does not repeat the value.
+        # Read only to refuse it: the console stops with what replaced it (serve.py).
         default=None,
         validation_alias="KC_CONSOLE_TOKEN",
-        description="The operations console's token (at least 16 characters): with it, a person "
-        "who signs in with it may act (replay, retry, assign, reschedule); without it the "
-        "console is read-only and listens on loopback only. No default.",
+        description="Retired: the console's one shared token. Each person now has a token of "
+        "their own (python -m workers operator add <name>); set, the console refuses to start.",
     )
 
     @field_validator("log_level", mode="before")

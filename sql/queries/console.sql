@@ -1,6 +1,22 @@
 -- The operations console (workers/console/): what its pages read, as kc_operator. Its actions
 -- are the operator functions' named queries (ops.sql, pipeline.sql, lifecycle.sql).
 
+-- name: console_session
+-- The operator a session id belongs to; no row: not signed in (unknown, signed out,
+-- expired, or the operator was revoked).
+SELECT operator, expires_at FROM console_session(%(session)s::text);
+
+-- name: console_sign_in
+-- A new session for the operator whose token this is; no row: no live operator's token.
+SELECT operator, expires_at
+FROM console_sign_in(%(token)s::text, %(session)s::text, %(client)s::text);
+
+-- name: console_sign_out
+SELECT console_sign_out(%(session)s::text) AS ended;
+
+-- name: console_operator_count
+SELECT console_operator_count() AS operators;
+
 -- name: console_badges
 -- The counts the navigation shows on every page (each from an index or a small table).
 SELECT (SELECT count(*) FROM trainer_allocations WHERE status = 'pending') AS waiting,

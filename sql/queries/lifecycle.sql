@@ -48,7 +48,7 @@ RETURNING id, status, trainer_id, reason, reason_detail;
 
 -- name: request_reschedule
 SELECT reschedule(%(purchase_id)s::uuid, %(time_slot)s::text, %(start_date)s::date,
-                  %(schedule_mode)s::text, %(actor)s::text) AS request_id;
+                  %(schedule_mode)s::text, %(session)s::text) AS request_id;
 
 -- name: schedule_change_status
 SELECT id, status, outcome, allocation_id FROM schedule_changes

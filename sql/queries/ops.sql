@@ -22,11 +22,29 @@ SELECT payment_id, reason, errors, rejections, rejected_at FROM rejected_payment
 ORDER BY rejected_at;
 
 -- name: replay_stage
--- actor: who asks (stage_history.actor); NULL names the database login.
-SELECT replay_stage(%(stage)s::text, %(ref_id)s::uuid, %(actor)s::text) AS job_id;
+-- session: the console's session id, whose operator the database records as the actor
+-- (stage_history.actor); NULL: the database login.
+SELECT replay_stage(%(stage)s::text, %(ref_id)s::uuid, %(session)s::text) AS job_id;
 
 -- name: replay_failed
-SELECT replay_failed(%(stage)s::text, %(actor)s::text) AS replayed;
+SELECT replay_failed(%(stage)s::text, %(session)s::text) AS replayed;
+
+-- name: operator_add
+-- The token is stored as its SHA-256 only (sql/migrations/0014_console_operators.sql).
+SELECT operator, reinstated FROM console_operator_add(%(name)s::text, %(token)s::text);
+
+-- name: operator_revoke
+SELECT console_operator_revoke(%(name)s::text) AS sessions_ended;
+
+-- name: operator_list
+SELECT o.name, o.created_at, o.created_by, o.token_issued_at, o.revoked_at, o.revoked_by,
+       count(s.id_hash) FILTER (WHERE s.ended_at IS NULL AND s.expires_at > now())
+           AS live_sessions,
+       max(s.signed_in_at) AS last_sign_in
+FROM console_operators o
+LEFT JOIN console_sessions s ON s.operator_id = o.id
+GROUP BY o.id
+ORDER BY o.revoked_at IS NOT NULL, lower(o.name);
 
 -- name: trigger_states
 SELECT t.tgname AS name, c.relname AS table_name, t.tgenabled <> 'D' AS enabled

@@ -12,7 +12,7 @@ SELECT sweep_pending_allocations(%(min_age)s::interval) AS enqueued;
 
 -- name: request_assignment
 SELECT assign_trainer(%(purchase_id)s::uuid, %(trainer_id)s::uuid, %(override)s::boolean,
-                      %(note)s::text, %(actor)s::text) AS request_id;
+                      %(note)s::text, %(session)s::text) AS request_id;
 
 -- name: request_status
 SELECT id, status, outcome, allocation_id FROM allocation_requests

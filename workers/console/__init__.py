@@ -8,10 +8,12 @@ and the operator functions for its actions. Pages: the overview (the last 24 hou
 each stage's backlog and latency, a chart drawn server-side as SVG), the purchases waiting
 for a trainer by reason, failed jobs and rejected payments, and a search whose trace shows
 a purchase's timeline in the student's time zone. Actions (replay, retry, assign,
-reschedule) need KC_CONSOLE_TOKEN: a person signs in with it and a name, every form carries
-a CSRF token, and stage_history records `console:<name>` as the actor. Without the token the
-console is read-only and listens on loopback only.
+reschedule) need a person signed in with their own operator token (`python -m workers
+operator add <name>`): the session lives in the database, every form carries a CSRF token,
+and the operator functions record `console:<name>` as the actor from the session itself. On
+loopback reading needs no sign-in; beyond loopback every page does.
 
-`app.py` builds the application, `pages.py` and `actions.py` answer its requests,
-`charts.py` draws the chart, `serve.py` checks the host and the database and runs uvicorn.
+`app.py` builds the application and its gate, `access.py` holds the cookie, sessions, CSRF,
+throttle and body rules, `pages.py` and `actions.py` answer its requests, `charts.py` draws
+the chart, `serve.py` checks the host and the database and runs uvicorn.
 """

@@ -1,18 +1,18 @@
-"""What the console changes, and who may: signing in with the token and a name, the CSRF
+"""What the console changes, and who may: signing in with an operator's own token, the CSRF
 token of every form, and the actions (replay, retry, assign, reschedule), each one call of an
-operator function that records `console:<name>` as its actor.
+operator function given the session's id, from which the database itself records
+`console:<operator>` as the actor.
 
-Every POST is checked in the same order, and a refusal changes nothing: the console must
-have a token (else it is read-only), the form's CSRF token must be this session's, the
-person must be signed in (except to sign in), and every value must parse. What the database
-refuses (an unknown id, a purchase that is not active, an override without a note, a slot
-that does not parse) comes back in its own words."""
+Every POST is checked in the same order, and a refusal changes nothing: the person must be
+signed in (except to sign in or out; checked before the body is read), the body must be a
+small form (access.BoundedBody), the form's CSRF token must be this cookie's, and every value
+must parse. What the database refuses (an unknown id, a purchase that is not active, an
+override without a note, a slot that does not parse, a session that has just ended) comes
+back in its own words."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import secrets
 from collections.abc import Mapping
 from datetime import date
 from typing import Any, LiteralString
@@ -24,17 +24,20 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from workers.console import access
+from workers.console.access import visit_of
 from workers.console.app import console_of, render
 from workers.database.connections import fetch_one
 from workers.database.sql import q
 from workers.errors import RequestRefused
 from workers.runtime.runner import Stage
 
-NAME_LIMIT = 60
+TOKEN_LIMIT = 200  # an operator's token is 43 characters; the database refuses past 200
 
 # The database's refusals, by SQLSTATE class: what the page's status says.
 REFUSAL_STATUS = {
     "P0002": 404,  # no_data_found: no such payment, purchase, trainer ...
+    "42501": 403,  # insufficient_privilege: the session ended (signed out, expired, revoked)
     "22": 400,  # data exception: a value the function does not accept
     "55": 409,  # object not in prerequisite state: a finished or refunded purchase
 }
@@ -43,53 +46,29 @@ REFUSAL_STATUS = {
 # -- the session ------------------------------------------------------------------------------
 
 
-def csrf_token(request: Request) -> str:
-    """This session's CSRF token, made on first use: every form carries it."""
-    if "session" not in request.scope:
-        return ""
-    token = request.session.get("csrf")
-    if not isinstance(token, str):
-        token = secrets.token_urlsafe(32)
-        request.session["csrf"] = token
-    return token
-
-
-def signed_in_name(request: Request) -> str | None:
-    if "session" not in request.scope or console_of(request).token is None:
-        return None
-    name = request.session.get("name")
-    return name if isinstance(name, str) else None
-
-
 async def checked_form(request: Request, *, signed_in: bool = True) -> FormData:
-    """The POSTed form, once the console, the CSRF token and (for an action) the person have
-    been checked; RequestRefused (403) otherwise."""
-    if console_of(request).token is None:
+    """The POSTed form, once the person (for an action), the body and the CSRF token have
+    been checked; RequestRefused (403, 413) otherwise."""
+    visit = visit_of(request)
+    if signed_in and visit.operator is None:
         raise RequestRefused(
             403,
-            "This console is read-only: it was started without KC_CONSOLE_TOKEN, so nobody "
-            "may act through it. Start it with the token set to allow actions.",
+            "Sign in with your operator token first: nothing was done. (No token? Whoever "
+            "runs the pipeline's database gives one: python -m workers operator add <name>.)",
         )
-    form = await request.form()
-    sent = form.get("csrf")
-    expected = request.session.get("csrf")
-    if (
-        not isinstance(sent, str)
-        or not isinstance(expected, str)
-        or not hmac.compare_digest(sent.encode(), expected.encode())
-    ):
+    form = await request.form(max_files=0, max_fields=50)
+    if not access.csrf_matches(console_of(request).access.key, visit.cookie, form.get("csrf")):
         raise RequestRefused(
             403,
             "The form's CSRF token is missing or is not this browser session's, so nothing "
             "was done. Reload the page and submit the form again.",
         )
-    if signed_in and signed_in_name(request) is None:
-        raise RequestRefused(403, "Sign in with the console's token and your name first.")
     return form
 
 
-def actor(request: Request) -> str:
-    return f"console:{signed_in_name(request)}"
+def session_of(request: Request) -> str:
+    """The session id the operator functions check and take their actor from."""
+    return visit_of(request).cookie
 
 
 def back_to(form: FormData, default: str = "/") -> str:
@@ -101,48 +80,65 @@ def back_to(form: FormData, default: str = "/") -> str:
 
 
 def done(request: Request, target: str, message: str, kind: str = "ok") -> Response:
-    request.session["flash"] = {"kind": kind, "text": message}
+    console_of(request).access.flashes.put(visit_of(request).cookie, kind, message)
     return RedirectResponse(target, status_code=303)
 
 
 # -- signing in -------------------------------------------------------------------------------
 
 
+async def signin_page(request: Request, error: str | None, status: int = 200) -> Response:
+    operators = await access.operator_count(console_of(request).pool)
+    context = {"title": "Sign in", "error": error, "operators": operators}
+    return await render(request, None, "signin.html", context, status)
+
+
 async def signin_form(request: Request) -> Response:
-    return await render(request, None, "signin.html", {"title": "Sign in", "error": None})
+    return await signin_page(request, None)
 
 
 async def signin(request: Request) -> Response:
+    """The throttle first (before the body is read or the database asked), then the form;
+    the token names the operator, and the session is a new id (never the visitor's)."""
+    console = console_of(request)
+    client = request.client.host if request.client else "unknown"
+    limited = console.access.throttle.attempt(client)
+    if limited is not None:
+        whose, wait = limited
+        raise RequestRefused(
+            429,
+            (
+                "Too many sign-in attempts from your address"
+                if whose == "client"
+                else "Too many sign-in attempts on this console at once"
+            )
+            + f": nothing was checked. Try again in {wait} s.",
+            retry_after=wait,
+        )
     form = await checked_form(request, signed_in=False)
-    token = console_of(request).token
-    sent = form.get("token")
-    name = form.get("name")
-    name = name.strip() if isinstance(name, str) else ""
-    problem = None
-    if (
-        not isinstance(sent, str)
-        or token is None
-        or not hmac.compare_digest(sent.encode(), token.encode())
-    ):
-        problem = "That is not the console's token."
-    elif not name or len(name) > NAME_LIMIT or not name.isprintable():
-        problem = (
-            f"Give your name (1 to {NAME_LIMIT} printable characters): it is recorded with "
-            "what you do."
+    token = form.get("token")
+    token = token.strip() if isinstance(token, str) else ""
+    session = access.new_id()
+    found = None
+    if token and len(token) <= TOKEN_LIMIT:
+        found = await access.sign_in(console.pool, token, session, client)
+    if found is None:
+        return await signin_page(
+            request,
+            "That is not the token of an operator who may sign in (a token is shown once, "
+            "when its operator is added; a revoked operator's no longer works).",
+            403,
         )
-    if problem is not None:
-        return await render(
-            request, None, "signin.html", {"title": "Sign in", "error": problem}, 403
-        )
-    request.session.clear()
-    request.session["name"] = name
-    request.session["csrf"] = secrets.token_urlsafe(32)  # a new one for the signed-in session
-    return done(request, back_to(form), f"Signed in as {name}.")
+    visit_of(request).become(session, found["operator"], found["expires_at"])
+    return done(request, back_to(form), f"Signed in as {found['operator']}.")
 
 
 async def signout(request: Request) -> Response:
     await checked_form(request, signed_in=False)
-    request.session.clear()
+    visit = visit_of(request)
+    if visit.operator is not None:
+        await access.sign_out(console_of(request).pool, visit.cookie)
+    visit.become(access.new_id(), None, None)
     return done(request, "/", "Signed out.")
 
 
@@ -266,7 +262,9 @@ async def replay(request: Request) -> Response:
         form, "ref_id", {"purchase": "payment", "allocation": "purchase"}.get(stage, "allocation")
     )
     row = await call(
-        request, q("replay_stage"), {"stage": stage.value, "ref_id": ref, "actor": actor(request)}
+        request,
+        q("replay_stage"),
+        {"stage": stage.value, "ref_id": ref, "session": session_of(request)},
     )
     return done(
         request,
@@ -278,7 +276,9 @@ async def replay(request: Request) -> Response:
 async def replay_failed(request: Request) -> Response:
     form = await checked_form(request)
     stage = stage_field(form)
-    row = await call(request, q("replay_failed"), {"stage": stage.value, "actor": actor(request)})
+    row = await call(
+        request, q("replay_failed"), {"stage": stage.value, "session": session_of(request)}
+    )
     return done(
         request,
         back_to(form, "/failures"),
@@ -302,7 +302,7 @@ async def assign(request: Request) -> Response:
             "trainer_id": trainer,
             "override": override,
             "note": note,
-            "actor": actor(request),
+            "session": session_of(request),
         },
     )
     return await report(request, form, purchase, "Assignment", row, "request_status")
@@ -316,7 +316,7 @@ async def reschedule(request: Request) -> Response:
         "time_slot": text_field(form, "time_slot"),
         "start_date": date_field(form, "start_date"),
         "schedule_mode": text_field(form, "mode"),
-        "actor": actor(request),
+        "session": session_of(request),
     }
     row = await call(request, q("request_reschedule"), params)
     return await report(request, form, purchase, "Reschedule", row, "schedule_change_status")

@@ -1,33 +1,34 @@
-"""The console's application: its routes, the signed session, the security headers, the
-templates and their filters, and the pages shown for a refusal or while the database is away."""
+"""The console's application: its routes, the gate every request passes (who is asking;
+beyond loopback, sign-in first), the security headers, the templates and their filters, and
+the pages shown for a refusal or while the database is away."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import logging
-import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from workers.console import access
+from workers.console.access import Access, BoundedBody, Throttle, Visit, visit_of
 from workers.database.connections import AsyncConn, fetch_one, make_operator_pool
 from workers.database.sql import q
 from workers.errors import RequestRefused
@@ -44,8 +45,6 @@ from workers.ops.story import (
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-SESSION_COOKIE = "kc_console"
-SESSION_HOURS = 12
 
 # No script at all; styles from the console's own file; forms post to the console only.
 SECURITY_HEADERS = {
@@ -62,22 +61,14 @@ class Console:
     """What every request of one console shares (`request.app.state.console`)."""
 
     pool: AsyncConnectionPool[AsyncConn]
-    token: str | None  # None: read-only
     templates: Jinja2Templates
     outcome_wait: float  # seconds an assignment or a reschedule waits for its outcome
+    access: Access
 
 
 def console_of(request: Request) -> Console:
     console: Console = request.app.state.console
     return console
-
-
-def session_secret(token: str | None) -> str:
-    """The key that signs the session cookie. From the token, so that a new token signs
-    every person out; without a token (read-only) one per process."""
-    if token is None:
-        return secrets.token_hex(32)
-    return hmac.new(token.encode(), b"koding-caravan console session", hashlib.sha256).hexdigest()
 
 
 class SecurityHeaders:
@@ -159,17 +150,14 @@ async def render(
 ) -> Response:
     """A page: the template, the navigation's counts (when a connection is at hand), who is
     signed in, the CSRF token for its forms and the message left by the last action."""
-    from workers.console.actions import csrf_token, signed_in_name
-
     console = console_of(request)
+    visit = visit_of(request)
     badges = await fetch_one(conn, q("console_badges"), {}) if conn is not None else None
-    flash = request.session.pop("flash", None) if "session" in request.scope else None
     full = {
         "badges": badges,
-        "read_only": console.token is None,
-        "who": signed_in_name(request),
-        "csrf": csrf_token(request),
-        "flash": flash,
+        "who": visit.operator,
+        "csrf": access.csrf_token(console.access.key, visit.cookie),
+        "flash": console.access.flashes.pop(visit.cookie),
         "path": request.url.path,
         **context,
     }
@@ -181,13 +169,11 @@ async def render(
 
 async def refused(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestRefused)
-    return await render(
-        request,
-        None,
-        "message.html",
-        {"title": "Refused", "message": str(exc), "unchanged": True},
-        exc.status,
-    )
+    context = {"title": "Refused", "message": str(exc), "unchanged": True}
+    response = await render(request, None, "message.html", context, exc.status)
+    if exc.retry_after is not None:
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
 
 
 async def database_unavailable(request: Request, exc: Exception) -> Response:
@@ -208,20 +194,96 @@ async def not_found(request: Request, exc: Exception) -> Response:
     )
 
 
+# -- the gate ---------------------------------------------------------------------------------
+
+
+def from_loopback(request: Request) -> bool:
+    """The client is on this machine. Behind a reverse proxy on this machine the client is
+    the address the proxy forwards (uvicorn trusts X-Forwarded-For from loopback), so a
+    console published through a proxy is not read as if from here."""
+    try:
+        return request.client is not None and ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
+class Gate:
+    """Every request but the style sheet's: who is asking (the cookie's session, looked up in
+    the database; a first visit gets a cookie), and nothing but the sign-in page for someone
+    not signed in, unless the console listens on loopback and the client is on this machine.
+    A POST to /signin is not looked up: it makes a new session, and its throttle comes before
+    any work."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/static/"):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        console = console_of(request)
+        cookie = request.cookies.get(access.COOKIE)
+        if cookie is not None and access.well_formed(cookie):
+            visit = Visit(cookie)
+        else:
+            visit = Visit(access.new_id(), send_cookie=True)
+        request.state.visit = visit
+
+        async def send_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start" and visit.send_cookie:
+                secure = scope.get("scheme") == "https"
+                message["headers"] = [*message.get("headers", []), visit.set_cookie_header(secure)]
+            await send(message)
+
+        try:
+            response = await self.check(request, console, visit)
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            response = await database_unavailable(request, exc)
+        if response is not None:
+            await response(scope, receive, send_cookie)
+            return
+        await self.app(scope, receive, send_cookie)
+
+    async def check(self, request: Request, console: Console, visit: Visit) -> Response | None:
+        """None: let the request through; else the answer instead."""
+        path = request.url.path
+        if not visit.send_cookie and not (path == "/signin" and request.method == "POST"):
+            found = await access.session_of(console.pool, visit.cookie)
+            if found is not None:
+                visit.operator, visit.expires_at = found["operator"], found["expires_at"]
+        if visit.operator is not None:
+            return None
+        if not console.access.read_needs_sign_in and from_loopback(request):
+            return None
+        if path == "/signin":
+            return None
+        if request.method in ("GET", "HEAD"):
+            target = path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/signin?next={quote(target, safe='')}", status_code=303)
+        return await refused(
+            request,
+            RequestRefused(403, "Sign in with your operator token first: nothing was done."),
+        )
+
+
 # -- the application --------------------------------------------------------------------------
 
 
 def create_app(
     url: str,
-    token: str | None,
     *,
+    read_needs_sign_in: bool,
     allowed_hosts: list[str] | None = None,
     outcome_wait: float = 10.0,
     pool_timeout: float = 5.0,
+    throttle: Throttle | None = None,
 ) -> Starlette:
-    """The console on the database at `url`. `token`: KC_CONSOLE_TOKEN (None: read-only).
-    `allowed_hosts`: the Host headers accepted (loopback names when it listens on loopback,
-    so that a web page elsewhere cannot reach it through DNS rebinding)."""
+    """The console on the database at `url`. `read_needs_sign_in`: every page needs a
+    signed-in operator (beyond loopback), not only the actions. `allowed_hosts`: the Host
+    headers accepted (loopback names when it listens on loopback, so that a web page
+    elsewhere cannot reach it through DNS rebinding). `throttle`: the sign-in throttle
+    (tests give one with their own clock)."""
     from workers.console import actions, pages
 
     pool = make_operator_pool(url, timeout=pool_timeout)
@@ -254,13 +316,8 @@ def create_app(
     middleware = [
         Middleware(SecurityHeaders),
         Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["*"]),
-        Middleware(
-            SessionMiddleware,
-            secret_key=session_secret(token),
-            session_cookie=SESSION_COOKIE,
-            max_age=SESSION_HOURS * 3600,
-            same_site="strict",
-        ),
+        Middleware(BoundedBody),
+        Middleware(Gate),
     ]
     handlers = {
         RequestRefused: refused,
@@ -274,5 +331,6 @@ def create_app(
         exception_handlers=handlers,
         lifespan=lifespan,
     )
-    app.state.console = Console(pool, token, make_templates(), outcome_wait)
+    rules = Access(read_needs_sign_in, throttle=throttle or Throttle())
+    app.state.console = Console(pool, make_templates(), outcome_wait, rules)
     return app

@@ -13,7 +13,7 @@ from psycopg.rows import DictRow
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from workers.console.actions import signed_in_name
+from workers.console.access import visit_of
 from workers.console.app import console_of, render
 from workers.console.charts import StagePoint, stage_chart
 from workers.database.connections import fetch_all, fetch_one
@@ -127,7 +127,7 @@ async def trace(request: Request) -> Response:
             f"{text[:80]!r} is not an id: give a payment, purchase, allocation or student id "
             "(like 90000000-0000-4000-8000-000000000001), or search by a student's name.",
         ) from None
-    signed_in = signed_in_name(request) is not None
+    signed_in = visit_of(request).operator is not None
     async with console_of(request).pool.connection() as conn:
 
         async def fetch(name: str, params: dict[str, Any]) -> Sequence[Row]:

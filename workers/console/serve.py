@@ -1,5 +1,6 @@
-"""`make console`: the checks made before listening (the address against the token, the
-database's migrations and role), then uvicorn."""
+"""`make console`: the checks made before listening (a retired setting, the database's
+migrations and role, an operator who may sign in when it listens beyond loopback), then
+uvicorn."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import psycopg
 
 from workers.database import migrate
 from workers.database.connections import OPERATOR_ROLE, connect_sync
+from workers.database.sql import q
 from workers.errors import ConfigurationError
 from workers.settings import Settings
 
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-TOKEN_MIN_LENGTH = 16
+ADD_OPERATOR = "python -m workers operator add <name> (make operator-add NAME=<name>)"
 
 
 def is_loopback(host: str) -> bool:
@@ -29,51 +31,53 @@ def is_loopback(host: str) -> bool:
         return False  # a name other than localhost may resolve anywhere
 
 
-def console_token(settings: Settings) -> str | None:
-    """KC_CONSOLE_TOKEN, checked (its value is never repeated in a message); None when unset
-    or empty: read-only."""
-    if settings.console_token is None:
-        return None
-    token = settings.console_token.get_secret_value()
-    if not token:
-        return None
-    if len(token) < TOKEN_MIN_LENGTH:
+def check_no_shared_token(settings: Settings) -> None:
+    """KC_CONSOLE_TOKEN is gone: one shared token could not say who did what. Set, it is an
+    error rather than ignored, so that nobody believes it still guards anything."""
+    if settings.console_token is not None and settings.console_token.get_secret_value():
         raise ConfigurationError(
-            f"KC_CONSOLE_TOKEN has {len(token)} characters; it needs at least "
-            f"{TOKEN_MIN_LENGTH} (for example: python3 -c 'import secrets; "
-            "print(secrets.token_urlsafe(24))')"
+            "KC_CONSOLE_TOKEN is no longer used: each person now signs in with a token of "
+            "their own, which names them in the history. Create one per person with "
+            f"{ADD_OPERATOR} (python -m workers operator list shows them), then unset "
+            "KC_CONSOLE_TOKEN."
         )
-    return token
 
 
-def check_address(host: str, token: str | None) -> None:
-    """Anything but loopback needs a token: a read-only console still shows students'
-    names and schedules, so it stays on this machine unless someone may act."""
-    if token is None and not is_loopback(host):
+def check_address(host: str, operators: int | None) -> None:
+    """Beyond loopback every page needs sign-in, so a console nobody can sign in to would
+    answer nothing: refuse it, saying how to add an operator. `operators`: how many may sign
+    in (None: the database did not answer; the console starts and asks again on each
+    sign-in)."""
+    if operators == 0 and not is_loopback(host):
         raise ConfigurationError(
-            f"refusing to listen on {host} without KC_CONSOLE_TOKEN: without a token the "
-            "console listens on loopback only (127.0.0.1, ::1 or localhost). Set "
-            "KC_CONSOLE_TOKEN (at least 16 characters), or leave --host at its default."
+            f"refusing to listen on {host}: beyond loopback every page needs sign-in, and no "
+            f"operator may sign in yet. Add one per person with {ADD_OPERATOR}, or leave "
+            "--host at its default (127.0.0.1, where reading needs no sign-in)."
         )
 
 
 def allowed_hosts(host: str) -> list[str]:
-    """The Host headers accepted: on loopback only loopback names, so that a web page
-    elsewhere cannot reach the console by pointing its own name at 127.0.0.1."""
-    if host.lower() == "localhost" or host.startswith("127."):
-        return ["127.0.0.1", "localhost", host]
-    return ["*"]
+    """The Host headers accepted: on any loopback address (IPv4 or IPv6) only loopback names,
+    so that a web page elsewhere cannot reach the console by pointing its own name at this
+    machine (DNS rebinding). Beyond loopback any: every page needs sign-in there, and a
+    rebound page does not carry the console's cookie."""
+    if not is_loopback(host):
+        return ["*"]
+    bare = host.strip("[]").lower()
+    named = f"[{bare}]" if ":" in bare else bare
+    return sorted({"127.0.0.1", "localhost", "[::1]", named})
 
 
-def check_database(url: str) -> None:
+def check_database(url: str) -> int | None:
     """A login that may not act as kc_operator, or a database not migrated to head, is a
     ConfigurationError; a database that does not answer yet is only a warning (the console
-    starts, says so on its pages, and connects when the server answers)."""
+    starts, says so on its pages, and connects when the server answers). Returns how many
+    operators may sign in (None when the database did not answer)."""
     try:
         conn = connect_sync(url, timeout=5)
     except ConfigurationError as exc:
         log.warning("%s; the console starts and connects once it answers", exc)
-        return
+        return None
     with conn:
         try:
             conn.execute(f"SET ROLE {OPERATOR_ROLE}")
@@ -90,6 +94,8 @@ def check_database(url: str) -> None:
                 f"the database's migrations are at {current}, the console needs {head}: "
                 "make migrate"
             )
+        row = conn.execute(q("console_operator_count")).fetchone()
+        return int(row["operators"]) if row is not None else 0
 
 
 def serve(url: str, settings: Settings, host: str, port: int) -> int:
@@ -97,17 +103,20 @@ def serve(url: str, settings: Settings, host: str, port: int) -> int:
 
     from workers.console.app import create_app
 
-    token = console_token(settings)
-    check_address(host, token)
-    check_database(url)
-    app = create_app(url, token, allowed_hosts=allowed_hosts(host))
+    check_no_shared_token(settings)
+    operators = check_database(url)
+    check_address(host, operators)
+    loopback = is_loopback(host)
+    app = create_app(url, read_needs_sign_in=not loopback, allowed_hosts=allowed_hosts(host))
     shown = f"[{host}]" if ":" in host else host
-    log.info(
-        "console on http://%s:%d/ (%s)",
-        shown,
-        port,
-        "actions need the token" if token else "read-only: KC_CONSOLE_TOKEN is not set",
-    )
+    if operators is None:
+        who = "operators: the database does not answer yet"
+    elif operators:
+        who = f"{operators} operator(s) may sign in to act"
+    else:
+        who = f"nobody may act until an operator is added: {ADD_OPERATOR}"
+    reading = "reading needs no sign-in on loopback" if loopback else "every page needs sign-in"
+    log.info("console on http://%s:%d/ (%s; %s)", shown, port, reading, who)
     # log_config=None: uvicorn's loggers use the pipeline's format (workers.ops.cli).
     uvicorn.run(app, host=host, port=port, log_config=None, server_header=False)
     return 0

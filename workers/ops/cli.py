@@ -137,7 +137,7 @@ def cmd_assign(args: argparse.Namespace, settings: Settings) -> int:
         "trainer_id": UUID(args.trainer),
         "override": args.override,
         "note": args.note,
-        "actor": None,  # the database login
+        "session": None,  # no console session: the actor is the database login
     }
     return _submit(settings, "request_assignment", params, "request_status", args.wait)
 
@@ -188,7 +188,7 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
         "time_slot": args.time_slot,
         "start_date": args.start_date,
         "schedule_mode": args.mode,
-        "actor": None,  # the database login
+        "session": None,  # no console session: the actor is the database login
     }
     return _submit(settings, "request_reschedule", params, "schedule_change_status", args.wait)
 
@@ -252,6 +252,35 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from workers.ops import commands as ops
+
+    with _ops_connection(settings) as conn:
+        try:
+            if args.action == "add":
+                print(ops.add_operator(conn, args.name))
+            elif args.action == "revoke":
+                print(ops.revoke_operator(conn, args.name))
+            else:
+                print(ops.list_operators(conn))
+        except psycopg.errors.InsufficientPrivilege:
+            print(
+                f"refused: the login {conn.info.user} may not manage console operators; only "
+                "the database's owner may (a login in kc_owner, the one `make migrate` uses): "
+                "run it with DATABASE_URL naming that login",
+                file=sys.stderr,
+            )
+            return 1
+        except psycopg.Error as exc:
+            hint = exc.diag.message_hint
+            message = exc.diag.message_primary or str(exc)
+            print(f"refused: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
     from workers.console.serve import serve
 
@@ -297,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assign(sub)
     _add_reschedule(sub)
     _add_operator_commands(sub)
+    _add_operators(sub)
     _add_console(sub)
     _add_tools(sub)
     return parser
@@ -463,6 +493,35 @@ def _add_operator_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:
     doctor.set_defaults(func=cmd_doctor)
 
 
+def _add_operators(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    operator = sub.add_parser(
+        "operator",
+        help="the console's operators: add one (prints their token once), list, revoke",
+        description="Each person who acts through the operations console is an operator: a "
+        "name and a token of their own. `add` makes the token (256 random bits), prints it "
+        "this once, and the database keeps only its SHA-256; signing in with it names the "
+        "person in the history (console:<name>). `revoke` stops the token and ends the "
+        "person's sessions at once; `add` again gives a revoked operator a new token. Runs "
+        "with the database owner's login (the one `make migrate` uses). Exit 0: done; 1: "
+        "refused (the message says why).",
+    )
+    actions = operator.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser(
+        "add", help="add an operator, or give a revoked one a new token; prints the token once"
+    )
+    add.add_argument(
+        "name", help="the person's name, 1 to 60 characters, as the history will show it"
+    )
+    actions.add_parser(
+        "list", help="every operator: live or revoked, since when, live sessions, last sign-in"
+    )
+    revoke = actions.add_parser(
+        "revoke", help="revoke an operator: the token stops working, their sessions end now"
+    )
+    revoke.add_argument("name", help="the operator's name (any case)")
+    operator.set_defaults(func=cmd_operator)
+
+
 def _add_console(sub: Subcommands[argparse.ArgumentParser]) -> None:
     from workers.console.serve import DEFAULT_HOST, DEFAULT_PORT
 
@@ -473,15 +532,16 @@ def _add_console(sub: Subcommands[argparse.ArgumentParser]) -> None:
         "backlog and latency, the purchases waiting for a trainer and why, failed jobs, "
         "rejected payments, and a search whose trace shows a purchase's timeline in the "
         "student's time zone. It reads the database as kc_operator. Actions (replay, retry, "
-        "assign, reschedule) need the token in KC_CONSOLE_TOKEN (at least 16 characters; no "
-        "default): a person signs in with it and a name, recorded with what they do. Without "
-        "the token the console is read-only and only listens on loopback.",
+        "assign, reschedule) need a person signed in with their own operator token (python "
+        "-m workers operator add <name>), which names them in the history. On loopback "
+        "reading needs no sign-in; beyond loopback every page does, and the console refuses "
+        "to start while no operator exists. KC_CONSOLE_TOKEN is retired: set, it is an error.",
     )
     console.add_argument(
         "--host",
         default=DEFAULT_HOST,
-        help=f"address to listen on (default {DEFAULT_HOST}); anything but loopback needs "
-        "KC_CONSOLE_TOKEN",
+        help=f"address to listen on (default {DEFAULT_HOST}); beyond loopback every page "
+        "needs sign-in (put HTTPS in front of it)",
     )
     console.add_argument(
         "--port",

@@ -1,13 +1,15 @@
-"""Operator commands: status, trace, failures, replay, doctor. Each is one or two named
-queries over the views; the same answers are one `SELECT` away in psql."""
+"""Operator commands: status, trace, failures, replay, doctor, and the console's operators
+(add, list, revoke). Each is one or two named queries over the views or functions; the same
+answers are one `SELECT` away in psql."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -83,12 +85,61 @@ def failures(conn: SyncConn) -> str:
 
 
 def replay(conn: SyncConn, stage: str, ref: UUID | None) -> str:
-    # No actor: stage_history names the database login as the one who asked.
+    # No console session: stage_history names the database login as the one who asked.
     if ref is None:
-        row = conn.execute(q("replay_failed"), {"stage": stage, "actor": None}).fetchone()
+        row = conn.execute(q("replay_failed"), {"stage": stage, "session": None}).fetchone()
         return f"{row['replayed'] if row else 0} failed {stage} job(s) enqueued again"
-    row = conn.execute(q("replay_stage"), {"stage": stage, "ref_id": ref, "actor": None}).fetchone()
+    params = {"stage": stage, "ref_id": ref, "session": None}
+    row = conn.execute(q("replay_stage"), params).fetchone()
     return f"{stage} {ref} enqueued again as job {row['job_id'] if row else '?'}"
+
+
+def add_operator(conn: SyncConn, name: str) -> str:
+    """Adds a console operator (or gives a revoked one a new token) and returns what to show,
+    the token included: 256 random bits, shown this once; the database keeps its SHA-256."""
+    token = secrets.token_urlsafe(32)
+    row = conn.execute(q("operator_add"), {"name": name, "token": token}).fetchone()
+    assert row is not None
+    who = row["operator"]
+    done = "has a new token" if row["reinstated"] else "is added"
+    return (
+        f"operator {who} {done}. {who}'s token, shown this once (the database keeps only its "
+        f"SHA-256):\n\n    {token}\n\n"
+        f"Give it to {who} privately; {who} signs in to the console with it, and what {who} "
+        f"does there is recorded as console:{who}.\nLost or leaked: python -m workers operator "
+        f"revoke {who}, then add {who} again for a new one."
+    )
+
+
+def list_operators(conn: SyncConn) -> str:
+    rows = conn.execute(q("operator_list")).fetchall()
+
+    def when(at: datetime | None) -> str:
+        return "" if at is None else f"{at:%Y-%m-%d %H:%M %Z}"
+
+    shown = [
+        {
+            "name": r["name"],
+            "state": "live" if r["revoked_at"] is None else f"revoked {when(r['revoked_at'])}",
+            "added": f"{when(r['created_at'])} by {r['created_by']}",
+            "token issued": when(r["token_issued_at"]),
+            "live sessions": r["live_sessions"],
+            "last sign-in": when(r["last_sign_in"]),
+        }
+        for r in rows
+    ]
+    if not shown:
+        return "no console operator yet: python -m workers operator add <name>"
+    return table(shown)
+
+
+def revoke_operator(conn: SyncConn, name: str) -> str:
+    row = conn.execute(q("operator_revoke"), {"name": name}).fetchone()
+    ended = row["sessions_ended"] if row else 0
+    return (
+        f"operator {name.strip()} is revoked: their token no longer signs in, and {ended} "
+        "session(s) of theirs ended now."
+    )
 
 
 @dataclass(frozen=True)
