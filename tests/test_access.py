@@ -1,0 +1,209 @@
+"""Who may connect to the pipeline's database, and what a connected role may still disturb
+(issue 21): a login with no grants cannot connect (so it holds no lock and sends no NOTIFY);
+a worker adds history but never changes it, and draws from sequences but never sets one; a
+worker drops NOTIFY payloads the pipeline does not send with one warning; reschedule's start
+date is bounded as metadata's is."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import date, timedelta
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import DictRow
+
+from tests import factories as f
+from tests.helpers import drain, one
+from tests.test_roles import as_user, cannot_connect, refused
+from workers.rules.metadata import latest_start
+
+Conn = psycopg.Connection[DictRow]
+GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
+
+
+@pytest.fixture
+def logins(admin_url: str) -> Iterator[dict[str, str]]:
+    """A login in kc_worker, one in kc_operator and one with no grants, for this test."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "worker": f"kc_test_worker_{suffix}",
+        "operator": f"kc_test_operator_{suffix}",
+        "nobody": f"kc_test_nobody_{suffix}",
+    }
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {names['worker']} LOGIN IN ROLE kc_worker")
+        conn.execute(f"CREATE ROLE {names['operator']} LOGIN IN ROLE kc_operator")
+        conn.execute(f"CREATE ROLE {names['nobody']} LOGIN")
+    yield names
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for name in names.values():
+            conn.execute(f"DROP ROLE IF EXISTS {name}")
+
+
+# -- connecting -------------------------------------------------------------------------------
+
+
+def test_a_login_with_no_grants_cannot_connect(
+    conn: Conn, db_url: str, logins: dict[str, str]
+) -> None:
+    """Issue 21, item 4: such a login held the migration's advisory lock (make run-workers
+    then failed on its lock timeout), a trainer's lock and sent NOTIFY; it now gets no session
+    at all, so it holds no lock of this database and sends it nothing."""
+    assert "permission denied for database" in cannot_connect(as_user(db_url, logins["nobody"]))
+    database = conn.info.dbname
+    rights = conn.execute(
+        "SELECT has_database_privilege('public', %(db)s, 'CONNECT') AS public_connect, "
+        "has_database_privilege('public', %(db)s, 'TEMPORARY') AS public_temp, "
+        "has_database_privilege('kc_worker', %(db)s, 'TEMPORARY') AS worker_temp, "
+        "has_database_privilege('kc_operator', %(db)s, 'TEMPORARY') AS operator_temp",
+        {"db": database},
+    ).fetchone()
+    assert rights is not None
+    assert not any(rights.values()), rights
+    # The project's roles connect, through their logins; none may make temporary tables.
+    for name in ("worker", "operator"):
+        url = as_user(db_url, logins[name])
+        with psycopg.connect(url, autocommit=True) as member:
+            assert member.execute("SELECT 1").fetchone() == (1,)
+        assert refused(url, "CREATE TEMPORARY TABLE scratch (id int)")
+
+
+def test_closing_the_database_keeps_who_was_let_in(
+    conn: Conn, db_url: str, logins: dict[str, str], admin_url: str
+) -> None:
+    """The migration's function keeps CONNECT for the roles granted a right on the schema's
+    objects (another system's login), takes it from everyone else, and says who may run it."""
+    database = sql.Identifier(conn.info.dbname)
+    service = f"kc_test_service_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {service} LOGIN")
+    try:
+        conn.execute(sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO PUBLIC").format(database))
+        conn.execute(f"GRANT SELECT, INSERT ON payments TO {service}")
+        # Only the database's owner or a superuser may close it.
+        assert refused(
+            as_user(db_url, logins["operator"]), "SELECT kc_limit_database_access()"
+        )  # not even granted
+        conn.execute("SELECT kc_limit_database_access()")
+        with psycopg.connect(as_user(db_url, service), autocommit=True) as other:
+            assert other.execute("SELECT count(*) FROM payments").fetchone() == (0,)
+        assert cannot_connect(as_user(db_url, logins["nobody"]))
+    finally:
+        conn.execute(f"REVOKE ALL ON payments FROM {service}")
+        conn.execute(
+            sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(database, sql.Identifier(service))
+        )
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {service}")
+
+
+# -- the audit trail and the sequences --------------------------------------------------------
+
+
+def test_a_worker_adds_history_but_cannot_change_or_delete_it(
+    conn: Conn, db_url: str, logins: dict[str, str]
+) -> None:
+    """Issue 21, item 7: kc_worker could DELETE from stage_history."""
+    payment = f.payment(conn, f.student(conn), f.course(conn), GOOD)
+    worker = as_user(db_url, logins["worker"])
+    with psycopg.connect(worker, autocommit=True) as w:
+        w.execute(
+            "INSERT INTO stage_history (stage, ref_id, event) VALUES ('purchase', %s, 'skipped')",
+            (payment,),
+        )
+    rows = one(conn, "SELECT count(*) AS n FROM stage_history WHERE ref_id = %s", payment)["n"]
+    assert rows == 2  # the trigger's 'enqueued' and the worker's
+    assert refused(worker, "DELETE FROM stage_history")
+    assert refused(worker, "UPDATE stage_history SET detail = 'forged'")
+    assert refused(worker, "TRUNCATE stage_history")
+    # Pruning goes through the owner's function, which keeps at least a day.
+    with psycopg.connect(worker, autocommit=True) as w:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="at least a day"):
+            w.execute("SELECT * FROM prune_history('1 hour')")
+        kept = w.execute("SELECT history_deleted FROM prune_history('30 days')").fetchone()
+    assert kept == (0,)
+    assert one(conn, "SELECT count(*) AS n FROM stage_history WHERE ref_id = %s", payment)["n"] == 2
+
+
+def test_no_role_but_the_owner_sets_a_sequence(
+    conn: Conn, db_url: str, logins: dict[str, str]
+) -> None:
+    """Issue 21, item 7: setval('stage_history_id_seq', 1) by a worker made every later
+    enqueue fail, and with it the payment service's INSERT of a succeeded payment."""
+    sequences = [
+        r["name"]
+        for r in conn.execute(
+            "SELECT c.oid::regclass::text AS name FROM pg_class c "
+            "WHERE c.relkind = 'S' AND c.relnamespace = 'public'::regnamespace ORDER BY 1"
+        )
+    ]
+    assert "stage_history_id_seq" in sequences and "pgqueuer_id_seq" in sequences
+    worker, operator = (as_user(db_url, logins[n]) for n in ("worker", "operator"))
+    for name in sequences:
+        assert refused(worker, "SELECT setval(%s::regclass, 1)", name), name
+        assert refused(operator, "SELECT setval(%s::regclass, 1)", name), name
+        assert refused(worker, f"ALTER SEQUENCE {name} RESTART")  # name: regclass, quoted
+    # The worker still draws from them, and a sequence the owner makes later is no different.
+    with psycopg.connect(worker, autocommit=True) as w:
+        w.execute("SELECT nextval('stage_history_id_seq')")
+    conn.execute("SET ROLE kc_owner")
+    conn.execute("CREATE TABLE kc_test_later (id bigint GENERATED ALWAYS AS IDENTITY)")
+    conn.execute("RESET ROLE")
+    later = one(
+        conn,
+        "SELECT has_sequence_privilege('kc_worker', 'kc_test_later_id_seq', 'UPDATE') AS u, "
+        "has_sequence_privilege('kc_worker', 'kc_test_later_id_seq', 'USAGE') AS usage",
+    )
+    assert later == {"u": False, "usage": True}
+    # ... and payments go through.
+    f.trainer(conn)
+    f.payment(conn, f.student(conn), f.course(conn), GOOD)
+    drain(db_url)
+    assert one(conn, "SELECT count(*) AS n FROM tutoring_sessions")["n"] == 10
+
+
+# -- reschedule -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [date(9999, 12, 20), date(9999, 12, 31)])
+def test_reschedule_refuses_a_start_more_than_a_year_ahead(
+    conn: Conn, db_url: str, logins: dict[str, str], start: date
+) -> None:
+    """Issue 21, item 8: as kc_operator, '9999-12-20' cancelled 10 sessions and rewrote them
+    for December 9999; '9999-12-31' left the request open and its job held failed."""
+    student = f.student(conn)
+    f.trainer(conn)
+    f.payment(conn, student, f.course(conn), GOOD)
+    drain(db_url)
+    purchase = one(conn, "SELECT * FROM student_course_purchases")
+    before = conn.execute(
+        "SELECT id, scheduled_date, status FROM tutoring_sessions ORDER BY session_number"
+    ).fetchall()
+    today = one(conn, "SELECT (now() AT TIME ZONE 'Asia/Kolkata')::date AS d")["d"]
+    latest = latest_start(today)
+    assert today + timedelta(days=366) >= latest > today
+    operator = as_user(db_url, logins["operator"])
+    with (
+        psycopg.connect(operator, autocommit=True) as op,
+        pytest.raises(psycopg.errors.InvalidParameterValue) as refusal,
+    ):
+        op.execute("SELECT reschedule(%s, NULL, %s, NULL)", (purchase["id"], start))
+    # metadata's sentence (workers/rules/metadata.py), about a reschedule's start date
+    assert refusal.value.diag.message_primary == (
+        f"start date {start} is more than a year ahead; the latest start accepted today is {latest}"
+    )
+    drain(db_url)
+    assert one(conn, "SELECT * FROM student_course_purchases") == purchase
+    after = conn.execute(
+        "SELECT id, scheduled_date, status FROM tutoring_sessions ORDER BY session_number"
+    ).fetchall()
+    assert after == before
+    assert one(conn, "SELECT count(*) AS n FROM schedule_changes")["n"] == 0
+    assert one(conn, "SELECT count(*) AS n FROM pgqueuer")["n"] == 0  # nothing held failed
+    # The last day the bound allows is accepted.
+    with psycopg.connect(operator, autocommit=True) as op:
+        op.execute("SELECT reschedule(%s, NULL, %s, NULL)", (purchase["id"], latest))
+    assert one(conn, "SELECT to_start_date FROM schedule_changes")["to_start_date"] == latest
