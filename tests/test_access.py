@@ -6,6 +6,9 @@ date is bounded as metadata's is."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import date, timedelta
@@ -207,3 +210,31 @@ def test_reschedule_refuses_a_start_more_than_a_year_ahead(
     with psycopg.connect(operator, autocommit=True) as op:
         op.execute("SELECT reschedule(%s, NULL, %s, NULL)", (purchase["id"], latest))
     assert one(conn, "SELECT to_start_date FROM schedule_changes")["to_start_date"] == latest
+
+
+def test_a_login_that_may_not_act_as_its_part_is_told_at_once(db_url: str, admin_url: str) -> None:
+    """Workers act as kc_worker and the operator commands as kc_operator, whatever the login;
+    a login that is no member of the role is told so, with the fix, instead of retrying."""
+    name = f"kc_test_owner_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN IN ROLE kc_owner")
+    try:
+        env = {**os.environ, "DATABASE_URL": as_user(db_url, name)}
+        for command, role in (
+            (["run", "--no-migrate", "--drain"], "kc_worker"),
+            (["status"], "kc_operator"),
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "workers", *command],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            assert done.returncode == 1, done.stderr
+            assert f"the login {name} may not act as {role}" in done.stderr
+            assert f"GRANT {role} TO {name}" in done.stderr and "Traceback" not in done.stderr
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE {name}")

@@ -34,7 +34,7 @@ from tests.helpers import drain, one, spawn_worker, wait_for
 from workers.console import serve
 from workers.console.charts import StagePoint, axis_top, stage_chart
 from workers.database import migrate
-from workers.database.connections import make_operator_pool
+from workers.database.connections import OPERATOR_ROLE, make_operator_pool
 from workers.database.embedded import EmbeddedServer
 from workers.errors import ConfigurationError
 
@@ -497,9 +497,9 @@ def test_the_console_works_again_after_a_real_restart(tmp_path: Path) -> None:
     """A server of its own (the embedded one): up, stopped, started again."""
     server = EmbeddedServer(tmp_path / "pgdata")
     try:
-        url = server.ensure_running()
-        migrate.upgrade(url)
-        with console(url, pool_timeout=2) as client:
+        migrate.upgrade(server.ensure_running())
+        # The console logs in as the operator's login (the embedded server's own roles).
+        with console(server.login_url(OPERATOR_ROLE), pool_timeout=2) as client:
             assert client.get("/").status_code == 200
             server.stop()
             down = client.get("/")

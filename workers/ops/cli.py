@@ -14,7 +14,13 @@ from uuid import UUID
 
 from workers.database import migrate
 from workers.database import server as database
-from workers.database.connections import SyncConn, connect_sync
+from workers.database.connections import (
+    OPERATOR_ROLE,
+    WORKER_ROLE,
+    SyncConn,
+    check_role,
+    connect_sync,
+)
 from workers.errors import ConfigurationError, PipelineError
 from workers.settings import REPO_ROOT, Settings, load_settings
 
@@ -41,9 +47,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         from workers.runtime.supervisor import exit_with_supervisor
 
         exit_with_supervisor()
-    url = database.pipeline_url(settings)
     if not args.no_migrate:
-        migrate.upgrade(url)
+        migrate.upgrade(database.pipeline_url(settings))
+    url = database.pipeline_url(settings, WORKER_ROLE)
+    # A login that may not act as kc_worker would look like a database that does not answer
+    # (the worker reconnects for ever): say so once, now.
+    check_role(url, WORKER_ROLE)
     if args.drain:
         from workers.runtime.worker import run_worker
 
@@ -88,6 +97,7 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     import os
+    import shlex
     import shutil
 
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -109,6 +119,12 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     else:
         psql = system_psql
     extra = [a for a in args.psql_args if a != "--"]
+    if args.args:
+        try:
+            extra = shlex.split(args.args) + extra
+        except ValueError as exc:  # an unclosed quote
+            print(f"psql's arguments cannot be split ({exc}): {args.args!r}", file=sys.stderr)
+            return 2
     sys.stdout.flush()
     os.execve(psql, [psql, make_conninfo("", **params), *extra], env)
 
@@ -176,7 +192,7 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ops_connection(settings: Settings) -> SyncConn:
-    return connect_sync(database.pipeline_url(settings))
+    return connect_sync(database.pipeline_url(settings, OPERATOR_ROLE), role=OPERATOR_ROLE)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -224,7 +240,7 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
     from workers.console.serve import serve
 
     try:
-        return serve(database.pipeline_url(settings), settings, args.host, args.port)
+        return serve(database.pipeline_url(settings, OPERATOR_ROLE), settings, args.host, args.port)
     except ConfigurationError as exc:  # the address, the token, the role, the migrations
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -233,7 +249,7 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from workers.ops import commands as ops
 
-    problems = ops.doctor(database.pipeline_url(settings), settings)
+    problems = ops.doctor(database.pipeline_url(settings, OPERATOR_ROLE), settings)
     for problem in problems:
         print(f"PROBLEM: {problem.what}\n    fix: {problem.fix}")
     if not problems:
@@ -440,8 +456,14 @@ def _add_tools(sub: Subcommands[argparse.ArgumentParser]) -> None:
     """psql and schema: for people working on the database itself."""
     psql = sub.add_parser(
         "psql",
-        help="exec psql on the pipeline's database",
+        help="exec psql on the pipeline's database (as its owner)",
         description="Arguments after -- go to psql.",
+    )
+    psql.add_argument(
+        "--args",
+        metavar="WORDS",
+        help="more arguments for psql in one string, split into words as a shell would "
+        "(quotes group, nothing is expanded or run): what `make psql PSQL_ARGS=...` passes",
     )
     psql.add_argument("psql_args", nargs=argparse.REMAINDER)
     psql.set_defaults(func=cmd_psql)

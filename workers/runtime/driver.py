@@ -19,6 +19,8 @@ from pgqueuer.ports.driver import NotifyCallback
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from workers.database.connections import WORKER_ROLE, role_options
+
 log = logging.getLogger(__name__)
 
 
@@ -42,14 +44,16 @@ class ListeningDriver:
         self._entered = 0
 
     @classmethod
-    async def connect(cls, url: str, name: str = "koding-caravan") -> Self:
+    async def connect(cls, url: str, name: str = "koding-caravan", role: str = WORKER_ROLE) -> Self:
         """`name` prefixes the connections' application_name; workers are counted by the
-        listening connection's name (`koding-caravan-listen`), so tools use another name."""
+        listening connection's name (`koding-caravan-listen`), so tools use another name.
+        Both connections act as `role` (a worker's: kc_worker)."""
+        options = role_options(url, role)
         query_conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name=f"{name}-queue"
+            url, autocommit=True, application_name=f"{name}-queue", options=options
         )
         listen_conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name=f"{name}-listen"
+            url, autocommit=True, application_name=f"{name}-listen", options=options
         )
         return cls(query_conn, listen_conn)
 

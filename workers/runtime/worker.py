@@ -37,7 +37,15 @@ from pgqueuer.sm import SchedulerManager
 from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
-from workers.database.connections import AsyncConn, fetch_all, fetch_one, make_pool, transaction
+from workers.database.connections import (
+    WORKER_ROLE,
+    AsyncConn,
+    fetch_all,
+    fetch_one,
+    make_pool,
+    role_options,
+    transaction,
+)
 from workers.database.sql import q
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
 from workers.runtime.batching import Batcher
@@ -426,7 +434,10 @@ async def connect_driver(url: str, settings: Settings) -> QueueDriver:
         # pgqueuer 1.6's own driver, kept to measure against: it polls NOTIFY with a 1 s
         # timeout under the query connection's lock.
         conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name="koding-caravan-listen"
+            url,
+            autocommit=True,
+            application_name="koding-caravan-listen",
+            options=role_options(url, WORKER_ROLE),
         )
         return PgqueuerDriver(conn)
     return await ListeningDriver.connect(url)
