@@ -6,12 +6,15 @@ date is bounded as metadata's is."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,7 +22,7 @@ from psycopg import sql
 from psycopg.rows import DictRow
 
 from tests import factories as f
-from tests.helpers import drain, one
+from tests.helpers import drain, one, spawn_worker, wait_for
 from tests.test_roles import as_user, cannot_connect, refused
 from workers.rules.metadata import latest_start
 
@@ -166,6 +169,119 @@ def test_no_role_but_the_owner_sets_a_sequence(
     f.payment(conn, f.student(conn), f.course(conn), GOOD)
     drain(db_url)
     assert one(conn, "SELECT count(*) AS n FROM tutoring_sessions")["n"] == 10
+
+
+# -- NOTIFY -----------------------------------------------------------------------------------
+
+
+def _event(kind: str, **fields: object) -> str:
+    sent = datetime.now(UTC).isoformat()
+    return json.dumps({"channel": "ch_pgqueuer", "sent_at": sent, "type": kind, **fields})
+
+
+def _listening(conn: Conn) -> bool:
+    """A worker's listening connection has run its LISTEN (it runs nothing else)."""
+    row = one(
+        conn,
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'koding-caravan-listen' AND query LIKE 'LISTEN %%'",
+    )
+    return bool(row["n"])
+
+
+def _stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+
+
+def test_a_worker_drops_notifications_the_pipeline_does_not_send(
+    conn: Conn, db_url: str, logins: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 21, item 4: a malformed payload on ch_pgqueuer was logged at CRITICAL with a
+    traceback, each time. Now each is one WARNING line, and work goes on."""
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(as_user(db_url, logins["worker"]), log)
+    payloads = [
+        "not json at all",
+        "{",
+        json.dumps({"type": "table_changed_event"}),  # fields missing
+        _event("made_up_event"),
+        _event("cancellation_event", ids=[987654321]),  # a job that does not exist
+        _event("table_changed_event", operation="insert", table="pgqueuer", channel="elsewhere"),
+        "x" * 7000,
+    ]
+    try:
+        wait_for(lambda: _listening(conn), 60, "the worker to listen")
+        with psycopg.connect(as_user(db_url, logins["operator"]), autocommit=True) as sender:
+            for payload in payloads:
+                sender.execute("SELECT pg_notify('ch_pgqueuer', %s)", (payload,))
+        f.trainer(conn)
+        f.payment(conn, f.student(conn), f.course(conn), GOOD)
+        wait_for(
+            lambda: one(conn, "SELECT count(*) AS n FROM tutoring_sessions")["n"] == 10,
+            60,
+            "the payment's sessions",
+        )
+    finally:
+        _stop(worker)
+    text = log.read_text()
+    warnings = [line for line in text.splitlines() if "ignored a NOTIFY on ch_pgqueuer" in line]
+    assert len(warnings) == len(payloads), text
+    assert all(" WARNING " in line for line in warnings), warnings
+    assert all(len(line) < 600 for line in warnings)  # one line each, the payload cut short
+    assert "CRITICAL" not in text and "Traceback" not in text, text
+    assert "cancellation_event: nothing in the pipeline sends one" in text
+
+
+def test_a_forged_cancellation_does_not_touch_a_job_in_flight(
+    conn: Conn, db_url: str, logins: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 21, item 4: a cancellation_event naming a running job had it logged cancelled
+    (and one that arrives before the job starts skips its work)."""
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(as_user(db_url, logins["worker"]), log)
+    course, student = f.course(conn), f.student(conn)
+    f.trainer(conn)
+    try:
+        wait_for(lambda: _listening(conn), 60, "the worker to listen")
+        # The purchase stage cannot write its row while this lock is held: its job stays in
+        # flight.
+        with psycopg.connect(db_url, autocommit=True) as holder, holder.transaction():
+            holder.execute("LOCK TABLE student_course_purchases IN EXCLUSIVE MODE")
+            f.payment(conn, student, course, GOOD)
+            wait_for(
+                lambda: (
+                    one(
+                        conn,
+                        "SELECT count(*) AS n FROM pgqueuer "
+                        "WHERE entrypoint = 'purchase' AND status = 'picked'",
+                    )["n"]
+                    == 1
+                ),
+                30,
+                "the purchase job to be picked",
+            )
+            job = one(conn, "SELECT id FROM pgqueuer WHERE entrypoint = 'purchase'")["id"]
+            with psycopg.connect(as_user(db_url, logins["operator"]), autocommit=True) as s:
+                s.execute(
+                    "SELECT pg_notify('ch_pgqueuer', %s)",
+                    (_event("cancellation_event", ids=[job]),),
+                )
+            wait_for(lambda: "cancellation_event" in log.read_text(), 30, "the warning")
+        wait_for(
+            lambda: one(conn, "SELECT count(*) AS n FROM tutoring_sessions")["n"] == 10,
+            60,
+            "the payment's sessions",
+        )
+    finally:
+        _stop(worker)
+    statuses = [
+        r["status"]
+        for r in conn.execute(
+            "SELECT status::text FROM pgqueuer_log WHERE job_id = %s ORDER BY id", (job,)
+        )
+    ]
+    assert statuses[-1] == "successful" and "canceled" not in statuses, statuses
 
 
 # -- reschedule -------------------------------------------------------------------------------

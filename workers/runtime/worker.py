@@ -24,6 +24,7 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -31,6 +32,7 @@ import psycopg_pool
 from pgqueuer.db import PsycopgDriver
 from pgqueuer.errors import RetryRequested
 from pgqueuer.models import Job, Schedule
+from pgqueuer.ports.driver import NotifyCallback
 from pgqueuer.qm import QueueManager
 from pgqueuer.queries import Queries
 from pgqueuer.sm import SchedulerManager
@@ -49,7 +51,7 @@ from workers.database.connections import (
 from workers.database.sql import q
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
 from workers.runtime.batching import Batcher
-from workers.runtime.driver import ListeningDriver
+from workers.runtime.driver import ListeningDriver, screened
 from workers.runtime.runner import (
     Handler,
     Outcome,
@@ -444,6 +446,24 @@ async def connect_driver(url: str, settings: Settings) -> QueueDriver:
 
 
 class PgqueuerDriver(PsycopgDriver):
+    """pgqueuer's driver, with what it hears screened as ListeningDriver screens it."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        super().__init__(connection)
+        self._screens: dict[tuple[str, NotifyCallback], NotifyCallback] = {}
+
+    async def add_listener(self, channel: str, callback: NotifyCallback) -> None:
+        def screen(payload: str | bytes | bytearray) -> None:
+            text = payload if isinstance(payload, str) else bytes(payload).decode(errors="replace")
+            if screened(channel, text):
+                callback(payload)
+
+        self._screens[(channel, callback)] = screen
+        await super().add_listener(channel, screen)
+
+    async def remove_listener(self, channel: str, callback: NotifyCallback) -> None:
+        await super().remove_listener(channel, self._screens.pop((channel, callback), callback))
+
     async def close(self) -> None:
         await self._connection.close()
 
