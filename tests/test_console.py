@@ -571,13 +571,19 @@ def test_listening_beyond_loopback_needs_a_token(db_url: str) -> None:
 
 def test_a_login_that_may_not_act_as_kc_operator_is_refused(db_url: str, admin_url: str) -> None:
     name = f"kc_test_nobody_{uuid.uuid4().hex[:8]}"
+    database = db_url.rsplit("/", 1)[1]
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {name} LOGIN")
     try:
+        # It may connect (only the project's roles may by default: docs/security-roles.md).
+        with psycopg.connect(db_url, autocommit=True) as owner:
+            owner.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {name}')
         url = db_url.replace("postgres@", f"{name}@", 1)
         with pytest.raises(ConfigurationError, match=f"GRANT kc_operator TO {name}"):
             serve.check_database(url)
     finally:
+        with psycopg.connect(db_url, autocommit=True) as owner:
+            owner.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM {name}')
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f"DROP ROLE IF EXISTS {name}")
 
