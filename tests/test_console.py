@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow
 
 from tests import factories as f
@@ -571,7 +572,7 @@ def test_listening_beyond_loopback_needs_a_token(db_url: str) -> None:
 
 def test_a_login_that_may_not_act_as_kc_operator_is_refused(db_url: str, admin_url: str) -> None:
     name = f"kc_test_nobody_{uuid.uuid4().hex[:8]}"
-    database = db_url.rsplit("/", 1)[1]
+    database = conninfo_to_dict(db_url)["dbname"]
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {name} LOGIN")
     try:
