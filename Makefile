@@ -6,8 +6,18 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-PSQL_ARGS ?=
-PYTEST_ARGS ?=
+
+# A value given on the command line (make trace ID=..., PSQL_ARGS=..., any NAME=value) is
+# data, never make text. GNU make expands a command-line variable where it is used and also
+# when it exports it to a recipe's environment, which it does for every one: on its own,
+# `make trace ID='$(shell touch /tmp/x)'` ran the command before the recipe started. So each
+# becomes a simple variable holding its text exactly as typed ($(value ...): nothing is
+# expanded, now or later), still exported. Recipes read values from the environment, quoted
+# ("$$ID" in a recipe), and the CLI validates them; the two argument lists are split into
+# words as a shell would, with nothing run or expanded: PYTEST_ARGS by pytest (as
+# PYTEST_ADDOPTS), PSQL_ARGS by `workers psql --args`. (NAME:=value is expanded by make
+# while it reads its command line, before this file: use NAME=value.)
+$(foreach name,$(.VARIABLES),$(if $(filter command line,$(origin $(name))),$(eval override export $(name) := $$(value $(name)))))
 
 .PHONY: help install venv-check run-workers test lint format migrate psql db-start db-stop db-remove \
 	schema clean status trace failures replay reschedule doctor console operator-add operators \
@@ -47,7 +57,8 @@ test: $(STAMP) ## run the whole test suite against a real PostgreSQL (KC_TEST_SE
 	@url="$${TEST_DATABASE_URL:-}"; \
 	if [ -z "$$url" ]; then url="$$($(PY) -m workers db-url --for-tests)" || exit 1; fi; \
 	echo "tests use the server at $$url"; \
-	TEST_DATABASE_URL="$$url" $(PY) -m pytest $(PYTEST_ARGS)
+	TEST_DATABASE_URL="$$url" PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:+$$PYTEST_ADDOPTS }$${PYTEST_ARGS:-}" \
+		$(PY) -m pytest
 
 lint: $(STAMP) ## ruff (lint + format check) and mypy
 	$(PY) -m ruff check .
@@ -61,8 +72,8 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 migrate: $(STAMP) ## apply the migrations to the pipeline's database
 	$(PY) -m workers migrate
 
-psql: $(STAMP) ## psql on the pipeline's database (extra arguments: PSQL_ARGS=...)
-	@$(PY) -m workers psql -- $(PSQL_ARGS)
+psql: $(STAMP) ## psql on the pipeline's database, as its owner (extra arguments: PSQL_ARGS=...)
+	@$(PY) -m workers psql --args "$${PSQL_ARGS:-}"
 
 db-start: $(STAMP) ## start the embedded PostgreSQL alone (no workers); other commands never start it
 	@$(PY) -m workers db-start
@@ -76,8 +87,8 @@ db-remove: $(STAMP) ## stop the embedded PostgreSQL and delete its data: a clean
 status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
 	@$(PY) -m workers status
 
-# ID, STAGE, SLOT, DATE, MODE and NAME reach the commands through the environment ("$$ID"), never
-# pasted into the recipe's shell text: a value cannot run a command. The CLI validates them.
+# ID, STAGE, SLOT, DATE, MODE and NAME reach the commands through the environment ("$$ID"),
+# never as make or shell text (see the top of this file). The CLI validates them.
 trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocation|student id>
 	@test -n "$$ID" || { echo "usage: make trace ID=<uuid>"; exit 2; }
 	@$(PY) -m workers trace "$$ID"
@@ -120,7 +131,7 @@ screenshots: $(STAMP) ## docs/console-overview.png and docs/console-trace.png, t
 
 bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PY) -m bench $(if $(QUICK),--quick,) $${BACKLOGS:+--backlogs $$BACKLOGS}
+	$(PY) -m bench $${QUICK:+--quick} $${BACKLOGS:+--backlogs $$BACKLOGS}
 
 embedded-smoke: ## a fresh clone of HEAD in a private folder: run-workers, one payment, 10 sessions, db-stop
 	bash .ci/embedded-smoke

@@ -1325,6 +1325,51 @@ AS $function$
         THEN substr(p_dedupe_key, length(p_entrypoint) + 2)::uuid
     END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_limit_database_access()
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_database text := current_database();
+    v_owner    regrole := (SELECT datdba::regrole FROM pg_database WHERE datname = v_database);
+    v_grantee  regrole;
+BEGIN
+    IF NOT has_database_privilege('public', v_database, 'CONNECT')
+       AND NOT has_database_privilege('public', v_database, 'TEMPORARY')
+       AND has_database_privilege('kc_owner', v_database, 'CONNECT')
+       AND has_database_privilege('kc_worker', v_database, 'CONNECT')
+       AND has_database_privilege('kc_operator', v_database, 'CONNECT') THEN
+        RETURN;  -- done before (by its owner, or an earlier run)
+    END IF;
+    IF NOT pg_has_role(current_user, v_owner, 'MEMBER')
+       AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'only the owner of database % (%) or a superuser may say who connects '
+                        'to it, and % is neither', v_database, v_owner, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('as %s: REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC; '
+                                'GRANT CONNECT ON DATABASE %I TO kc_owner, kc_worker, '
+                                'kc_operator; then migrate again', v_owner, v_database,
+                                v_database);
+    END IF;
+    FOR v_grantee IN
+        SELECT DISTINCT acl.grantee::regrole
+        FROM (SELECT c.relacl AS acl FROM pg_class c
+              WHERE c.relnamespace = 'public'::regnamespace
+              UNION ALL
+              SELECT p.proacl FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace) o,
+             aclexplode(o.acl) acl
+        WHERE acl.grantee <> 0  -- PUBLIC
+          AND acl.grantee NOT IN ('kc_owner'::regrole, 'kc_worker'::regrole,
+                                  'kc_operator'::regrole)
+    LOOP
+        EXECUTE format('GRANT CONNECT ON DATABASE %I TO %s', v_database, v_grantee);
+    END LOOP;
+    EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', v_database);
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO kc_owner, kc_worker, kc_operator',
+                   v_database);
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_lock_trainer(p_trainer uuid)
  RETURNS void
  LANGUAGE sql
@@ -1499,6 +1544,13 @@ BEGIN
         RAISE EXCEPTION 'start date % is in the past (today is % in the student''s time zone)',
             p_start_date, v_today USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- The bound a payment's startDate has (workers/rules/metadata.py, latest_start): a year
+    -- ahead, 28 February for 29 February; same sentence.
+    IF p_start_date > (v_today + interval '1 year')::date THEN
+        RAISE EXCEPTION 'start date % is more than a year ahead; the latest start accepted '
+                        'today is %', p_start_date, (v_today + interval '1 year')::date
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     v_start := coalesce(p_start_date, v_purchase.start_date);
     IF extract(epoch FROM v_slot) + 60 * v_purchase.session_duration_minutes > 86400 THEN
         RAISE EXCEPTION 'a %-minute session at % would end after midnight',
@@ -1566,8 +1618,16 @@ CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
 AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
 CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
  RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
- LANGUAGE sql
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
 AS $function$
+BEGIN
+    IF p_keep IS NULL OR p_keep < interval '1 day' THEN
+        RAISE EXCEPTION 'history is kept for at least a day, not %',
+            coalesce(p_keep::text, 'NULL') USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
     WITH h AS (
         DELETE FROM stage_history WHERE at < now() - p_keep RETURNING 1
     ), l AS (
@@ -1579,7 +1639,8 @@ AS $function$
         WHERE last_started_at < now() - p_keep AND job_id NOT IN (SELECT id FROM pgqueuer)
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM l), (SELECT count(*) FROM s)
+    SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM l), (SELECT count(*) FROM s);
+END
 $function$
 CREATE OR REPLACE FUNCTION public.record_job_start(p_job bigint, p_stage text, p_ref uuid, p_worker uuid)
  RETURNS integer

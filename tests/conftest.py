@@ -58,7 +58,12 @@ def db_url(admin_url: str, template_db: str) -> Iterator[str]:
     name = f"kc_test_{uuid.uuid4().hex[:12]}"
     _create_database(admin_url, name, template=template_db)
     try:
-        yield with_database(admin_url, name)
+        url = with_database(admin_url, name)
+        # A copy does not keep its template's database privileges: close it as migration
+        # 0015 closed the template, so each test meets the database a deployment has.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SELECT kc_limit_database_access()")
+        yield url
     finally:
         _drop_database(admin_url, name)
 

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow
 
 from tests import factories as f
@@ -34,7 +35,7 @@ from tests.helpers import drain, one, spawn_worker, wait_for
 from workers.console import serve
 from workers.console.charts import StagePoint, axis_top, stage_chart
 from workers.database import migrate
-from workers.database.connections import make_operator_pool
+from workers.database.connections import OPERATOR_ROLE, make_operator_pool
 from workers.database.embedded import EmbeddedServer
 from workers.errors import ConfigurationError
 
@@ -500,9 +501,9 @@ def test_the_console_works_again_after_a_real_restart(tmp_path: Path) -> None:
     """A server of its own (the embedded one): up, stopped, started again."""
     server = EmbeddedServer(tmp_path / "pgdata")
     try:
-        url = server.ensure_running()
-        migrate.upgrade(url)
-        with console(url, pool_timeout=2) as client:
+        migrate.upgrade(server.ensure_running())
+        # The console logs in as the operator's login (the embedded server's own roles).
+        with console(server.login_url(OPERATOR_ROLE), pool_timeout=2) as client:
             assert client.get("/").status_code == 200
             server.stop()
             down = client.get("/")
@@ -587,13 +588,19 @@ def test_the_shared_token_is_refused_with_what_replaced_it(db_url: str) -> None:
 
 def test_a_login_that_may_not_act_as_kc_operator_is_refused(db_url: str, admin_url: str) -> None:
     name = f"kc_test_nobody_{uuid.uuid4().hex[:8]}"
+    database = conninfo_to_dict(db_url)["dbname"]
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f"CREATE ROLE {name} LOGIN")
     try:
+        # It may connect (only the project's roles may by default: docs/security.md).
+        with psycopg.connect(db_url, autocommit=True) as owner:
+            owner.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {name}')
         url = db_url.replace("postgres@", f"{name}@", 1)
         with pytest.raises(ConfigurationError, match=f"GRANT kc_operator TO {name}"):
             serve.check_database(url)
     finally:
+        with psycopg.connect(db_url, autocommit=True) as owner:
+            owner.execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM {name}')
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f"DROP ROLE IF EXISTS {name}")
 

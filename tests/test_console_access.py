@@ -577,7 +577,9 @@ def test_operator_commands_add_list_revoke_and_say_what_is_wrong(
         as_operator = parts._replace(netloc=f"{login}@{parts.netloc.rsplit('@', 1)[-1]}").geturl()
         denied = operator_command(as_operator, "add", "Mallory")
         assert denied.returncode == 1
-        assert f"the login {login} may not manage console operators" in denied.stderr
+        # Operators are the owner's: a login that may not act as kc_owner is told the GRANT.
+        assert f"the login {login} may not act as kc_owner" in denied.stderr
+        assert f"GRANT kc_owner TO {login}" in denied.stderr
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f"DROP ROLE IF EXISTS {login}")

@@ -306,6 +306,64 @@ def test_make_variables_cannot_run_commands(tmp_path: Path) -> None:
         assert not marker.exists(), args
 
 
+# Issue 21, item 11: GNU make expanded a command-line variable when it exported it to a
+# recipe's environment (so `make trace ID='$(shell ...)'` ran the command, and so did any
+# NAME='$(shell ...)'), and pasted PSQL_ARGS and PYTEST_ARGS into the recipe's shell text.
+HOSTILE = [
+    ("trace", "ID", "$(shell touch {marker})"),
+    ("trace", "FOO", "$(shell touch {marker})"),  # a variable no recipe mentions
+    ("status", "SHELLFLAGS", "`touch {marker}`"),
+    ("psql", "PSQL_ARGS", "-c 'select 1'; touch {marker}"),
+    ("psql", "PSQL_ARGS", "$(touch {marker})"),
+    ("psql", "PSQL_ARGS", "$(shell touch {marker})"),
+    ("test", "PYTEST_ARGS", "--collect-only -q tests/test_lifecycle_rules.py; touch {marker}"),
+    ("test", "PYTEST_ARGS", "$(shell touch {marker})"),
+    ("-n bench", "QUICK", "$(shell touch {marker})"),
+    ("-n run-workers", "WORKERS", "$(shell touch {marker})"),
+]
+
+
+@pytest.mark.parametrize(("target", "name", "value"), HOSTILE)
+def test_make_passes_values_as_data(tmp_path: Path, target: str, name: str, value: str) -> None:
+    marker = tmp_path / "ran"
+    env = {**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing"}
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(REPO_ROOT),
+            *target.split(),
+            f"{name}={value.format(marker=marker)}",
+        ],
+        env=env,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert not marker.exists()
+
+
+def test_psql_args_arrive_as_the_words_they_say(tmp_path: Path) -> None:
+    """PSQL_ARGS is split as a shell splits words (quotes group), nothing more."""
+    fake = tmp_path / "psql"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "[$a]"; done\n')
+    fake.chmod(0o755)
+    result = subprocess.run(
+        ["make", "-s", "-C", str(REPO_ROOT), "psql", "PSQL_ARGS=-c 'select $$1, $(x)' -X"],
+        env={
+            **os.environ,
+            "PATH": f"{tmp_path}:{os.environ['PATH']}",
+            "DATABASE_URL": "postgresql://alice@db.example:5433/koding",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.splitlines()[1:] == ["[-c]", "[select $$1, $(x)]", "[-X]"]
+
+
 def test_psql_gets_the_password_from_its_environment(tmp_path: Path) -> None:
     fake = tmp_path / "psql"
     fake.write_text('#!/bin/sh\necho "ARGS $*"\necho "PGPASSWORD=$PGPASSWORD"\n')

@@ -59,3 +59,8 @@ WHERE datname = current_database() AND application_name = 'koding-caravan-listen
 -- name: oldest_backlog
 SELECT stage, extract(epoch FROM oldest_waiting)::float8 AS seconds
 FROM stage_overview WHERE oldest_waiting IS NOT NULL;
+
+-- name: database_access
+-- Whether any login may connect (PUBLIC has CONNECT), which migration 0015 took away.
+SELECT current_database() AS database,
+       has_database_privilege('public', current_database(), 'CONNECT') AS public_may_connect;

@@ -1,7 +1,12 @@
 """psycopg connections and row access. A stage gets its connection from the stages' pool,
 inside a transaction (`transaction`); a command opens one autocommit connection
 (`connect_sync`); the console has a pool of autocommit connections that act as kc_operator
-(`make_operator_pool`). The queue's own connections are in `driver.py`."""
+(`make_operator_pool`). The queue's own connections are in `driver.py`.
+
+Each part of the pipeline acts as its own role whatever login it connects with (a superuser
+in development, the owner, a login made for it): the workers' connections as kc_worker, the
+operator commands' as kc_operator (`role_options`). docs/security.md says what each
+role may do."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, LiteralString
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import DictRow, dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -25,19 +31,65 @@ SyncConn = psycopg.Connection[DictRow]
 Params = Mapping[str, Any]
 
 
-def connect_sync(url: str, *, timeout: int | None = None) -> SyncConn:
-    """A command's connection; ConfigurationError (naming psycopg's reason, kept as its
-    cause) when the database does not answer within `timeout` seconds."""
+# The project's roles (migration 0005). Logins are made members of one of them.
+OWNER_ROLE = "kc_owner"
+WORKER_ROLE = "kc_worker"
+OPERATOR_ROLE = "kc_operator"
+
+
+def role_options(url: str, role: str | None, *settings: str) -> str:
+    """libpq `options` for a connection to `url` that acts as `role` from its first statement
+    (the server sets the role while it starts the session, so RESET ROLE returns to it, and a
+    login that is not a member is refused there: "permission denied to set role"), with the
+    URL's own options and `settings` ("-c name=value")."""
+    given = str(conninfo_to_dict(url).get("options") or "")
+    return " ".join(part for part in (given, *settings, f"-c role={role}" if role else "") if part)
+
+
+def refused_role(exc: BaseException, role: str) -> bool:
+    """True when a connection failed because its login may not act as `role`."""
+    return f'permission denied to set role "{role}"' in str(exc)
+
+
+def role_refusal(url: str, role: str) -> ConfigurationError:
+    user = conninfo_to_dict(url).get("user") or "(the login of DATABASE_URL)"
+    return ConfigurationError(
+        f"the login {user} may not act as {role}, the role this part of the pipeline runs "
+        f"as: GRANT {role} TO {user}; or a DATABASE_URL whose login is a member of {role} "
+        "(docs/security.md)"
+    )
+
+
+def connect_sync(url: str, *, timeout: int | None = None, role: str | None = None) -> SyncConn:
+    """A command's connection, acting as `role` when one is named; ConfigurationError (naming
+    psycopg's reason, kept as its cause) when the database does not answer within `timeout`
+    seconds or the login may not act as `role`."""
     options: dict[str, Any] = {} if timeout is None else {"connect_timeout": timeout}
+    if role is not None:
+        options["options"] = role_options(url, role)
     try:
         return psycopg.connect(url, autocommit=True, row_factory=dict_row, **options)
     except psycopg.OperationalError as exc:
+        if role is not None and refused_role(exc, role):
+            raise role_refusal(url, role) from exc
         raise ConfigurationError(f"cannot connect to the database: {exc}".strip()) from exc
+
+
+def check_role(url: str, role: str) -> None:
+    """ConfigurationError when the login of `url` may not act as `role`. A database that does
+    not answer is not this check's business: the worker waits for it and reconnects."""
+    try:
+        connect_sync(url, timeout=10, role=role).close()
+    except ConfigurationError as exc:
+        if exc.__cause__ is not None and refused_role(exc.__cause__, role):
+            raise
 
 
 def make_pool(
     url: str, size: int, statement_timeout: float = 60.0
 ) -> AsyncConnectionPool[AsyncConn]:
+    """The stages' connections: they act as kc_worker."""
+    timeout = f"-c statement_timeout={int(statement_timeout * 1000)}"
     return AsyncConnectionPool(
         url,
         min_size=1,
@@ -47,16 +99,12 @@ def make_pool(
         kwargs={
             "row_factory": dict_row,
             "application_name": "koding-caravan-stage",
-            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "options": role_options(url, WORKER_ROLE, timeout),
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         # After the server restarts or terminates backends, hand out live connections only.
         check=AsyncConnectionPool.check_connection,
     )
-
-
-# The role the console acts as, whichever login DATABASE_URL names (docs/security.md, "Roles").
-OPERATOR_ROLE = "kc_operator"
 
 
 async def act_as_operator(conn: AsyncConn) -> None:

@@ -1,4 +1,11 @@
-"""Which database to use: DATABASE_URL when set, otherwise the embedded local server."""
+"""Which database to use: DATABASE_URL when set, otherwise the embedded local server.
+
+Each part of the pipeline asks for the URL of its role: migrations and `make psql` the owner's
+(kc_owner), the workers the worker's (kc_worker), the console and the operator commands the
+operator's (kc_operator). With DATABASE_URL all three are that URL, and each part acts as its
+role once connected (connections.role_options); on the embedded server each is a login of
+its own (embedded.LOGINS), so no part of the pipeline connects as the superuser.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import logging
 
 import psycopg
 
+from workers.database.connections import OWNER_ROLE
 from workers.database.embedded import EmbeddedServer
 from workers.errors import ConfigurationError
 from workers.settings import Settings
@@ -19,14 +27,16 @@ def embedded(settings: Settings) -> EmbeddedServer:
     return EmbeddedServer(settings.embedded_dir)
 
 
-def pipeline_url(settings: Settings) -> str:
-    """The database `run-workers`, `migrate` and `psql` use."""
+def pipeline_url(settings: Settings, role: str = OWNER_ROLE) -> str:
+    """The pipeline's database, for the part of the pipeline that acts as `role`."""
     if settings.database_url:
         return settings.database_url
-    return embedded(settings).ensure_running()
+    server = embedded(settings)
+    server.ensure_running()
+    return server.login_url(role)
 
 
-def running_pipeline_url(settings: Settings) -> str:
+def running_pipeline_url(settings: Settings, role: str = OWNER_ROLE) -> str:
     """The pipeline's database for an operator's command (status, trace, psql, the console):
     like `pipeline_url`, but a stopped embedded server is not started behind their back."""
     if settings.database_url:
@@ -37,7 +47,7 @@ def running_pipeline_url(settings: Settings) -> str:
             f"the embedded PostgreSQL ({server.cluster_dir}) is not running: start the "
             "pipeline with `make run-workers`, or only its server with `make db-start`"
         )
-    return server.url()
+    return server.login_url(role)
 
 
 def test_admin_url(settings: Settings) -> str:
@@ -58,4 +68,4 @@ def test_admin_url(settings: Settings) -> str:
             log.info("no PostgreSQL on 127.0.0.1:5432 (%s); using the embedded server", reason)
     server = embedded(settings)
     server.ensure_running()
-    return server.url("postgres")
+    return server.admin_url()

@@ -14,7 +14,14 @@ from uuid import UUID
 
 from workers.database import migrate
 from workers.database import server as database
-from workers.database.connections import SyncConn, connect_sync
+from workers.database.connections import (
+    OPERATOR_ROLE,
+    OWNER_ROLE,
+    WORKER_ROLE,
+    SyncConn,
+    check_role,
+    connect_sync,
+)
 from workers.errors import ConfigurationError, PipelineError
 from workers.settings import REPO_ROOT, Settings, load_settings
 
@@ -41,9 +48,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         from workers.runtime.supervisor import exit_with_supervisor
 
         exit_with_supervisor()
-    url = database.pipeline_url(settings)
     if not args.no_migrate:
-        migrate.upgrade(url)
+        migrate.upgrade(database.pipeline_url(settings))
+    url = database.pipeline_url(settings, WORKER_ROLE)
+    # A login that may not act as kc_worker would look like a database that does not answer
+    # (the worker reconnects for ever): say so once, now.
+    check_role(url, WORKER_ROLE)
     if args.drain:
         from workers.runtime.worker import run_worker
 
@@ -106,6 +116,7 @@ def cmd_schema(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     import os
+    import shlex
     import shutil
 
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -127,6 +138,12 @@ def cmd_psql(args: argparse.Namespace, settings: Settings) -> int:
     else:
         psql = system_psql
     extra = [a for a in args.psql_args if a != "--"]
+    if args.args:
+        try:
+            extra = shlex.split(args.args) + extra
+        except ValueError as exc:  # an unclosed quote
+            print(f"psql's arguments cannot be split ({exc}): {args.args!r}", file=sys.stderr)
+            return 2
     sys.stdout.flush()
     os.execve(psql, [psql, make_conninfo("", **params), *extra], env)
 
@@ -193,10 +210,11 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
     return _submit(settings, "request_reschedule", params, "schedule_change_status", args.wait)
 
 
-def _ops_connection(settings: Settings) -> SyncConn:
-    """The pipeline's database, running and migrated to this code's revision (otherwise an
-    error that says what to do, not a traceback about a missing view)."""
-    conn = connect_sync(database.running_pipeline_url(settings))
+def _ops_connection(settings: Settings, role: str = OPERATOR_ROLE) -> SyncConn:
+    """The pipeline's database as `role` (kc_operator unless the command manages what only
+    the owner may), running and migrated to this code's revision (otherwise an error that
+    says what to do, not a traceback about a missing view)."""
+    conn = connect_sync(database.running_pipeline_url(settings, role), role=role)
     current, head = migrate.current_revision(conn), migrate.head_revision()
     if current != head:
         conn.close()
@@ -257,7 +275,8 @@ def cmd_operator(args: argparse.Namespace, settings: Settings) -> int:
 
     from workers.ops import commands as ops
 
-    with _ops_connection(settings) as conn:
+    # Operators (their tokens' hashes) are the owner's: kc_operator may not even read them.
+    with _ops_connection(settings, OWNER_ROLE) as conn:
         try:
             if args.action == "add":
                 print(ops.add_operator(conn, args.name))
@@ -285,7 +304,8 @@ def cmd_console(args: argparse.Namespace, settings: Settings) -> int:
     from workers.console.serve import serve
 
     try:
-        return serve(database.running_pipeline_url(settings), settings, args.host, args.port)
+        url = database.running_pipeline_url(settings, OPERATOR_ROLE)
+        return serve(url, settings, args.host, args.port)
     except ConfigurationError as exc:  # the address, the token, the role, the migrations
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -295,7 +315,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from workers.ops import commands as ops
 
     try:
-        url = database.running_pipeline_url(settings)
+        url = database.running_pipeline_url(settings, OPERATOR_ROLE)
     except ConfigurationError as exc:
         print(f"PROBLEM: {exc}\n    fix: make run-workers")
         return 1
@@ -556,8 +576,14 @@ def _add_tools(sub: Subcommands[argparse.ArgumentParser]) -> None:
     """psql and schema: for people working on the database itself."""
     psql = sub.add_parser(
         "psql",
-        help="exec psql on the pipeline's database",
+        help="exec psql on the pipeline's database (as its owner)",
         description="Arguments after -- go to psql.",
+    )
+    psql.add_argument(
+        "--args",
+        metavar="WORDS",
+        help="more arguments for psql in one string, split into words as a shell would "
+        "(quotes group, nothing is expanded or run): what `make psql PSQL_ARGS=...` passes",
     )
     psql.add_argument("psql_args", nargs=argparse.REMAINDER)
     psql.set_defaults(func=cmd_psql)

@@ -14,7 +14,12 @@ from typing import Any
 from uuid import UUID
 
 from workers.database import migrate
-from workers.database.connections import SyncConn, connect_sync
+from workers.database.connections import (
+    OPERATOR_ROLE,
+    SyncConn,
+    connect_sync,
+    refused_role,
+)
 from workers.database.sql import SQL_DIR, q
 from workers.errors import ConfigurationError
 from workers.ops import story
@@ -159,8 +164,10 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
     migrations are at head, pgqueuer's schema, the triggers, a worker listening, the
     backlog's age, held jobs. Each problem comes with its fix."""
     try:
-        conn = connect_sync(url, timeout=5)
+        conn = connect_sync(url, timeout=5, role=OPERATOR_ROLE)
     except ConfigurationError as exc:
+        if exc.__cause__ is not None and refused_role(exc.__cause__, OPERATOR_ROLE):
+            return [Problem(str(exc), f"as the database's owner: GRANT {OPERATOR_ROLE} TO <login>")]
         return [
             Problem(
                 f"the database is not reachable: {str(exc.__cause__ or exc).strip()}",
@@ -172,6 +179,7 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
         if behind:
             return behind  # the other checks read objects the migrations create
         return [
+            *_database_access(conn),
             *_pgqueuer_schema(url),
             *_triggers(conn),
             *_workers(conn),
@@ -187,6 +195,21 @@ def _migrations(conn: SyncConn) -> list[Problem]:
     if current == head:
         return []
     return [Problem(f"migrations are at {current}, head is {head}", "make migrate")]
+
+
+def _database_access(conn: SyncConn) -> list[Problem]:
+    """Only the project's roles may connect (migration 0015); a copy or a restore of the
+    database does not keep that."""
+    row = conn.execute(q("database_access")).fetchone()
+    if row is None or not row["public_may_connect"]:
+        return []
+    return [
+        Problem(
+            f"any login of the server may connect to database {row['database']} (PUBLIC has "
+            "CONNECT: a copy or a restore does not keep the database's privileges)",
+            "as the database's owner or a superuser, in psql: SELECT kc_limit_database_access();",
+        )
+    ]
 
 
 def _pgqueuer_schema(url: str) -> list[Problem]:
@@ -277,7 +300,7 @@ async def _verify_pgqueuer(url: str) -> None:
 
     from workers.runtime.driver import ListeningDriver
 
-    driver = await ListeningDriver.connect(url, name="koding-caravan-doctor")
+    driver = await ListeningDriver.connect(url, name="koding-caravan-doctor", role=OPERATOR_ROLE)
     try:
         await QueueManager(Queries(driver)).verify_structure()
     finally:

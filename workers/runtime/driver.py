@@ -4,6 +4,11 @@ pgqueuer 1.6's own psycopg driver waits for notifications on the connection its 
 with a 1 s timeout under the connection lock: every query can wait up to a second, so an idle
 pipeline takes about a second per stage. Here one connection only listens (a notification is
 handled the moment it arrives) and the other only runs queries.
+
+What a worker hears is screened first (`unexpected`): any session that may connect can NOTIFY
+pgqueuer's channel, so a payload the pipeline does not send is dropped with one WARNING line,
+before pgqueuer parses it (pgqueuer logs a malformed one at CRITICAL with a traceback, and
+cancels a job named by a cancellation_event).
 """
 
 from __future__ import annotations
@@ -15,11 +20,54 @@ from typing import Self
 
 import psycopg
 from pgqueuer.core.tm import TaskManager
+from pgqueuer.domain.models import AnyEvent
 from pgqueuer.ports.driver import NotifyCallback
 from psycopg import sql
 from psycopg.rows import dict_row
+from pydantic import ValidationError
+
+from workers.database.connections import WORKER_ROLE, role_options
 
 log = logging.getLogger(__name__)
+
+# What the pipeline sends on pgqueuer's channel: pgqueuer's trigger says the queue changed, and
+# a worker checks its own listener with a health check (answered only for an id it asked
+# about). Nothing in the pipeline cancels a job by NOTIFY: a stage's work is one transaction,
+# and an operator stops nothing, they replay.
+EXPECTED_EVENTS = frozenset({"table_changed_event", "health_check_event"})
+_SHOWN = 200  # characters of an unexpected payload that its warning shows
+
+
+def unexpected(channel: str, payload: str) -> str | None:
+    """None for a payload the pipeline sends on `channel`; otherwise why it is not, in a few
+    words (the whole payload is pgqueuer's event: well-formed JSON of a type in
+    EXPECTED_EVENTS, with every field pgqueuer needs, naming this channel)."""
+    try:
+        event = AnyEvent.model_validate_json(payload).root
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return f"{where + ': ' if where else ''}{first['msg']}".replace("\n", " ")[:_SHOWN]
+    if event.type not in EXPECTED_EVENTS:
+        return f"a {event.type}: nothing in the pipeline sends one"
+    if event.channel != channel:
+        return f"it names channel {event.channel[:_SHOWN]!r}"
+    return None
+
+
+def screened(channel: str, payload: str) -> bool:
+    """True when the payload may go on to pgqueuer; else says why it is dropped, in one line."""
+    reason = unexpected(channel, payload)
+    if reason is None:
+        return True
+    log.warning(
+        "ignored a NOTIFY on %s that the pipeline does not send (%s): %r%s",
+        channel,
+        reason,
+        payload[:_SHOWN],
+        " ..." if len(payload) > _SHOWN else "",
+    )
+    return False
 
 
 class ListeningDriver:
@@ -42,14 +90,16 @@ class ListeningDriver:
         self._entered = 0
 
     @classmethod
-    async def connect(cls, url: str, name: str = "koding-caravan") -> Self:
+    async def connect(cls, url: str, name: str = "koding-caravan", role: str = WORKER_ROLE) -> Self:
         """`name` prefixes the connections' application_name; workers are counted by the
-        listening connection's name (`koding-caravan-listen`), so tools use another name."""
+        listening connection's name (`koding-caravan-listen`), so tools use another name.
+        Both connections act as `role` (a worker's: kc_worker)."""
+        options = role_options(url, role)
         query_conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name=f"{name}-queue"
+            url, autocommit=True, application_name=f"{name}-queue", options=options
         )
         listen_conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name=f"{name}-listen"
+            url, autocommit=True, application_name=f"{name}-listen", options=options
         )
         return cls(query_conn, listen_conn)
 
@@ -96,6 +146,8 @@ class ListeningDriver:
         # The listen connection does nothing else, so waiting on it blocks nobody.
         while not self._shutdown.is_set():
             async for note in self._listen_conn.notifies(timeout=5.0):
+                if not screened(note.channel, note.payload):
+                    continue
                 for callback in list(self._listeners.get(note.channel, [])):
                     try:
                         callback(note.payload)

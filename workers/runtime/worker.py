@@ -24,6 +24,7 @@ import os
 import signal
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 from uuid import UUID
 
 import psycopg
@@ -31,17 +32,26 @@ import psycopg_pool
 from pgqueuer.db import PsycopgDriver
 from pgqueuer.errors import RetryRequested
 from pgqueuer.models import Job, Schedule
+from pgqueuer.ports.driver import NotifyCallback
 from pgqueuer.qm import QueueManager
 from pgqueuer.queries import Queries
 from pgqueuer.sm import SchedulerManager
 from pgqueuer.types import QueueExecutionMode
 from psycopg_pool import AsyncConnectionPool
 
-from workers.database.connections import AsyncConn, fetch_all, fetch_one, make_pool, transaction
+from workers.database.connections import (
+    WORKER_ROLE,
+    AsyncConn,
+    fetch_all,
+    fetch_one,
+    make_pool,
+    role_options,
+    transaction,
+)
 from workers.database.sql import q
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
 from workers.runtime.batching import Batcher
-from workers.runtime.driver import ListeningDriver
+from workers.runtime.driver import ListeningDriver, screened
 from workers.runtime.runner import (
     Handler,
     Outcome,
@@ -426,13 +436,34 @@ async def connect_driver(url: str, settings: Settings) -> QueueDriver:
         # pgqueuer 1.6's own driver, kept to measure against: it polls NOTIFY with a 1 s
         # timeout under the query connection's lock.
         conn = await psycopg.AsyncConnection.connect(
-            url, autocommit=True, application_name="koding-caravan-listen"
+            url,
+            autocommit=True,
+            application_name="koding-caravan-listen",
+            options=role_options(url, WORKER_ROLE),
         )
         return PgqueuerDriver(conn)
     return await ListeningDriver.connect(url)
 
 
 class PgqueuerDriver(PsycopgDriver):
+    """pgqueuer's driver, with what it hears screened as ListeningDriver screens it."""
+
+    def __init__(self, connection: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        super().__init__(connection)
+        self._screens: dict[tuple[str, NotifyCallback], NotifyCallback] = {}
+
+    async def add_listener(self, channel: str, callback: NotifyCallback) -> None:
+        def screen(payload: str | bytes | bytearray) -> None:
+            text = payload if isinstance(payload, str) else bytes(payload).decode(errors="replace")
+            if screened(channel, text):
+                callback(payload)
+
+        self._screens[(channel, callback)] = screen
+        await super().add_listener(channel, screen)
+
+    async def remove_listener(self, channel: str, callback: NotifyCallback) -> None:
+        await super().remove_listener(channel, self._screens.pop((channel, callback), callback))
+
     async def close(self) -> None:
         await self._connection.close()
 
