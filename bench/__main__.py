@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import pipeline, report, search, world
+from bench import pipeline, report, scarce, search, world
 from bench.progress import Progress
 from workers.database.server import test_admin_url
 from workers.settings import REPO_ROOT, load_settings
@@ -127,7 +127,7 @@ def _checkpoint(results: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", nargs="?", choices=["all", "search"], default="all")
+    parser.add_argument("what", nargs="?", choices=["all", "search", "scarce"], default="all")
     parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--batch", type=int, default=10, help="jobs claimed per dequeue")
@@ -148,6 +148,12 @@ def main() -> int:
         with world.fresh_database(admin) as url:
             world.seed(url, trainers=1000, students=20000, booked_allocations=5000)
             print(json.dumps(search.measure(url, args.samples), indent=2))
+        return 0
+
+    if args.what == "scarce":
+        admin = test_admin_url(load_settings())
+        figures = scarce.measure(admin, args.processes, args.out, Progress("scarce trainers"))
+        print(json.dumps(figures, indent=2))
         return 0
 
     size = dict(QUICK if args.quick else FULL)
