@@ -62,11 +62,13 @@ HANDLERS: dict[Stage, Handler] = {
     Stage.SESSIONS: sessions.handle,
 }
 
-# Stages whose rows each commit on their own (one after the other, in the batch's task). The
-# allocation stage holds a trainer's lock from the re-check to the commit: in a transaction
-# for the whole batch, every trainer a batch booked or only checked stayed locked until the
-# batch ended, so other batches passed over the best trainer, or waited for one while
-# holding others, in circles (deadlocks).
+# Stages whose rows each commit on their own, as a batch of one job: a job is done (and its
+# place among the worker's claimed jobs free) as soon as its row commits. The allocation
+# stage holds a trainer's lock from the re-check to the commit: in a transaction for the
+# whole batch, every trainer a batch booked stayed locked until the batch ended, so other
+# batches passed over the best trainer or waited for it; and a batch of 20 rows one after the
+# other kept all 20 claimed until the last, while the sessions of approved purchases waited
+# for a free place (issue 22: 108 s).
 ONE_TRANSACTION_PER_ROW = frozenset({Stage.ALLOCATION})
 
 # Errors no retry can fix: wrong data or a query the schema does not accept.
@@ -260,7 +262,8 @@ def register_stages(
     qm: QueueManager, pool: AsyncConnectionPool[AsyncConn], settings: Settings
 ) -> None:
     """One entrypoint per stage. Its jobs go through a Batcher: the jobs of one stage that
-    the worker claimed together run together, in one transaction (`run_jobs`)."""
+    the worker claimed together run together, in one transaction (`run_jobs`); one at a
+    time for the stages in ONE_TRANSACTION_PER_ROW."""
     for stage, handler in HANDLERS.items():
 
         def bind(stage: Stage = stage, handler: Handler = handler) -> None:
@@ -270,7 +273,7 @@ def register_stages(
             batcher: Batcher[Job] = Batcher(
                 run,
                 key=lambda job: job.payload,
-                max_size=settings.stage_batch_size,
+                max_size=1 if stage in ONE_TRANSACTION_PER_ROW else settings.stage_batch_size,
                 max_running=settings.stage_batches,
             )
 
