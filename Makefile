@@ -100,9 +100,9 @@ console: $(STAMP) ## the operations console in a browser: http://127.0.0.1:8080 
 screenshots: $(STAMP) ## docs/console-overview.png and docs/console-trace.png, taken by the console's browser test (headless chromium)
 	KC_SCREENSHOT_DIR=docs $(MAKE) --no-print-directory test PYTEST_ARGS="-q -p no:cacheprovider tests/test_console_browser.py"
 
-bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
+bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000"; SCARCE=1: only the scarce-trainer burst)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PY) -m bench $(if $(QUICK),--quick,) $${BACKLOGS:+--backlogs $$BACKLOGS}
+	$(PY) -m bench $${SCARCE:+scarce} $(if $(QUICK),--quick,) $${BACKLOGS:+--backlogs $$BACKLOGS}
 
 embedded-smoke: ## a fresh clone of HEAD in a private folder: run-workers, one payment, 10 sessions, db-stop
 	bash .ci/embedded-smoke

@@ -1,6 +1,7 @@
 """python -m bench [--quick]: every figure of `make bench` in one run, on a fresh database.
 
 python -m bench search: only the trainer search timing.
+python -m bench scarce: only the scarce-trainer burst (bench/scarce.py; `make bench SCARCE=1`).
 
 The fixed world (bench/world.sql) is the search's; each pipeline phase (idle, rate, every
 backlog) adds a district of its own, sized to its payments (bench/district.sql).
@@ -32,6 +33,7 @@ FULL = {
     "idle_samples": 10,
     "idle_samples_pgqueuer": 5,
     "search_samples": 200,
+    "scarce": True,
 }
 QUICK = {
     "trainers": 100,
@@ -44,6 +46,7 @@ QUICK = {
     "idle_samples": 3,
     "idle_samples_pgqueuer": 2,
     "search_samples": 30,
+    "scarce": False,
 }
 
 
@@ -105,6 +108,11 @@ def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str
                 url, size["rate"], size["rate_seconds"], processes, batch, out, p
             ),
         )
+        if size["scarce"]:
+            results["scarce"] = phase(
+                "scarce trainers: the burst",
+                partial(scarce.measure, admin, processes, out),
+            )
         results["backlog"] = []
         for backlog in size["backlogs"]:
             results["backlog"].append(
@@ -152,8 +160,14 @@ def main() -> int:
 
     if args.what == "scarce":
         admin = test_admin_url(load_settings())
-        figures = scarce.measure(admin, args.processes, args.out, Progress("scarce trainers"))
-        print(json.dumps(figures, indent=2))
+        progress = Progress("scarce trainers: the burst")
+        figures = scarce.measure(admin, args.processes, args.out, progress)
+        progress.done()
+        print("\n".join(report.scarce_rows(figures)))
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = args.out / "scarce.json"
+        written.write_text(json.dumps(figures, indent=2, default=str))
+        print(f"wrote {written}")
         return 0
 
     size = dict(QUICK if args.quick else FULL)
