@@ -116,6 +116,7 @@ def scarce_rows(figures: dict[str, Any]) -> list[str]:
     rows = [
         (f"{name}: approved / pending", f"{burst['approved']} / {burst['pending']}"),
         ("  settled after the burst's commit, s", burst["settle_s"]),
+        ("  CPU s until settled, workers / PostgreSQL (this db)", _cpu(burst)),
         (
             "  deadlocks (server) / attempts failed on one",
             (f"{figures['deadlocks']} / {burst['deadlocked_attempts']}"),

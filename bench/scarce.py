@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 
 from bench import pipeline, world
+from bench.cpu import Meter
 from bench.progress import Progress
 
 TRAINERS = 20
@@ -71,15 +72,22 @@ FROM (SELECT id, row_number() OVER (ORDER BY full_name) AS n FROM students) s
 CROSS JOIN courses c
 """
 
+# Every purchase has a live allocation: polled every 0.1 s while the burst runs, so cheap (an
+# index scan); SETTLED, which reads sessions, only once this holds.
+LIVE = """
+SELECT count(*) = %(students)s::int FROM trainer_allocations WHERE status IN ('pending', 'approved')
+"""
+
 # Every purchase pending, or approved with all its sessions (the burst has settled).
 SETTLED = """
 SELECT count(*) = %(students)s::int
-       AND bool_and(ta.status = 'pending'
-                    OR (ta.status = 'approved'
-                        AND (SELECT count(*) FROM tutoring_sessions ts
-                             WHERE ts.allocation_id = ta.id) = pu.purchase_tier)) AS settled
-FROM student_course_purchases pu
-JOIN trainer_allocations ta ON ta.purchase_id = pu.id AND ta.status IN ('pending', 'approved')
+       AND count(*) FILTER (WHERE ta.status = 'approved')
+           = count(*) FILTER (WHERE ta.status = 'approved' AND s.n = pu.purchase_tier)
+FROM trainer_allocations ta
+JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+LEFT JOIN (SELECT allocation_id, count(*) AS n FROM tutoring_sessions GROUP BY allocation_id) s
+       ON s.allocation_id = ta.id
+WHERE ta.status IN ('pending', 'approved')
 """
 
 # Approval -> sessions written: allocated_at (the approving transaction's clock) to the
@@ -188,8 +196,11 @@ def _count(conn: psycopg.Connection[Any], query: str, since: float) -> int:
 
 
 def _settled(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute(SETTLED, {"students": STUDENTS}).fetchone()
-    return bool(row and row[0])
+    for query in (LIVE, SETTLED):
+        row = conn.execute(query, {"students": STUDENTS}).fetchone()
+        if not (row and row[0]):
+            return False
+    return True
 
 
 def _allocation_jobs(conn: psycopg.Connection[Any]) -> int:
@@ -229,11 +240,14 @@ def _wait_settled(
     return settled, quiet
 
 
-def _burst(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+def _burst(conn: psycopg.Connection[Any], pids: list[int]) -> dict[str, Any]:
+    meter = Meter(conn, pids)
+    meter.start()
     with conn.transaction():
         pay(conn)
     paid = pipeline.db_now(conn)
     settled, quiet = _wait_settled(conn, paid, 300)
+    meter.stop()
     latency = [float(r[0]) for r in conn.execute(APPROVAL_TO_SESSIONS).fetchall()]
     approved, pending = conn.execute(OUTCOMES).fetchone() or (0, 0)
     return {
@@ -250,7 +264,7 @@ def _burst(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             r[0]: {"outcomes": int(r[1]), "first_s": float(r[2]), "last_s": float(r[3])}
             for r in conn.execute(TIMELINE, {"since": paid}).fetchall()
         },
-    }
+    } | meter.figures()
 
 
 def _changes(conn: psycopg.Connection[Any]) -> dict[str, Any]:
@@ -292,11 +306,11 @@ def measure(admin_url: str, processes: int, out: Path, progress: Progress) -> di
             conn.execute("VACUUM ANALYZE")
             before = deadlocks(conn)
         with (
-            pipeline.workers(url, processes, log, **WORKER_ENV),
+            pipeline.workers(url, processes, log, **WORKER_ENV) as procs,
             psycopg.connect(url, autocommit=True) as conn,
         ):
             progress(0, 2)
-            burst = _burst(conn)
+            burst = _burst(conn, [proc.pid for proc in procs])
             progress(1, 2)
             changes = _changes(conn)
             progress(2, 2)
