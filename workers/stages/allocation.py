@@ -126,7 +126,9 @@ async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Result
     transaction (worker.ONE_TRANSACTION_PER_ROW), so a trainer's lock is held only while
     one purchase books them; given several in one transaction, a later purchase sees the
     trainers the earlier ones took, and when one raises, every one runs again in a savepoint
-    of its own so that only that one fails."""
+    of its own so that only that one fails. (The lock order above is that of one purchase
+    per transaction: with several, a trainer kept for one is held while the next purchase's
+    row is locked.)"""
     return await together_or_one_by_one(conn, sorted(refs), ctx, together=_in_turn, one=allocate)
 
 
