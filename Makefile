@@ -129,9 +129,9 @@ operator-revoke: $(STAMP) ## revoke a console operator: make operator-revoke NAM
 screenshots: $(STAMP) ## docs/console-overview.png and docs/console-trace.png, taken by the console's browser test (headless chromium)
 	KC_SCREENSHOT_DIR=docs $(MAKE) --no-print-directory test PYTEST_ARGS="-q -p no:cacheprovider tests/test_console_browser.py"
 
-bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000")
+bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000"; SCARCE=1: only the scarce-trainer burst)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
-	$(PY) -m bench $${QUICK:+--quick} $${BACKLOGS:+--backlogs $$BACKLOGS}
+	$(PY) -m bench $${SCARCE:+scarce} $${QUICK:+--quick} $${BACKLOGS:+--backlogs $$BACKLOGS}
 
 embedded-smoke: ## a fresh clone of HEAD in a private folder: run-workers, one payment, 10 sessions, db-stop
 	bash .ci/embedded-smoke

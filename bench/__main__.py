@@ -1,6 +1,7 @@
 """python -m bench [--quick]: every figure of `make bench` in one run, on a fresh database.
 
 python -m bench search: only the trainer search timing.
+python -m bench scarce: only the scarce-trainer burst (bench/scarce.py; `make bench SCARCE=1`).
 
 The fixed world (bench/world.sql) is the search's; each pipeline phase (idle, rate, every
 backlog) adds a district of its own, sized to its payments (bench/district.sql).
@@ -16,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import pipeline, report, search, world
+from bench import pipeline, report, scarce, search, world
 from bench.progress import Progress
 from workers.database.server import test_admin_url
 from workers.settings import REPO_ROOT, load_settings
@@ -32,6 +33,7 @@ FULL = {
     "idle_samples": 10,
     "idle_samples_pgqueuer": 5,
     "search_samples": 200,
+    "scarce": True,
 }
 QUICK = {
     "trainers": 100,
@@ -44,6 +46,7 @@ QUICK = {
     "idle_samples": 3,
     "idle_samples_pgqueuer": 2,
     "search_samples": 30,
+    "scarce": False,
 }
 
 
@@ -105,6 +108,11 @@ def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str
                 url, size["rate"], size["rate_seconds"], processes, batch, out, p
             ),
         )
+        if size["scarce"]:
+            results["scarce"] = phase(
+                "scarce trainers: the burst",
+                partial(scarce.measure, admin, processes, out),
+            )
         results["backlog"] = []
         for backlog in size["backlogs"]:
             results["backlog"].append(
@@ -127,7 +135,7 @@ def _checkpoint(results: dict[str, Any], out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("what", nargs="?", choices=["all", "search"], default="all")
+    parser.add_argument("what", nargs="?", choices=["all", "search", "scarce"], default="all")
     parser.add_argument("--quick", action="store_true", help="a small run (CI smoke test)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--batch", type=int, default=10, help="jobs claimed per dequeue")
@@ -148,6 +156,18 @@ def main() -> int:
         with world.fresh_database(admin) as url:
             world.seed(url, trainers=1000, students=20000, booked_allocations=5000)
             print(json.dumps(search.measure(url, args.samples), indent=2))
+        return 0
+
+    if args.what == "scarce":
+        admin = test_admin_url(load_settings())
+        progress = Progress("scarce trainers: the burst")
+        figures = scarce.measure(admin, args.processes, args.out, progress)
+        progress.done()
+        print("\n".join(report.scarce_rows(figures)))
+        args.out.mkdir(parents=True, exist_ok=True)
+        written = args.out / "scarce.json"
+        written.write_text(json.dumps(figures, indent=2, default=str))
+        print(f"wrote {written}")
         return 0
 
     size = dict(QUICK if args.quick else FULL)

@@ -92,6 +92,8 @@ def table(results: dict[str, Any]) -> str:
         "sessions) p50/p95/p99 ms",
         _ms(search),
     )
+    if "scarce" in results:
+        lines.extend(scarce_rows(results["scarce"]))
     if len(results["backlog"]) >= 2:
         first, last = results["backlog"][0], results["backlog"][-1]
         row(
@@ -103,6 +105,41 @@ def table(results: dict[str, Any]) -> str:
     for label, seconds in results.get("phase_seconds", {}).items():
         lines.append(f"  {label:<54} {seconds:>30}")
     return "\n".join(lines)
+
+
+def scarce_rows(figures: dict[str, Any]) -> list[str]:
+    """The scarce-trainer burst (bench/scarce.py), one figure per line."""
+    burst, changes = figures["burst"], figures["changes"]
+    latency = burst["approval_to_sessions"]
+    name = f"scarce: {figures['students']} payments at once, {figures['trainers']} trainers"
+    runs, after = burst["per_pending"], changes["per_pending"]
+    rows = [
+        (f"{name}: approved / pending", f"{burst['approved']} / {burst['pending']}"),
+        ("  settled after the burst's commit, s", burst["settle_s"]),
+        ("  CPU s until settled, workers / PostgreSQL (this db)", _cpu(burst)),
+        (
+            "  deadlocks (server) / attempts failed on one",
+            (f"{figures['deadlocks']} / {burst['deadlocked_attempts']}"),
+        ),
+        (
+            "  approval -> sessions p50 / p95 / max ms",
+            (f"{latency.get('p50_ms')} / {latency.get('p95_ms')} / {latency.get('max_ms')}"),
+        ),
+        (
+            "  runs / enqueued lines per pending purchase",
+            (f"{runs.get('runs_mean')} / {runs.get('enqueued_mean')}"),
+        ),
+        (
+            "  after 2 helpful changes: runs / enqueued per pending",
+            (
+                f"{after.get('runs_mean')} (max {after.get('runs_max')}) / "
+                f"{after.get('enqueued_mean')} (max {after.get('enqueued_max')})"
+            ),
+        ),
+        ("  after 2 helpful changes: retries done in s", changes["queue_empty_s"]),
+        ("  worker log WARNING / ERROR lines", _log(figures)),
+    ]
+    return [f"{label:<56} {value!s:>30}" for label, value in rows]
 
 
 def write(results: dict[str, Any], out: Path) -> list[Path]:

@@ -1014,9 +1014,10 @@ CREATE OR REPLACE FUNCTION public.enqueue_stage(p_stage text, p_ref uuid, p_even
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 DECLARE
-    v_key    text := p_stage || ':' || p_ref;
-    v_job_id bigint;
-    v_running boolean;
+    v_key      text := p_stage || ':' || p_ref;
+    v_job_id   bigint;
+    v_running  boolean;
+    v_priority integer;
 BEGIN
     IF p_stage IS NULL OR p_stage NOT IN ('purchase', 'allocation', 'sessions') THEN
         RAISE EXCEPTION 'unknown stage %', p_stage
@@ -1046,9 +1047,11 @@ BEGIN
                          'sessions an allocation id',
                   ERRCODE = 'no_data_found';
     END IF;
+    v_priority := kc_job_priority(p_stage, p_ref, p_event);
 
     INSERT INTO pgqueuer (priority, entrypoint, payload, execute_after, dedupe_key, status)
-    VALUES (0, p_stage, convert_to(p_ref::text, 'UTF8'), now() + p_delay, v_key, 'queued')
+    VALUES (v_priority, p_stage, convert_to(p_ref::text, 'UTF8'), now() + p_delay, v_key,
+            'queued')
     ON CONFLICT (dedupe_key)
         WHERE status IN ('queued', 'picked') AND dedupe_key IS NOT NULL
         DO NOTHING
@@ -1056,20 +1059,28 @@ BEGIN
 
     IF v_job_id IS NOT NULL THEN
         INSERT INTO pgqueuer_log (job_id, status, entrypoint, priority)
-        VALUES (v_job_id, 'queued', p_stage, 0);
-    ELSE
-        SELECT id, status = 'picked' INTO v_job_id, v_running FROM pgqueuer
-        WHERE dedupe_key = v_key AND status IN ('queued', 'picked');
-        -- A running job may have read the row before this change: run the stage once more
-        -- after it (trg_pgqueuer_followups enqueues it when the running job is gone).
-        IF v_running THEN
-            INSERT INTO stage_followups (stage, ref_id) VALUES (p_stage, p_ref)
-            ON CONFLICT DO NOTHING;
-        END IF;
+        VALUES (v_job_id, 'queued', p_stage, v_priority);
+        INSERT INTO stage_history (stage, ref_id, event, job_id)
+        VALUES (p_stage, p_ref, p_event, v_job_id);
+        RETURN v_job_id;
     END IF;
 
-    INSERT INTO stage_history (stage, ref_id, event, job_id)
-    VALUES (p_stage, p_ref, p_event, v_job_id);
+    -- Absorbed by the job that exists: it does what was asked, sooner when asked for more.
+    SELECT id, status = 'picked' INTO v_job_id, v_running FROM pgqueuer
+    WHERE dedupe_key = v_key AND status IN ('queued', 'picked');
+    IF v_running THEN
+        -- A running job may have read the row before this change: run the stage once more
+        -- after it (trg_pgqueuer_followups enqueues it when the running job is gone).
+        INSERT INTO stage_followups (stage, ref_id) VALUES (p_stage, p_ref)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        UPDATE pgqueuer SET priority = v_priority
+        WHERE id = v_job_id AND status = 'queued' AND priority < v_priority;
+    END IF;
+    IF p_event = 'replayed' THEN  -- an operator's act is history, with its actor
+        INSERT INTO stage_history (stage, ref_id, event, job_id)
+        VALUES (p_stage, p_ref, p_event, v_job_id);
+    END IF;
     RETURN v_job_id;
 END
 $function$
@@ -1313,6 +1324,25 @@ AS $function$ SELECT 2 * 6371.0 * asin(sqrt(
       - greatest(sin(radians(lat2 - lat1) / 2) ^ 2
                  + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2
                  - 1.0, 0))) $function$
+CREATE OR REPLACE FUNCTION public.kc_job_priority(p_stage text, p_ref uuid, p_event text)
+ RETURNS integer
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT CASE
+        WHEN p_stage = 'sessions' THEN 30
+        WHEN p_stage = 'purchase' THEN 10
+        WHEN p_event = 'enqueued'
+             AND EXISTS (SELECT 1 FROM trainer_allocations ta
+                         WHERE ta.purchase_id = p_ref AND ta.status = 'pending')
+             AND NOT EXISTS (SELECT 1 FROM allocation_requests r
+                             WHERE r.purchase_id = p_ref AND r.status = 'open')
+             AND NOT EXISTS (SELECT 1 FROM schedule_changes sc
+                             WHERE sc.purchase_id = p_ref AND sc.status = 'open')
+        THEN 0
+        ELSE 20
+    END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_job_ref(p_entrypoint text, p_dedupe_key text)
  RETURNS uuid
  LANGUAGE sql
@@ -1586,6 +1616,27 @@ BEGIN
     RETURN v_request;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_retry_pending(p_trainers uuid[])
+ RETURNS integer
+ LANGUAGE sql
+AS $function$
+    SELECT count(enqueue_stage('allocation', due.purchase_id))::integer
+    FROM (
+        SELECT ta.purchase_id
+        FROM trainer_allocations ta
+        JOIN courses c ON c.id = ta.course_id
+        WHERE ta.status = 'pending'
+          AND NOT EXISTS (SELECT 1 FROM pgqueuer j
+                          WHERE j.dedupe_key = 'allocation:' || ta.purchase_id
+                            AND j.status = 'failed')
+          AND (p_trainers IS NULL OR EXISTS (
+                SELECT 1 FROM trainers t
+                WHERE t.id = ANY (p_trainers) AND t.status = 'active'
+                  AND t.specialties_norm && array_remove(
+                        ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)))
+        ORDER BY ta.purchase_id
+    ) due
+$function$
 CREATE OR REPLACE FUNCTION public.kc_session_delivery(p_learning_mode text, p_number integer)
  RETURNS text
  LANGUAGE sql
@@ -1702,20 +1753,7 @@ CREATE OR REPLACE FUNCTION public.retry_pending_allocations(p_trainer uuid DEFAU
  LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
-AS $function$
-    SELECT count(enqueue_stage('allocation', ta.purchase_id))::integer
-    FROM trainer_allocations ta
-    JOIN courses c ON c.id = ta.course_id
-    WHERE ta.status = 'pending'
-      AND NOT EXISTS (SELECT 1 FROM pgqueuer j
-                      WHERE j.dedupe_key = 'allocation:' || ta.purchase_id
-                        AND j.status = 'failed')
-      AND (p_trainer IS NULL OR EXISTS (
-            SELECT 1 FROM trainers t
-            WHERE t.id = p_trainer AND t.status = 'active'
-              AND t.specialties_norm && array_remove(
-                    ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)))
-$function$
+AS $function$ SELECT kc_retry_pending(CASE WHEN p_trainer IS NOT NULL THEN ARRAY[p_trainer] END) $function$
 CREATE OR REPLACE FUNCTION public.stuck_rows(p_older_than interval DEFAULT '00:10:00'::interval)
  RETURNS TABLE(stage text, ref_id uuid, since timestamp with time zone, waiting_for text, job_status text)
  LANGUAGE sql
@@ -1845,9 +1883,15 @@ CREATE OR REPLACE FUNCTION public.trg_allocations_retry_pending()
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
+DECLARE
+    v_trainers uuid[] := ARRAY(
+        SELECT DISTINCT o.trainer_id
+        FROM old_allocations o JOIN new_allocations n ON n.id = o.id
+        WHERE o.status = 'approved' AND n.status IN ('cancelled', 'completed')
+          AND o.trainer_id IS NOT NULL);
 BEGIN
-    IF OLD.status = 'approved' AND NEW.status IN ('cancelled', 'completed') THEN
-        PERFORM retry_pending_allocations(OLD.trainer_id);
+    IF cardinality(v_trainers) > 0 THEN
+        PERFORM kc_retry_pending(v_trainers);
     END IF;
     RETURN NULL;
 END
@@ -1870,7 +1914,7 @@ CREATE OR REPLACE FUNCTION public.trg_availability_retry_pending()
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
-    PERFORM retry_pending_allocations(NEW.trainer_id);
+    PERFORM kc_retry_pending(ARRAY(SELECT DISTINCT trainer_id FROM new_availability));
     RETURN NULL;
 END
 $function$
@@ -2070,9 +2114,13 @@ CREATE OR REPLACE FUNCTION public.trg_sessions_retry_pending()
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
+DECLARE
+    v_trainers uuid[] := ARRAY(
+        SELECT DISTINCT trainer_id FROM updated_sessions WHERE status = 'cancelled');
 BEGIN
-    PERFORM retry_pending_allocations(t.trainer_id)
-    FROM (SELECT DISTINCT trainer_id FROM updated_sessions WHERE status = 'cancelled') t;
+    IF cardinality(v_trainers) > 0 THEN
+        PERFORM kc_retry_pending(v_trainers);
+    END IF;
     RETURN NULL;
 END
 $function$
@@ -2104,17 +2152,22 @@ CREATE OR REPLACE FUNCTION public.trg_trainers_retry_pending()
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
+DECLARE
+    v_trainers uuid[];
 BEGIN
-    IF NEW.status = 'active' AND (TG_OP = 'INSERT'
-        OR OLD.status IS DISTINCT FROM NEW.status
-        OR OLD.specialties IS DISTINCT FROM NEW.specialties
-        OR OLD.service_radius_km IS DISTINCT FROM NEW.service_radius_km
-        OR OLD.base_lat IS DISTINCT FROM NEW.base_lat
-        OR OLD.base_lng IS DISTINCT FROM NEW.base_lng
-        OR OLD.rating IS DISTINCT FROM NEW.rating
-        OR OLD.gender IS DISTINCT FROM NEW.gender)
-    THEN
-        PERFORM retry_pending_allocations(NEW.id);
+    IF TG_OP = 'INSERT' THEN
+        v_trainers := ARRAY(SELECT id FROM new_trainers WHERE status = 'active');
+    ELSE
+        v_trainers := ARRAY(
+            SELECT n.id FROM new_trainers n JOIN old_trainers o ON o.id = n.id
+            WHERE n.status = 'active'
+              AND (o.status, o.specialties, o.service_radius_km, o.base_lat, o.base_lng,
+                   o.rating, o.gender)
+                  IS DISTINCT FROM (n.status, n.specialties, n.service_radius_km, n.base_lat,
+                                    n.base_lng, n.rating, n.gender));
+    END IF;
+    IF cardinality(v_trainers) > 0 THEN
+        PERFORM kc_retry_pending(v_trainers);
     END IF;
     RETURN NULL;
 END
@@ -2133,12 +2186,14 @@ CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON publi
 CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
 CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
-CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE OF status ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_retry_pending();
+CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_retry_pending();
+CREATE TRIGGER trainer_availability_added_retry_pending AFTER INSERT ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
+CREATE TRIGGER trainer_availability_changed_retry_pending AFTER UPDATE ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
 CREATE TRIGGER trainer_availability_narrowed AFTER UPDATE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
 CREATE TRIGGER trainer_availability_removed AFTER DELETE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
-CREATE TRIGGER trainer_availability_retry_pending AFTER INSERT OR UPDATE ON public.trainer_availability FOR EACH ROW EXECUTE FUNCTION trg_availability_retry_pending();
+CREATE TRIGGER trainers_added_retry_pending AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
+CREATE TRIGGER trainers_changed_retry_pending AFTER UPDATE ON public.trainers REFERENCING OLD TABLE AS old_trainers NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
-CREATE TRIGGER trainers_retry_pending AFTER INSERT OR UPDATE ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER tutoring_sessions_check_delivery BEFORE UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
 CREATE TRIGGER tutoring_sessions_check_delivery_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
 CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();

@@ -181,6 +181,8 @@ def test_each_role_may_run_only_its_functions(
     assert refused(url, "SELECT enqueue_stage('purchase', %s, 'succeeded')", payment)
     assert refused(url, "SELECT enqueue_stage('sessions', %s)", uuid.uuid4())
     assert refused(url, "SELECT retry_pending_allocations(NULL)")
+    assert refused(url, "SELECT kc_retry_pending(NULL)")
+    assert refused(url, "SELECT kc_job_priority('allocation', %s, 'enqueued')", payment)
     assert refused(url, "SELECT kc_apply_refund_unchecked(%s)", payment)
     assert refused(url, "SELECT sweep_pending_allocations('0 seconds')")
     assert refused(url, "SELECT * FROM heal_pipeline('0 seconds')")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, LiteralString
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, LiteralString, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -23,6 +23,8 @@ from psycopg_pool import AsyncConnectionPool
 from workers.errors import ConfigurationError, DatabaseRefusalError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A stage's connection: async, from the pool, inside the stage's transaction.
 AsyncConn = psycopg.AsyncConnection[DictRow]
@@ -159,6 +161,19 @@ async def savepoint_or_refusal(conn: AsyncConn) -> AsyncIterator[None]:
             yield
     except psycopg.errors.IntegrityError as exc:
         raise DatabaseRefusalError(exc.diag.message_primary or str(exc)) from exc
+
+
+async def kept_if(
+    conn: AsyncConn, work: Callable[[], Awaitable[T]], keep: Callable[[T], bool]
+) -> T:
+    """`work` in a savepoint, kept when `keep` says so of its result and otherwise rolled
+    back: its writes are undone and the locks it took are released (transaction-scoped
+    advisory locks too), while the transaction goes on."""
+    async with conn.transaction():
+        result = await work()
+        if not keep(result):
+            raise psycopg.Rollback()
+    return result
 
 
 async def fetch_one(conn: AsyncConn, query: LiteralString, params: Params) -> DictRow | None:

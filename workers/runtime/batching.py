@@ -18,8 +18,12 @@ log = logging.getLogger(__name__)
 
 J = TypeVar("J")
 
-# A batch's runner: the items in, per item None (done) or the exception to raise for it.
-BatchRunner = Callable[[list[J]], Awaitable[Sequence[BaseException | None]]]
+# How a runner says that one item of its batch is done before the batch is: the item's place
+# in the batch, and None (done) or the exception to raise for it.
+Report = Callable[[int, BaseException | None], None]
+# A batch's runner: the items in, per item None (done) or the exception to raise for it. An
+# item it reported already keeps what was reported.
+BatchRunner = Callable[[list[J], Report], Awaitable[Sequence[BaseException | None]]]
 
 
 @dataclass
@@ -72,15 +76,19 @@ class Batcher(Generic[J]):
         return batch
 
     async def _run(self, batch: list[tuple[J, asyncio.Future[None]]]) -> None:
+        def settle(place: int, outcome: BaseException | None) -> None:
+            future = batch[place][1]
+            if future.done():
+                return
+            if outcome is None:
+                future.set_result(None)
+            else:
+                future.set_exception(outcome)
+
         try:
-            outcomes = await self.run([item for item, _ in batch])
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if outcome is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(outcome)
+            outcomes = await self.run([item for item, _ in batch], settle)
+            for place, outcome in enumerate(outcomes):
+                settle(place, outcome)
         except BaseException as exc:  # a bug in the runner: every item of the batch gets it
             for _, future in batch:
                 if not future.done():

@@ -50,7 +50,7 @@ from workers.database.connections import (
 )
 from workers.database.sql import q
 from workers.errors import PermanentJobError, StageNotFoundError, TooManyAttemptsError
-from workers.runtime.batching import Batcher
+from workers.runtime.batching import Batcher, Report
 from workers.runtime.driver import ListeningDriver, screened
 from workers.runtime.runner import (
     Handler,
@@ -72,11 +72,13 @@ HANDLERS: dict[Stage, Handler] = {
     Stage.SESSIONS: sessions.handle,
 }
 
-# Stages whose rows each commit on their own (one after the other, in the batch's task). The
-# allocation stage holds a trainer's lock from the re-check to the commit: in a transaction
-# for the whole batch, every trainer a batch booked or only checked stayed locked until the
-# batch ended, so other batches passed over the best trainer, or waited for one while
-# holding others, in circles (deadlocks).
+# Stages whose rows each commit on their own (one after the other, in the batch's task), each
+# job done, and its place among the worker's claimed jobs free, as soon as its row commits.
+# The allocation stage holds a trainer's lock from the re-check to the commit: in a
+# transaction for the whole batch, every trainer a batch booked stayed locked until the batch
+# ended, so other batches passed over the best trainer or waited for it. And a batch of 20
+# rows whose jobs were all done only when the last was kept the worker's places taken, while
+# the sessions of approved purchases waited for one (issue 22).
 ONE_TRANSACTION_PER_ROW = frozenset({Stage.ALLOCATION})
 
 # Errors no retry can fix: wrong data or a query the schema does not accept.
@@ -126,9 +128,12 @@ async def run_jobs(
     stage: Stage,
     handler: Handler,
     jobs: list[Job],
+    report: Report | None = None,
 ) -> list[BaseException | None]:
     """Run a batch of one stage's jobs (distinct rows); per job None (done) or the exception
-    pgqueuer is to see: RetryRequested (retried with backoff) or another (held as failed)."""
+    pgqueuer is to see: RetryRequested (retried with backoff) or another (held as failed).
+    `report` hears of each job (its place in `jobs`, that outcome) as soon as it is done:
+    for a stage in ONE_TRANSACTION_PER_ROW, before the rest of the batch has run."""
     if not jobs:
         return []
     ctx = StageContext(settings=settings)
@@ -166,21 +171,25 @@ async def run_jobs(
         else:
             runnable.append(work)
     await record_failures(pool, stage, gave_up)
-    results: dict[UUID, Outcome | Exception] = {}
-    if stage in ONE_TRANSACTION_PER_ROW:
-        for work in runnable:
-            results |= await run_batch(pool, stage, handler, [work], ctx)
-    elif runnable:
-        results = await run_batch(pool, stage, handler, runnable, ctx)
-    for job, ref in zip(jobs, refs, strict=True):
-        if int(job.id) in outcome:
-            continue
-        result = results[ref]
+    place = {int(job.id): index for index, job in enumerate(jobs)}
+
+    def finish(work: Work, result: Outcome | Exception) -> None:
+        job = jobs[place[int(work.job_id or 0)]]
         outcome[int(job.id)] = (
             None
             if isinstance(result, Outcome)
-            else failure_policy(job, stage, ref, result, starts[int(job.id)], settings)
+            else failure_policy(job, stage, work.ref, result, starts[int(job.id)], settings)
         )
+        if report is not None:
+            report(place[int(job.id)], outcome[int(job.id)])
+
+    if stage in ONE_TRANSACTION_PER_ROW:
+        for work in runnable:  # each job is done, and says so, when its row commits
+            finish(work, (await run_batch(pool, stage, handler, [work], ctx))[work.ref])
+    elif runnable:
+        results = await run_batch(pool, stage, handler, runnable, ctx)
+        for work in runnable:
+            finish(work, results[work.ref])
     return [outcome[int(job.id)] for job in jobs]
 
 
@@ -270,12 +279,13 @@ def register_stages(
     qm: QueueManager, pool: AsyncConnectionPool[AsyncConn], settings: Settings
 ) -> None:
     """One entrypoint per stage. Its jobs go through a Batcher: the jobs of one stage that
-    the worker claimed together run together, in one transaction (`run_jobs`)."""
+    the worker claimed together run together, in one transaction (`run_jobs`); one after the
+    other, each done when it commits, for the stages in ONE_TRANSACTION_PER_ROW."""
     for stage, handler in HANDLERS.items():
 
         def bind(stage: Stage = stage, handler: Handler = handler) -> None:
-            async def run(jobs: list[Job]) -> list[BaseException | None]:
-                return await run_jobs(pool, settings, stage, handler, jobs)
+            async def run(jobs: list[Job], report: Report) -> list[BaseException | None]:
+                return await run_jobs(pool, settings, stage, handler, jobs, report)
 
             batcher: Batcher[Job] = Batcher(
                 run,

@@ -7,9 +7,19 @@
    trainer when free.
 2. Plan the remaining schedule (the same generator and rules the sessions stage uses).
 3. Measure every candidate in one set-based query; `matching.decide` applies the rules.
-4. For the best candidate: lock the trainer row and re-check capacity and overlaps (including
+4. For the best candidate: lock the trainer and re-check capacity and overlaps (including
    approved allocations whose sessions are not written yet). The first that still fits wins.
 5. Nobody fits: the one pending row is written or updated in place, with reason and sentence.
+
+Lock order (no two allocations ever wait for each other in a circle): the purchase's row
+first; then whatever the purchase's own change writes before a trainer is chosen (ending the
+allocation being replaced, and the retries of waiting purchases that this enqueues); then one
+trainer's lock at a time, each taken in a savepoint (`still_fits`) that is rolled back when
+the trainer does not fit, so the lock is released before the next trainer's is asked for.
+Once a trainer's lock is kept, the transaction only writes its own allocation and enqueues
+its sessions (a job no other transaction can be enqueuing), then commits. A transaction
+waiting for a trainer therefore holds no trainer's lock, and the one holding it waits for
+nobody (tests/test_scarce_trainers.py runs real workers against this).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from workers.database.connections import (
     fetch_all,
     fetch_one,
     fetch_tuples,
+    kept_if,
     savepoint_or_refusal,
 )
 from workers.database.sql import q
@@ -115,7 +126,9 @@ async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Result
     transaction (worker.ONE_TRANSACTION_PER_ROW), so a trainer's lock is held only while
     one purchase books them; given several in one transaction, a later purchase sees the
     trainers the earlier ones took, and when one raises, every one runs again in a savepoint
-    of its own so that only that one fails."""
+    of its own so that only that one fails. (The lock order above is that of one purchase
+    per transaction: with several, a trainer kept for one is held while the next purchase's
+    row is locked.)"""
     return await together_or_one_by_one(conn, sorted(refs), ctx, together=_in_turn, one=allocate)
 
 
@@ -199,10 +212,16 @@ async def allocate_best(
     for waiting, candidates in ((False, try_order(decision, preference)), (True, held)):
         for candidate in list(candidates):
             chosen = preference is not None and candidate.trainer_id == preference.trainer_id
-            # The student's choice is waited for; another trainer a concurrent batch holds
-            # is passed over for now and waited for only when every free one failed.
+            # The student's choice is waited for; another trainer a concurrent transaction
+            # holds is passed over for now and waited for only when every free one failed.
             why = await still_fits(
-                conn, candidate.trainer_id, purchase, sessions, wait=waiting or chosen
+                conn,
+                candidate.trainer_id,
+                purchase,
+                sessions,
+                wait=waiting or chosen,
+                replacing=replacing,
+                ending=f"the schedule moved to trainer {candidate.trainer_id}",
             )
             if why is HELD:
                 held.append(candidate)
@@ -215,7 +234,6 @@ async def allocate_best(
                     decision,
                     candidate,
                     replacing=replacing,
-                    why=f"the schedule moved to trainer {candidate.trainer_id}",
                     preference=preference,
                 )
                 return Outcome(
@@ -265,15 +283,12 @@ async def _approve(
     trainer: CandidateFacts,
     *,
     replacing: UUID | None,
-    why: str,
     preference: Preference | None = None,
     capacity_override: bool = False,
     assignment: dict[str, Any] | None = None,
 ) -> UUID:
-    """`trainer` takes the sessions: the allocation being replaced ends (`why`; its future
-    sessions cancelled), then the approved row is written (a pending one updated in place)."""
-    if replacing is not None:
-        await conn.execute(q("replace_allocation"), {"allocation_id": replacing, "detail": why})
+    """`trainer` (whose lock `still_fits` kept, having ended the allocation being replaced)
+    takes the sessions: the approved row is written (a pending one updated in place)."""
     return await write_allocation(
         conn,
         purchase,
@@ -358,10 +373,6 @@ async def carry_out_request(
             for rule in blocking
         )
         return await _refuse(conn, request, why)
-    over_capacity = Reason.AT_CAPACITY in overridden
-    taken = await still_fits(conn, trainer_id, purchase, sessions, ignore_capacity=over_capacity)
-    if taken is not None:
-        return await _refuse(conn, request, f"{taken.value}: taken meanwhile")
     decision = Decision((candidate,), None, "", decision.eliminated, decision.candidates)
     return await _assign(conn, purchase, request, sessions, decision, overridden)
 
@@ -385,7 +396,8 @@ async def _assign(
     overridden: tuple[Reason, ...],
 ) -> Outcome:
     """Write the admin's choice (decision.chosen), replacing the live allocation, and close the
-    request: done, or refused with the database's words when a constraint refuses it."""
+    request: done; refused when the trainer was taken meanwhile, or with the database's words
+    when a constraint refuses it (the live allocation then stands)."""
     trainer = decision.ranked[0]
     assignment = {
         "requestId": request["id"],
@@ -396,21 +408,35 @@ async def _assign(
         "note": request["note"],
     }
     approved = purchase["live_allocation_status"] == "approved"
+    replacing = purchase["live_allocation_id"] if approved else None
+    over_capacity = Reason.AT_CAPACITY in overridden
+    allocation_id: UUID | None = None
     try:
         async with savepoint_or_refusal(conn):
-            allocation_id = await _approve(
+            taken = await still_fits(
                 conn,
+                trainer.trainer_id,
                 purchase,
                 sessions,
-                decision,
-                trainer,
-                replacing=purchase["live_allocation_id"] if approved else None,
-                why=f"reassigned by request {request['id']} to trainer {trainer.trainer_id}",
-                capacity_override=Reason.AT_CAPACITY in overridden,
-                assignment=assignment,
+                ignore_capacity=over_capacity,
+                replacing=replacing,
+                ending=f"reassigned by request {request['id']} to trainer {trainer.trainer_id}",
             )
+            if taken is None:
+                allocation_id = await _approve(
+                    conn,
+                    purchase,
+                    sessions,
+                    decision,
+                    trainer,
+                    replacing=replacing,
+                    capacity_override=over_capacity,
+                    assignment=assignment,
+                )
     except DatabaseRefusalError as exc:
         return await _refuse(conn, request, f"refused by the database: {exc}")
+    if taken is not None:
+        return await _refuse(conn, request, f"{taken.value}: taken meanwhile")
     await _close_request(conn, request, "done", f"allocation {allocation_id}", allocation_id)
     return Outcome(
         "succeeded",
@@ -521,6 +547,8 @@ async def still_fits(
     *,
     ignore_capacity: bool = False,
     wait: Literal[True] = True,
+    replacing: UUID | None = None,
+    ending: str = "",
 ) -> Reason | None: ...
 @overload
 async def still_fits(
@@ -531,6 +559,8 @@ async def still_fits(
     *,
     ignore_capacity: bool = False,
     wait: bool,
+    replacing: UUID | None = None,
+    ending: str = "",
 ) -> Reason | _Held | None: ...
 async def still_fits(
     conn: AsyncConn,
@@ -540,10 +570,41 @@ async def still_fits(
     *,
     ignore_capacity: bool = False,
     wait: bool = True,
+    replacing: UUID | None = None,
+    ending: str = "",
 ) -> Reason | _Held | None:
-    """Under the trainer's lock: None when the trainer is active, under capacity and free
-    at every session; otherwise the rule that now fails. With wait=False, HELD when another
-    transaction holds the lock (nothing is read then).
+    """None when the trainer is active, under capacity and free at every session: their lock
+    is then held until the transaction ends. Otherwise the rule that now fails (or HELD: with
+    wait=False, another transaction holds the lock), and the lock is released again: the
+    check runs in a savepoint that is rolled back, so a transaction never holds one trainer's
+    lock while it waits for another's (the module's lock order).
+
+    `replacing`: the allocation that the trainer's would replace ends first (`ending` says
+    why; its future sessions are cancelled), before the lock is taken; rolled back with it.
+    """
+
+    async def check() -> Reason | _Held | None:
+        if replacing is not None:
+            await conn.execute(
+                q("replace_allocation"), {"allocation_id": replacing, "detail": ending}
+            )
+        return await _recheck(
+            conn, trainer_id, purchase, sessions, ignore_capacity=ignore_capacity, wait=wait
+        )
+
+    return await kept_if(conn, check, lambda why: why is None)
+
+
+async def _recheck(
+    conn: AsyncConn,
+    trainer_id: UUID,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    *,
+    ignore_capacity: bool,
+    wait: bool,
+) -> Reason | _Held | None:
+    """Under the trainer's lock, what may have changed since the search.
 
     Time promised to approved allocations whose sessions are not written yet is read before
     the written sessions: a sessions stage committing between the two reads then shows up in
