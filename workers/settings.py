@@ -165,6 +165,30 @@ class Settings(BaseSettings):
         "'embedded' = the embedded one, 'auto' = local when it answers, else embedded.",
     )
 
+    redis_url: SecretStr | None = Field(
+        # A secret: it may carry Redis's password. The relay logs it without one.
+        default=None,
+        validation_alias="REDIS_URL",
+        description="Redis (redis://host:port/db) the relay publishes the business events to "
+        "(Pub/Sub channel business-events and the stream business-events:stream); set, "
+        "`make run-workers` also runs the relay. Unset: no relay, nothing else changes.",
+    )
+    events_stream_maxlen: int = Field(
+        default=100_000,
+        ge=1000,
+        le=100_000_000,
+        validation_alias="KC_EVENTS_STREAM_MAXLEN",
+        description="Length the Redis stream business-events:stream is trimmed to (at least "
+        "this many of the latest events are kept; Redis trims in whole blocks).",
+    )
+    relay_batch: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        validation_alias="KC_RELAY_BATCH",
+        description="Most events the relay reads and publishes per round trip.",
+    )
+
     console_token: SecretStr | None = Field(
         # Its length is checked by the console, whose message does not repeat the value.
         default=None,

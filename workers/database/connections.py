@@ -25,10 +25,14 @@ SyncConn = psycopg.Connection[DictRow]
 Params = Mapping[str, Any]
 
 
-def connect_sync(url: str, *, timeout: int | None = None) -> SyncConn:
+def connect_sync(
+    url: str, *, timeout: int | None = None, application_name: str | None = None
+) -> SyncConn:
     """A command's connection; ConfigurationError (naming psycopg's reason, kept as its
     cause) when the database does not answer within `timeout` seconds."""
     options: dict[str, Any] = {} if timeout is None else {"connect_timeout": timeout}
+    if application_name is not None:
+        options["application_name"] = application_name
     try:
         return psycopg.connect(url, autocommit=True, row_factory=dict_row, **options)
     except psycopg.OperationalError as exc:
