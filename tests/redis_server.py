@@ -8,6 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 import redis
@@ -20,12 +21,13 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, *, persist: bool = False) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         if not Path(binary).exists():
             pytest.fail("redis-server is missing: apt-get install redis-server (.ci/run does)")
         self.binary = binary
         self.folder = folder
+        self.persist = persist  # an append-only file, fsynced per write: a restart keeps all
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -38,8 +40,20 @@ class RedisServer:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 - the server keeps it
-        self.process = subprocess.Popen(
+        with open(self.folder / "redis.log", "ab") as log:
+            self.process = self._spawn(log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with self.client() as client:
+                    if client.ping():
+                        return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise AssertionError(f"redis-server did not answer on port {self.port}")
+
+    def _spawn(self, log: IO[bytes]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 self.binary,
                 "--port",
@@ -49,21 +63,15 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.persist else "no",
+                "--appendfsync",
+                "always",
                 "--dir",
                 str(self.folder),
             ],
             stdout=log,
             stderr=log,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if self.client().ping():
-                    return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise AssertionError(f"redis-server did not answer on port {self.port}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -221,6 +221,15 @@ class Relay:
         return False
 
 
+def register(db_url: str, consumer: str = CONSUMER) -> int:
+    """The relay's cursor, created at the end of the feed when it has none. `make run-workers`
+    calls this before it starts any worker, so that no event they write can come before the
+    relay's starting point (the relay process itself may take a second to start)."""
+    with connect_sync(db_url, timeout=10, application_name=APPLICATION_NAME + "-setup") as conn:
+        row = conn.execute(q("register_relay"), {"consumer": consumer}).fetchone()
+    return int(row["position"]) if row else 0
+
+
 def read_events(conn: SyncConn, consumer: str, limit: int) -> list[Event]:
     rows = conn.execute(q("relay_events"), {"consumer": consumer, "limit": limit}).fetchall()
     return [

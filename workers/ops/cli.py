@@ -54,6 +54,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
         asyncio.run(serve(url, settings))
         return 0
+    if settings.redis_url is not None:
+        from workers.events.relay import register
+
+        register(url)  # before any worker writes an event (docs/events.md, "The relay")
     from workers.runtime.supervisor import supervise
 
     return supervise(url, settings, args.processes or settings.workers)
@@ -282,13 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
-    _add_events(sub)
     _add_server_commands(sub)
     _add_assign(sub)
     _add_reschedule(sub)
     _add_operator_commands(sub)
     _add_console(sub)
     _add_tools(sub)
+    _add_events(sub)
     return parser
 
 
