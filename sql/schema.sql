@@ -1940,10 +1940,12 @@ BEGIN
         SELECT state.last_position + fresh.n, fresh.event_id FROM fresh, state
         RETURNING position
     ), moved AS (
+        -- Nothing new: the state stays (what was not visible then still is not numbered), and
+        -- an idle reader's poll writes nothing.
         UPDATE business_event_sequencer
-        SET snapshot = pg_current_snapshot(),
-            last_position = coalesce((SELECT max(position) FROM placed), last_position),
+        SET snapshot = pg_current_snapshot(), last_position = (SELECT max(position) FROM placed),
             sequenced_at = now()
+        WHERE EXISTS (SELECT 1 FROM placed)
         RETURNING 1
     )
     SELECT count(*) INTO v_placed FROM placed;

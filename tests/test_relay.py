@@ -398,6 +398,7 @@ def test_relay_chaos_every_event_reaches_the_stream_in_order(
             kills += 1
             relay = spawn_relay(db_url, server, log)
         payer.join(timeout=60)
+        wait_for(lambda: relaying(conn), 60, "the last relay to connect")
         wait_for(lambda: caught_up(conn), 120, "the relay to catch up")
         try:
             wait_for(
