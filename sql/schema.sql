@@ -1275,8 +1275,12 @@ END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_allocation_events(p_ids uuid[], p_old_status text[])
  RETURNS integer
- LANGUAGE sql
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
 AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
     WITH changed AS (
         SELECT ta.*, c.old_status, s.full_name AS student_name, co.title AS course_title,
                t.full_name AS trainer_name, prev.id AS prev_id,
@@ -1432,10 +1436,20 @@ AS $function$
     ), ordered AS (
         SELECT * FROM built UNION ALL SELECT * FROM ended
     )
-    SELECT coalesce(kc_store_events(array_agg(purchase_id ORDER BY id, k),
-                                    array_agg(payload ORDER BY id, k)), 0)
-    FROM ordered
-    HAVING count(*) > 0
+    , stored AS (
+        INSERT INTO business_events (event_id, type, purchase_id, payload)
+        SELECT (payload ->> 'eventId')::uuid, payload ->> 'type', purchase_id, payload
+        FROM ordered
+        ORDER BY id, k
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM stored;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
+END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_apply_refund_unchecked(p_payment uuid)
  RETURNS text
@@ -1554,7 +1568,7 @@ $function$
 CREATE OR REPLACE FUNCTION public.kc_clock(p_time time without time zone)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
+ STABLE PARALLEL SAFE
 AS $function$ SELECT to_char(date '2000-01-01' + p_time, 'FMHH12:MI AM') $function$
 CREATE OR REPLACE FUNCTION public.kc_enqueue_allocation(p_purchase uuid, p_event text, p_detail text)
  RETURNS bigint
@@ -1569,7 +1583,7 @@ $function$
 CREATE OR REPLACE FUNCTION public.kc_epoch_ms(p_at timestamp with time zone)
  RETURNS bigint
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
+ STABLE PARALLEL SAFE
 AS $function$ SELECT floor(extract(epoch FROM p_at) * 1000)::bigint $function$
 CREATE OR REPLACE FUNCTION public.kc_event(p_type text, p_key text, p_at timestamp with time zone, p_user text, p_role text, p_metadata jsonb, p_fields jsonb)
  RETURNS jsonb
@@ -1618,8 +1632,10 @@ AS $function$ SELECT kc_event('COURSE_PROGRESS_UPDATED', p_purchase || ':' || p_
 CREATE OR REPLACE FUNCTION public.kc_event_id(p_key text)
  RETURNS uuid
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT kc_uuid8(encode(sha256(convert_to('koding-caravan:' || p_key, 'UTF8')), 'hex')) $function$
+ STABLE PARALLEL SAFE
+AS $function$ SELECT overlay(overlay(substr(encode(sha256(convert_to('koding-caravan:' || p_key, 'UTF8')),
+                                           'hex'), 1, 32)
+                             placing '8' from 13 for 1) placing '8' from 17 for 1)::uuid $function$
 CREATE OR REPLACE FUNCTION public.kc_event_notification(p_key text, p_user uuid, p_role text, p_kind text, p_title text, p_body text, p_data jsonb, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -1708,7 +1724,7 @@ AS $function$ SELECT 2 * 6371.0 * asin(sqrt(
 CREATE OR REPLACE FUNCTION public.kc_iso(p_at timestamp with time zone)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
+ STABLE PARALLEL SAFE
 AS $function$ SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $function$
 CREATE OR REPLACE FUNCTION public.kc_job_ref(p_entrypoint text, p_dedupe_key text)
  RETURNS uuid
@@ -1729,7 +1745,7 @@ AS $function$ SELECT pg_advisory_xact_lock(hashtextextended('kc-trainer:' || p_t
 CREATE OR REPLACE FUNCTION public.kc_long_date(p_day date)
  RETURNS text
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
+ STABLE PARALLEL SAFE
 AS $function$ SELECT to_char(p_day, 'FMDay, FMMonth FMDD, YYYY') $function$
 CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  RETURNS text[]
@@ -1782,6 +1798,37 @@ BEGIN
             USING ERRCODE = 'invalid_datetime_format';
     END IF;
     RETURN make_time(v_hour, v_minute, 0);
+END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_purchase_events(p_ids uuid[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    WITH stored AS (
+        INSERT INTO business_events (event_id, type, purchase_id, payload)
+        SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', pu.id, e.payload
+        FROM student_course_purchases pu
+        JOIN payments p ON p.id = pu.payment_id
+        CROSS JOIN LATERAL (VALUES
+            (1, kc_event_purchase_created(pu.id, pu.student_id, pu.course_id,
+                                          pu.purchase_tier, p.metadata, now())),
+            (2, kc_event_course_access_granted(pu.id, pu.student_id, pu.course_id,
+                                               pu.purchase_tier, p.metadata, now()))
+        ) AS e(k, payload)
+        WHERE pu.id = ANY (p_ids)
+        ORDER BY pu.id, e.k
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM stored;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_replay_stage(p_stage text, p_ref uuid)
@@ -1963,6 +2010,85 @@ AS $function$
         ELSE 'home'
     END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_sessions_events(p_ids uuid[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    WITH batch AS (
+        SELECT n.allocation_id, array_agg(n.id ORDER BY n.session_number) AS ids,
+               min(n.scheduled_date) AS first_day,
+               (array_agg(n.scheduled_time ORDER BY n.session_number))[1] AS first_time
+        FROM tutoring_sessions n
+        WHERE n.id = ANY (p_ids)
+        GROUP BY n.allocation_id
+    ), told AS (
+        SELECT b.*, ta.purchase_id, ta.trainer_id, ta.student_id, ta.course_id,
+               t.full_name AS trainer_name, co.title AS course_title,
+               ta.metadata ? 'reschedule'
+               AND NOT EXISTS (SELECT 1 FROM tutoring_sessions x
+                               WHERE x.allocation_id = b.allocation_id
+                                 AND x.id <> ALL (b.ids)) AS moved
+        FROM batch b
+        JOIN trainer_allocations ta ON ta.id = b.allocation_id
+        JOIN trainers t ON t.id = ta.trainer_id
+        JOIN courses co ON co.id = ta.course_id
+    )
+    , stored AS (
+    INSERT INTO business_events (event_id, type, purchase_id, payload)
+    SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', e.purchase_id, e.payload
+    FROM (
+        SELECT told.allocation_id, 1 AS k, told.purchase_id, kc_event_sessions_generated(
+                   told.allocation_id, told.trainer_id, told.student_id, told.course_id,
+                   told.ids, told.first_day,
+                   jsonb_build_object('purchaseId', told.purchase_id), now()) AS payload
+        FROM told
+        UNION ALL
+        SELECT told.allocation_id, 2, told.purchase_id, kc_event_notification(
+                   CASE WHEN told.moved THEN 'sessions_rescheduled:' ELSE 'session_scheduled:'
+                   END || told.ids[1], told.student_id, 'student', 'session',
+                   CASE WHEN told.moved THEN 'Sessions Rescheduled' ELSE 'Session Scheduled' END,
+                   CASE
+                       WHEN told.moved THEN format(
+                           'Your sessions of "%s" with %s have been moved: they now start on '
+                           '%s at %s.', told.course_title, told.trainer_name,
+                           kc_long_date(told.first_day), kc_clock(told.first_time))
+                       WHEN cardinality(told.ids) = 1 THEN format(
+                           'Your session with %s has been scheduled for %s at %s. Please be '
+                           'ready!', told.trainer_name, kc_long_date(told.first_day),
+                           kc_clock(told.first_time))
+                       ELSE format(
+                           'Your %s sessions of "%s" with %s have been scheduled, starting %s '
+                           'at %s. Please be ready!', cardinality(told.ids), told.course_title,
+                           told.trainer_name, kc_long_date(told.first_day),
+                           kc_clock(told.first_time))
+                   END,
+                   jsonb_build_object(
+                       'trainerName', told.trainer_name, 'courseName', told.course_title,
+                       'scheduledDate', told.first_day::text,
+                       'scheduledTime', kc_clock(told.first_time),
+                       'sessionCount', cardinality(told.ids),
+                       'type', CASE WHEN told.moved THEN 'sessions_rescheduled'
+                                    ELSE 'session_scheduled' END,
+                       'trainerId', told.trainer_id, 'allocationId', told.allocation_id,
+                       'courseId', told.course_id, 'purchaseId', told.purchase_id),
+                   jsonb_build_object('purchaseId', told.purchase_id), now())
+        FROM told
+    ) e
+    ORDER BY e.allocation_id, e.k
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM stored;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_minutes integer)
  RETURNS time without time zone
  LANGUAGE sql
@@ -2002,13 +2128,6 @@ CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
  RETURNS boolean
  LANGUAGE sql
 AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
-CREATE OR REPLACE FUNCTION public.kc_uuid8(p_hex text)
- RETURNS uuid
- LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT (substr(p_hex, 1, 12) || '8' || substr(p_hex, 14, 3)
-              || to_hex((('x' || substr(p_hex, 17, 2))::bit(8)::integer & 63) | 128)
-              || substr(p_hex, 19, 14))::uuid $function$
 CREATE OR REPLACE FUNCTION public.prune_business_events(p_keep interval)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -2341,17 +2460,7 @@ CREATE OR REPLACE FUNCTION public.trg_events_purchases_inserted()
  SET search_path TO 'public', 'pg_temp'
 AS $function$
 BEGIN
-    PERFORM kc_store_events(array_agg(e.purchase_id ORDER BY n.id, e.k),
-                            array_agg(e.payload ORDER BY n.id, e.k))
-    FROM new_purchases n
-    JOIN payments p ON p.id = n.payment_id
-    CROSS JOIN LATERAL (VALUES
-        (1, n.id, kc_event_purchase_created(n.id, n.student_id, n.course_id, n.purchase_tier,
-                                            p.metadata, now())),
-        (2, n.id, kc_event_course_access_granted(n.id, n.student_id, n.course_id,
-                                                 n.purchase_tier, p.metadata, now()))
-    ) AS e(k, purchase_id, payload)
-    HAVING count(*) > 0;
+    PERFORM kc_purchase_events(array_agg(id)) FROM new_purchases HAVING count(*) > 0;
     RETURN NULL;
 END
 $function$
@@ -2398,68 +2507,8 @@ CREATE OR REPLACE FUNCTION public.trg_events_sessions_inserted()
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$
-DECLARE
-    v_stored integer;
 BEGIN
-    WITH batch AS (
-        SELECT n.allocation_id, array_agg(n.id ORDER BY n.session_number) AS ids,
-               min(n.scheduled_date) AS first_day,
-               (array_agg(n.scheduled_time ORDER BY n.session_number))[1] AS first_time
-        FROM new_sessions n
-        GROUP BY n.allocation_id
-    ), told AS (
-        SELECT b.*, ta.purchase_id, ta.trainer_id, ta.student_id, ta.course_id,
-               t.full_name AS trainer_name, co.title AS course_title,
-               ta.metadata ? 'reschedule'
-               AND NOT EXISTS (SELECT 1 FROM tutoring_sessions x
-                               WHERE x.allocation_id = b.allocation_id
-                                 AND x.id <> ALL (b.ids)) AS moved
-        FROM batch b
-        JOIN trainer_allocations ta ON ta.id = b.allocation_id
-        JOIN trainers t ON t.id = ta.trainer_id
-        JOIN courses co ON co.id = ta.course_id
-    )
-    SELECT kc_store_events(array_agg(e.purchase_id ORDER BY e.allocation_id, e.k),
-                           array_agg(e.payload ORDER BY e.allocation_id, e.k))
-    INTO v_stored
-    FROM (
-        SELECT told.allocation_id, 1 AS k, told.purchase_id, kc_event_sessions_generated(
-                   told.allocation_id, told.trainer_id, told.student_id, told.course_id,
-                   told.ids, told.first_day,
-                   jsonb_build_object('purchaseId', told.purchase_id), now()) AS payload
-        FROM told
-        UNION ALL
-        SELECT told.allocation_id, 2, told.purchase_id, kc_event_notification(
-                   CASE WHEN told.moved THEN 'sessions_rescheduled:' ELSE 'session_scheduled:'
-                   END || told.ids[1], told.student_id, 'student', 'session',
-                   CASE WHEN told.moved THEN 'Sessions Rescheduled' ELSE 'Session Scheduled' END,
-                   CASE
-                       WHEN told.moved THEN format(
-                           'Your sessions of "%s" with %s have been moved: they now start on '
-                           '%s at %s.', told.course_title, told.trainer_name,
-                           kc_long_date(told.first_day), kc_clock(told.first_time))
-                       WHEN cardinality(told.ids) = 1 THEN format(
-                           'Your session with %s has been scheduled for %s at %s. Please be '
-                           'ready!', told.trainer_name, kc_long_date(told.first_day),
-                           kc_clock(told.first_time))
-                       ELSE format(
-                           'Your %s sessions of "%s" with %s have been scheduled, starting %s '
-                           'at %s. Please be ready!', cardinality(told.ids), told.course_title,
-                           told.trainer_name, kc_long_date(told.first_day),
-                           kc_clock(told.first_time))
-                   END,
-                   jsonb_build_object(
-                       'trainerName', told.trainer_name, 'courseName', told.course_title,
-                       'scheduledDate', told.first_day::text,
-                       'scheduledTime', kc_clock(told.first_time),
-                       'sessionCount', cardinality(told.ids),
-                       'type', CASE WHEN told.moved THEN 'sessions_rescheduled'
-                                    ELSE 'session_scheduled' END,
-                       'trainerId', told.trainer_id, 'allocationId', told.allocation_id,
-                       'courseId', told.course_id, 'purchaseId', told.purchase_id),
-                   jsonb_build_object('purchaseId', told.purchase_id), now())
-        FROM told
-    ) e;
+    PERFORM kc_sessions_events(array_agg(id)) FROM new_sessions HAVING count(*) > 0;
     RETURN NULL;
 END
 $function$

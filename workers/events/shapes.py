@@ -206,8 +206,9 @@ def parse_event(text: str | bytes) -> BusinessEvent:
 
 def event_id(key: str) -> UUID:
     """The id the database gives the event with this key (kc_event_id): a version-8 UUID from
-    the SHA-256 of the key, so the same change always gets the same id."""
+    the SHA-256 of the key (version and variant nibbles 8), so the same change always gets
+    the same id."""
     digest = bytearray(hashlib.sha256(f"koding-caravan:{key}".encode()).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x80
-    digest[8] = (digest[8] & 0x3F) | 0x80
+    digest[8] = (digest[8] & 0x0F) | 0x80
     return UUID(bytes=bytes(digest))
