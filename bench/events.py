@@ -19,10 +19,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, LiteralString
 
 import psycopg
 import redis
+from psycopg import sql
 
 from bench.pipeline import backlog_throughput, percentiles
 from bench.progress import Progress
@@ -59,11 +60,15 @@ FROM generate_series(1, %(count)s::integer) AS n
 
 
 def set_event_triggers(url: str, enabled: bool) -> None:
-    verb = "ENABLE" if enabled else "DISABLE"
+    verb: LiteralString = "ENABLE" if enabled else "DISABLE"
     with psycopg.connect(url, autocommit=True) as conn:
         for table, triggers in EVENT_TRIGGERS.items():
             for trigger in triggers:
-                conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")  # type: ignore[arg-type]
+                conn.execute(
+                    sql.SQL("ALTER TABLE {} {} TRIGGER {}").format(
+                        sql.Identifier(table), sql.SQL(verb), sql.Identifier(trigger)
+                    )
+                )
 
 
 def outbox_cost(
