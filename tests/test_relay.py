@@ -382,7 +382,7 @@ def test_relay_chaos_every_event_reaches_the_stream_in_order(
             assert time.monotonic() - started < 600, "the pipeline did not settle"
             # Each relay relays for a second (its start, a Python process, takes about as
             # long on a busy machine), then is killed without warning.
-            wait_for(lambda: relaying(log, kills + 1), 60, "the relay to connect")
+            wait_for(lambda n=kills + 1: relaying(log, n), 60, "the relay to connect")
             if kills == 4:  # Redis restarts once, under a live relay (it keeps what it took)
                 server.stop()
                 time.sleep(1.0)
