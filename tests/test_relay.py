@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -382,7 +383,7 @@ def test_relay_chaos_every_event_reaches_the_stream_in_order(
             assert time.monotonic() - started < 600, "the pipeline did not settle"
             # Each relay relays for a second (its start, a Python process, takes about as
             # long on a busy machine), then is killed without warning.
-            wait_for(lambda n=kills + 1: relaying(log, n), 60, "the relay to connect")
+            wait_for(partial(relaying, log, kills + 1), 60, "the relay to connect")
             if kills == 4:  # Redis restarts once, under a live relay (it keeps what it took)
                 server.stop()
                 time.sleep(1.0)
