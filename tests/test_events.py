@@ -796,3 +796,79 @@ def test_the_prune_job_prunes_events_too(conn: Conn) -> None:
     conn.execute("UPDATE business_events SET occurred_at = now() - interval '40 days'")
     row = conn.execute(q("prune_events"), {"keep": timedelta(days=30)}).fetchone()
     assert row == {"events_deleted": 1}
+
+
+# -- operations: status, trace, doctor, the console -------------------------------------------
+
+
+def test_status_trace_and_the_console_show_the_feed(conn: Conn, db_url: str) -> None:
+    from tests.console_world import console, page_text
+    from tests.helpers import worker_settings
+    from workers.ops import commands as ops
+
+    student, purchase = enrolled(conn, db_url)
+    conn.execute("SELECT register_event_consumer('redis-relay', true)")
+    status = ops.status(conn, worker_settings(db_url))
+    assert "business events: last position 7" in status
+    assert "consumer redis-relay: at 0, 7 event(s) and" in status
+    traced = ops.trace(conn, purchase)
+    assert traced.count("NOTIFICATION_REQUESTED") == 3 and "Trainer Assigned" in traced
+    problems = ops.doctor(db_url, worker_settings(db_url))
+    assert not any("behind" in p.what for p in problems)  # only seconds old
+    conn.execute("UPDATE business_events SET occurred_at = now() - interval '1 hour'")
+    problems = ops.doctor(db_url, worker_settings(db_url))
+    [behind] = [p for p in problems if "event consumer" in p.what]
+    assert "redis-relay is 7 event(s)" in behind.what and "drop_event_consumer" in behind.fix
+    with console(db_url) as client:
+        overview = page_text(client.get("/").text)
+        assert "redis-relay 0 7" in overview
+        trace = page_text(client.get(f"/trace/{student}").text)
+        assert "What the app was told" in trace
+        assert trace.count("NOTIFICATION_REQUESTED") == 3 and "TRAINER_ALLOCATED" in trace
+
+
+def test_events_command_prints_after_a_position(conn: Conn, db_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    enrolled(conn, db_url)
+    env = {**os.environ, "DATABASE_URL": db_url}
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "events", "--after", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["6", "7"]
+    assert "SESSIONS_GENERATED" in lines[0] and "title Session Scheduled" in lines[1]
+    as_json = subprocess.run(
+        [sys.executable, "-m", "workers", "events", "--json", "--limit", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    first, second = (json.loads(line) for line in as_json.stdout.splitlines())
+    assert (first["position"], first["event"]["type"]) == (1, "PURCHASE_CREATED")
+    assert (second["position"], second["event"]["type"]) == (2, "COURSE_ACCESS_GRANTED")
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "workers", "events", "--after", "7", "--follow"],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        conn.execute("UPDATE payments SET status = 'refunded'")
+        assert follow.stdout is not None
+        line = follow.stdout.readline()  # the refund's first event, as it commits
+        assert line.split()[0] == "8" and "STUDENT_DEALLOCATED" in line
+    finally:
+        follow.terminate()
+        follow.wait(timeout=30)
+        if follow.stdout is not None:
+            follow.stdout.close()

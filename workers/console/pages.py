@@ -37,11 +37,20 @@ async def overview(request: Request) -> Response:
         chart = stage_chart(
             [StagePoint(**p) for p in points], datetime.now(UTC), CHART_SPAN, CHART_BUCKET
         )
+        event_lag = await fetch_all(conn, q("event_lag"), {})
+        last = await fetch_one(conn, q("last_event_position"), {})
         return await render(
             request,
             conn,
             "overview.html",
-            {"title": "Overview", "funnel": funnel, "stages": stages, "chart": chart},
+            {
+                "title": "Overview",
+                "funnel": funnel,
+                "stages": stages,
+                "chart": chart,
+                "event_lag": event_lag,
+                "last_event_position": last["last_position"] if last else 0,
+            },
         )
 
 
@@ -116,6 +125,7 @@ class Purchase:
     state: str  # ok | waiting | problem | info
     summary: str
     history: list[DictRow]
+    events: list[DictRow]  # the business events written for the purchase
     requests: list[DictRow]
     trainers: list[DictRow]
     zone_name: str
@@ -184,6 +194,11 @@ async def load_purchase(conn: AsyncConn, row: DictRow, signed_in: bool) -> Purch
                 {"course_id": row["course_id"], "student_id": row["student_id"], "limit": 50},
             )
     history = await fetch_all(conn, q("console_history"), {"refs": refs})
+    events = (
+        await fetch_all(conn, q("trace_events"), {"purchases": [row["purchase_id"]]})
+        if row["purchase_id"] is not None
+        else []
+    )
     state, summary = where_it_is(row)
     zone_name = row["timezone"]
     return Purchase(
@@ -191,6 +206,7 @@ async def load_purchase(conn: AsyncConn, row: DictRow, signed_in: bool) -> Purch
         state,
         summary,
         history,
+        events,
         requests,
         trainers,
         zone_name,

@@ -272,12 +272,12 @@ def print_events(conn: SyncConn, *, after: int, limit: int, follow: bool, as_jso
         rows = conn.execute(q("events_after"), {"position": position, "limit": limit}).fetchall()
         for row in rows:
             print(event_line(row, as_json), flush=True)
+        if not follow:
+            return 0
         if rows:
             position = int(rows[-1]["pos"])
             if len(rows) == limit:
                 continue
-        if not follow:
-            return 0
         for _ in conn.notifies(timeout=5.0, stop_after=1):
             break
 
