@@ -470,3 +470,21 @@ def test_settings_of_the_relay() -> None:
     assert settings.redis_url is None  # unset: no relay, nothing else changes
     with pytest.raises(ValueError, match="KC_EVENTS_STREAM_MAXLEN"):
         Settings(KC_EVENTS_STREAM_MAXLEN=10)  # type: ignore[call-arg]
+
+
+def test_doctor_checks_redis_and_the_relay(
+    conn: Conn, db_url: str, redis_server: RedisServer
+) -> None:
+    from workers.ops import commands as ops
+
+    settings = Settings(DATABASE_URL=db_url, REDIS_URL=redis_server.url)  # type: ignore[call-arg]
+    whats = [p.what for p in ops.doctor(db_url, settings)]
+    assert any("REDIS_URL is set but no relay is running" in w for w in whats)
+    assert not any("does not answer" in w for w in whats)
+    with relay_thread(db_url, redis_server):
+        wait_for(lambda: relay_position(conn) == 0, 15, "the relay")
+        whats = [p.what for p in ops.doctor(db_url, settings)]
+        assert not any("relay" in w for w in whats), whats
+    redis_server.stop()
+    whats = [p.what for p in ops.doctor(db_url, settings)]
+    assert any(f"Redis at {redis_server.url} does not answer" in w for w in whats)

@@ -228,7 +228,8 @@ def _events(conn: SyncConn, settings: Settings) -> list[Problem]:
 
         url = settings.redis_url.get_secret_value()
         try:
-            connect_redis(url).ping()
+            with connect_redis(url) as client:
+                client.ping()
         except Exception as exc:  # redis.RedisError, or a URL it cannot read
             problems.append(
                 Problem(
