@@ -74,7 +74,8 @@ def set_event_triggers(url: str, enabled: bool) -> None:
 def outbox_cost(
     url: str, payments: int, processes: int, batch: int, out: Path, progress: Progress
 ) -> dict[str, Any]:
-    """purchases/s of the same backlog with the outbox off and on, off-on-on-off."""
+    """purchases/s and CPU per purchase of the same backlog with the outbox off and on,
+    off-on-on-off."""
     runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
     try:
         for i, mode in enumerate(("off", "on", "on", "off")):
@@ -86,6 +87,15 @@ def outbox_cost(
     finally:
         set_event_triggers(url, True)
     rate = {mode: statistics.mean(r["purchases_per_s"] for r in runs[mode]) for mode in runs}
+    # CPU per purchase (the workers and this database's backends): on a machine shared with
+    # other work it moves less than the wall clock does.
+    cpu = {
+        mode: statistics.mean(
+            1000 * (r["workers_cpu_s"] + (r["postgres_db_cpu_s"] or 0)) / payments
+            for r in runs[mode]
+        )
+        for mode in runs
+    }
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM business_events e JOIN student_course_purchases pu "
@@ -100,6 +110,16 @@ def outbox_cost(
         "mean_off": round(rate["off"], 1),
         "mean_on": round(rate["on"], 1),
         "cost": round(1 - rate["on"] / rate["off"], 3),
+        "cpu_ms_per_purchase_runs": {
+            mode: [
+                round(1000 * (r["workers_cpu_s"] + (r["postgres_db_cpu_s"] or 0)) / payments, 2)
+                for r in runs[mode]
+            ]
+            for mode in runs
+        },
+        "cpu_ms_per_purchase_off": round(cpu["off"], 2),
+        "cpu_ms_per_purchase_on": round(cpu["on"], 2),
+        "cpu_cost": round(cpu["on"] / cpu["off"] - 1, 3),
         "events_per_purchase": round(events / (2 * payments), 2),
         "approved_share_on": [r["approved_share"] for r in runs["on"]],
     }

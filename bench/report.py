@@ -109,6 +109,11 @@ def table(results: dict[str, Any]) -> str:
             "  cost of the outbox; events per purchase",
             f"{box['cost']:.1%}; {box['events_per_purchase']}",
         )
+        row(
+            "  CPU ms per purchase off / on (workers + this db); cost",
+            f"{box['cpu_ms_per_purchase_off']} / {box['cpu_ms_per_purchase_on']}; "
+            f"{box['cpu_cost']:.1%}",
+        )
     if "relay" in results:
         relay = results["relay"]
         if "skipped" in relay:
