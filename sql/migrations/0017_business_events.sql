@@ -659,49 +659,49 @@ BEGIN
         JOIN courses co ON co.id = ta.course_id
     )
     , stored AS (
-    INSERT INTO business_events (event_id, type, purchase_id, payload)
-    SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', e.purchase_id, e.payload
-    FROM (
-        SELECT told.allocation_id, 1 AS k, told.purchase_id, kc_event_sessions_generated(
-                   told.allocation_id, told.trainer_id, told.student_id, told.course_id,
-                   told.ids, told.first_day,
-                   jsonb_build_object('purchaseId', told.purchase_id), now()) AS payload
-        FROM told
-        UNION ALL
-        SELECT told.allocation_id, 2, told.purchase_id, kc_event_notification(
-                   CASE WHEN told.moved THEN 'sessions_rescheduled:' ELSE 'session_scheduled:'
-                   END || told.ids[1], told.student_id, 'student', 'session',
-                   CASE WHEN told.moved THEN 'Sessions Rescheduled' ELSE 'Session Scheduled' END,
-                   CASE
-                       WHEN told.moved THEN format(
-                           'Your sessions of "%s" with %s have been moved: they now start on '
-                           '%s at %s.', told.course_title, told.trainer_name,
-                           kc_long_date(told.first_day), kc_clock(told.first_time))
-                       WHEN cardinality(told.ids) = 1 THEN format(
-                           'Your session with %s has been scheduled for %s at %s. Please be '
-                           'ready!', told.trainer_name, kc_long_date(told.first_day),
-                           kc_clock(told.first_time))
-                       ELSE format(
-                           'Your %s sessions of "%s" with %s have been scheduled, starting %s '
-                           'at %s. Please be ready!', cardinality(told.ids), told.course_title,
-                           told.trainer_name, kc_long_date(told.first_day),
-                           kc_clock(told.first_time))
-                   END,
-                   jsonb_build_object(
-                       'trainerName', told.trainer_name, 'courseName', told.course_title,
-                       'scheduledDate', told.first_day::text,
-                       'scheduledTime', kc_clock(told.first_time),
-                       'sessionCount', cardinality(told.ids),
-                       'type', CASE WHEN told.moved THEN 'sessions_rescheduled'
-                                    ELSE 'session_scheduled' END,
-                       'trainerId', told.trainer_id, 'allocationId', told.allocation_id,
-                       'courseId', told.course_id, 'purchaseId', told.purchase_id),
-                   jsonb_build_object('purchaseId', told.purchase_id), now())
-        FROM told
-    ) e
-    ORDER BY e.allocation_id, e.k
-    ON CONFLICT (event_id) DO NOTHING
-    RETURNING 1
+        INSERT INTO business_events (event_id, type, purchase_id, payload)
+        SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', e.purchase_id, e.payload
+        FROM (
+            SELECT told.allocation_id, 1 AS k, told.purchase_id, kc_event_sessions_generated(
+                       told.allocation_id, told.trainer_id, told.student_id, told.course_id,
+                       told.ids, told.first_day,
+                       jsonb_build_object('purchaseId', told.purchase_id), now()) AS payload
+            FROM told
+            UNION ALL
+            SELECT told.allocation_id, 2, told.purchase_id, kc_event_notification(
+                       CASE WHEN told.moved THEN 'sessions_rescheduled:' ELSE 'session_scheduled:'
+                       END || told.ids[1], told.student_id, 'student', 'session',
+                       CASE WHEN told.moved THEN 'Sessions Rescheduled' ELSE 'Session Scheduled' END,
+                       CASE
+                           WHEN told.moved THEN format(
+                               'Your sessions of "%s" with %s have been moved: they now start on '
+                               '%s at %s.', told.course_title, told.trainer_name,
+                               kc_long_date(told.first_day), kc_clock(told.first_time))
+                           WHEN cardinality(told.ids) = 1 THEN format(
+                               'Your session with %s has been scheduled for %s at %s. Please be '
+                               'ready!', told.trainer_name, kc_long_date(told.first_day),
+                               kc_clock(told.first_time))
+                           ELSE format(
+                               'Your %s sessions of "%s" with %s have been scheduled, starting %s '
+                               'at %s. Please be ready!', cardinality(told.ids), told.course_title,
+                               told.trainer_name, kc_long_date(told.first_day),
+                               kc_clock(told.first_time))
+                       END,
+                       jsonb_build_object(
+                           'trainerName', told.trainer_name, 'courseName', told.course_title,
+                           'scheduledDate', told.first_day::text,
+                           'scheduledTime', kc_clock(told.first_time),
+                           'sessionCount', cardinality(told.ids),
+                           'type', CASE WHEN told.moved THEN 'sessions_rescheduled'
+                                        ELSE 'session_scheduled' END,
+                           'trainerId', told.trainer_id, 'allocationId', told.allocation_id,
+                           'courseId', told.course_id, 'purchaseId', told.purchase_id),
+                       jsonb_build_object('purchaseId', told.purchase_id), now())
+            FROM told
+        ) e
+        ORDER BY e.allocation_id, e.k
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
     )
     SELECT count(*) INTO v_stored FROM stored;
     IF v_stored > 0 THEN
