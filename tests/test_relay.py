@@ -470,6 +470,14 @@ def test_settings_of_the_relay() -> None:
     assert settings.redis_url is None  # unset: no relay, nothing else changes
     with pytest.raises(ValueError, match="KC_EVENTS_STREAM_MAXLEN"):
         Settings(KC_EVENTS_STREAM_MAXLEN=10)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="REDIS_URL is redis://host:port/db"):
+        Settings(REDIS_URL="localhost:6379")  # type: ignore[call-arg]
+    secret = Settings(REDIS_URL="redis://:hunter2@127.0.0.1:6379/0")  # type: ignore[call-arg]
+    assert "hunter2" not in repr(secret)
+    from workers.events.relay import redacted
+
+    assert redacted("redis://:hunter2@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert redacted("redis://app:pw@host/1") == "redis://app:***@host/1"
 
 
 def test_doctor_checks_redis_and_the_relay(
