@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench import pipeline, report, scarce, search, world
+from bench import events, pipeline, report, scarce, search, world
 from bench.progress import Progress
 from workers.database.server import test_admin_url
 from workers.settings import REPO_ROOT, load_settings
@@ -34,6 +34,9 @@ FULL = {
     "idle_samples_pgqueuer": 5,
     "search_samples": 200,
     "scarce": True,
+    "outbox_payments": 2000,
+    "relay_events": 20000,
+    "relay_samples": 200,
 }
 QUICK = {
     "trainers": 100,
@@ -47,6 +50,9 @@ QUICK = {
     "idle_samples_pgqueuer": 2,
     "search_samples": 30,
     "scarce": False,
+    "outbox_payments": 200,
+    "relay_events": 3000,
+    "relay_samples": 20,
 }
 
 
@@ -121,6 +127,14 @@ def run(size: dict[str, Any], processes: int, batch: int, out: Path) -> dict[str
                     partial(pipeline.backlog_throughput, url, backlog, processes, batch, out),
                 )
             )
+        results["outbox"] = phase(
+            f"outbox cost, backlog {size['outbox_payments']} off/on/on/off",
+            partial(events.outbox_cost, url, size["outbox_payments"], processes, batch, out),
+        )
+        results["relay"] = phase(
+            "relay to Redis: catch-up and latency",
+            lambda p: events.relay_figures(url, size["relay_events"], size["relay_samples"]),
+        )
     return results
 
 

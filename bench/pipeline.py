@@ -392,11 +392,17 @@ class Phase:
 
 
 def backlog_throughput(
-    url: str, payments: int, processes: int, batch: int, out: Path, progress: Progress
+    url: str,
+    payments: int,
+    processes: int,
+    batch: int,
+    out: Path,
+    progress: Progress,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Queue `payments` at once (one transaction) for running workers; time to the last
     stage outcome, by the database's clock."""
-    phase = Phase(url, f"backlog-{payments}", payments, out)
+    phase = Phase(url, name or f"backlog-{payments}", payments, out)
     with (
         workers(url, processes, phase.log, KC_BATCH_SIZE=str(batch)) as procs,
         psycopg.connect(url, autocommit=True) as conn,

@@ -100,6 +100,29 @@ def table(results: dict[str, Any]) -> str:
             f"throughput at {last['payments']:,} vs {first['payments']:,} backlog",
             f"{last['purchases_per_s'] / first['purchases_per_s']:.0%}",
         )
+    if "outbox" in results:
+        box = results["outbox"]
+        row(
+            f"outbox: purchases/s off / on (backlog {box['payments']:,}, off-on-on-off)",
+            f"{box['mean_off']} / {box['mean_on']}",
+        )
+        row("  runs off; runs on", f"{box['purchases_per_s_off']}; {box['purchases_per_s_on']}")
+        row(
+            "  cost of the outbox; events per purchase",
+            f"{box['cost']:.1%}; {box['events_per_purchase']}",
+        )
+        row(
+            "  CPU ms per purchase off / on (workers + this db); cost",
+            f"{box['cpu_ms_per_purchase_off']} / {box['cpu_ms_per_purchase_on']}; "
+            f"{box['cpu_cost']:.1%}",
+        )
+    if "relay" in results:
+        relay = results["relay"]
+        if "skipped" in relay:
+            row("relay", relay["skipped"])
+        else:
+            row(f"relay: events/s catching up {relay['backlog_events']:,}", relay["events_per_s"])
+            row("relay: commit -> subscriber p50/p95/p99 ms", _ms(relay))
     lines.append("")
     lines.append("phase seconds (wall, district seeding included):")
     for label, seconds in results.get("phase_seconds", {}).items():

@@ -24,6 +24,31 @@ TABLE allocation_requests (
     decided_at timestamp with time zone,
     allocation_id uuid
 );
+TABLE business_event_consumers (
+    consumer text NOT NULL,
+    position bigint NOT NULL,
+    registered_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
+TABLE business_event_positions (
+    position bigint NOT NULL,
+    event_id uuid NOT NULL
+);
+TABLE business_event_sequencer (
+    singleton boolean NOT NULL DEFAULT true,
+    snapshot pg_snapshot NOT NULL,
+    last_position bigint NOT NULL DEFAULT 0,
+    sequenced_at timestamp with time zone NOT NULL DEFAULT now()
+);
+TABLE business_events (
+    event_id uuid NOT NULL,
+    seq bigint NOT NULL IDENTITY,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    type text NOT NULL,
+    purchase_id uuid,
+    occurred_at timestamp with time zone NOT NULL DEFAULT now(),
+    payload jsonb NOT NULL
+);
 TABLE console_operators (
     id bigint NOT NULL IDENTITY,
     name text NOT NULL,
@@ -266,6 +291,16 @@ CONSTRAINT allocation_requests.allocation_requests_pkey PRIMARY KEY (id);
 CONSTRAINT allocation_requests.allocation_requests_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
 CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text, 'superseded'::text])));
 CONSTRAINT allocation_requests.allocation_requests_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CONSTRAINT business_event_consumers.business_event_consumers_consumer_check CHECK ((consumer ~ '^[a-z0-9][a-z0-9_.:-]{0,62}$'::text));
+CONSTRAINT business_event_consumers.business_event_consumers_pkey PRIMARY KEY (consumer);
+CONSTRAINT business_event_consumers.business_event_consumers_position_check CHECK (("position" >= 0));
+CONSTRAINT business_event_positions.business_event_positions_event_id_key UNIQUE (event_id);
+CONSTRAINT business_event_positions.business_event_positions_pkey PRIMARY KEY ("position");
+CONSTRAINT business_event_sequencer.business_event_sequencer_pkey PRIMARY KEY (singleton);
+CONSTRAINT business_event_sequencer.business_event_sequencer_singleton_check CHECK (singleton);
+CONSTRAINT business_events.business_events_check CHECK ((((payload ->> 'type'::text) = type) AND (((payload ->> 'eventId'::text))::uuid = event_id)));
+CONSTRAINT business_events.business_events_pkey PRIMARY KEY (event_id);
+CONSTRAINT business_events.business_events_type_check CHECK ((type = ANY (ARRAY['PURCHASE_CREATED'::text, 'COURSE_ACCESS_GRANTED'::text, 'TRAINER_ALLOCATED'::text, 'SESSIONS_GENERATED'::text, 'STUDENT_DEALLOCATED'::text, 'SESSION_RESCHEDULED'::text, 'SESSION_SUBSTITUTED'::text, 'SESSION_COMPLETED'::text, 'COURSE_PROGRESS_UPDATED'::text, 'COURSE_COMPLETED'::text, 'ADMIN_OVERRIDE'::text, 'NOTIFICATION_REQUESTED'::text])));
 CONSTRAINT console_operators.console_operators_name_check CHECK (((name = btrim(name)) AND ((length(name) >= 1) AND (length(name) <= 60)) AND (name !~ '[[:cntrl:]]'::text)));
 CONSTRAINT console_operators.console_operators_pkey PRIMARY KEY (id);
 CONSTRAINT console_operators.console_operators_token_hash_check CHECK ((length(token_hash) = 32));
@@ -365,6 +400,13 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trai
 CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
 CREATE UNIQUE INDEX allocation_requests_one_open_idx ON public.allocation_requests USING btree (purchase_id) WHERE (status = 'open'::text);
 CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
+CREATE UNIQUE INDEX business_event_consumers_pkey ON public.business_event_consumers USING btree (consumer);
+CREATE UNIQUE INDEX business_event_positions_event_id_key ON public.business_event_positions USING btree (event_id);
+CREATE UNIQUE INDEX business_event_positions_pkey ON public.business_event_positions USING btree ("position");
+CREATE UNIQUE INDEX business_event_sequencer_pkey ON public.business_event_sequencer USING btree (singleton);
+CREATE UNIQUE INDEX business_events_pkey ON public.business_events USING btree (event_id);
+CREATE INDEX business_events_purchase_idx ON public.business_events USING btree (purchase_id);
+CREATE INDEX business_events_xid_idx ON public.business_events USING btree (xid);
 CREATE UNIQUE INDEX console_operators_name_key ON public.console_operators USING btree (lower(name));
 CREATE UNIQUE INDEX console_operators_pkey ON public.console_operators USING btree (id);
 CREATE UNIQUE INDEX console_operators_token_hash_key ON public.console_operators USING btree (token_hash);
@@ -430,6 +472,26 @@ CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btr
 CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
 
 -- VIEWS
+VIEW business_event_lag AS
+ SELECT c.consumer,
+    c."position",
+    q.last_position,
+    q.last_position - c."position" + q.unsequenced AS events_behind,
+    COALESCE(EXTRACT(epoch FROM now() - LEAST(u.occurred_at, q.oldest_unsequenced)), 0::numeric)::double precision AS seconds_behind,
+    c.updated_at
+   FROM business_event_consumers c
+     CROSS JOIN ( SELECT s.last_position,
+            count(e.event_id) AS unsequenced,
+            min(e.occurred_at) AS oldest_unsequenced
+           FROM business_event_sequencer s
+             LEFT JOIN business_events e ON e.xid >= pg_snapshot_xmax(s.snapshot) OR (e.xid IN ( SELECT pg_snapshot_xip(s.snapshot) AS pg_snapshot_xip))
+          GROUP BY s.last_position) q
+     LEFT JOIN LATERAL ( SELECT e.occurred_at
+           FROM business_event_positions p
+             JOIN business_events e ON e.event_id = p.event_id
+          WHERE p."position" > c."position"
+          ORDER BY p."position"
+         LIMIT 1) u ON true;
 VIEW course_progress AS
  SELECT pu.id AS purchase_id,
     pu.purchase_tier,
@@ -764,6 +826,35 @@ VIEW unfit_allocations AS
           WHERE ts.allocation_id = ta.id)));
 
 -- FUNCTIONS
+CREATE OR REPLACE FUNCTION public.advance_event_consumer(p_consumer text, p_position bigint)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_last     bigint;
+    v_position bigint;
+BEGIN
+    PERFORM kc_check_consumer(p_consumer);
+    SELECT last_position INTO v_last FROM business_event_sequencer;
+    IF p_position IS NULL OR p_position < 0 OR p_position > v_last THEN
+        RAISE EXCEPTION 'advance_event_consumer(%): position % is not between 0 and the last '
+                        'event''s position %', p_consumer, p_position, v_last
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE business_event_consumers c
+    SET position = greatest(c.position, p_position), updated_at = now()
+    WHERE c.consumer = p_consumer
+    RETURNING c.position INTO v_position;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no event consumer %', p_consumer
+            USING ERRCODE = 'no_data_found',
+                  HINT = format('SELECT register_event_consumer(%L) first', p_consumer);
+    END IF;
+    RETURN v_position;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -985,6 +1076,140 @@ AS $function$
     )
     SELECT count(*) > 0 FROM ended
 $function$
+CREATE OR REPLACE FUNCTION public.consumer_events(p_consumer text, p_limit integer DEFAULT 500)
+ RETURNS TABLE(pos bigint, event_id uuid, type text, purchase_id uuid, occurred_at timestamp with time zone, event jsonb)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+DECLARE
+    v_from bigint;
+BEGIN
+    PERFORM kc_check_consumer(p_consumer);
+    SELECT c.position INTO v_from FROM business_event_consumers c WHERE c.consumer = p_consumer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no event consumer %', p_consumer
+            USING ERRCODE = 'no_data_found',
+                  HINT = format('SELECT register_event_consumer(%L) first', p_consumer);
+    END IF;
+    RETURN QUERY SELECT * FROM events_after(v_from, p_limit);
+END
+$function$
+CREATE OR REPLACE FUNCTION public.drop_event_consumer(p_consumer text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_check_consumer(p_consumer);
+    DELETE FROM business_event_consumers WHERE consumer = p_consumer;
+    RETURN FOUND;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.emit_session_rescheduled(p_session uuid, p_old_date date, p_old_time time without time zone)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v       record;
+    v_event jsonb;
+BEGIN
+    IF p_old_date IS NULL OR p_old_time IS NULL THEN
+        RAISE EXCEPTION 'emit_session_rescheduled(%): give the date and time the session had',
+            p_session USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT ts.id, ts.scheduled_date, ts.scheduled_time, ts.trainer_id, ts.student_id,
+           ts.course_id, ta.purchase_id, co.title
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    JOIN courses co ON co.id = ts.course_id
+    WHERE ts.id = p_session;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no session %', p_session USING ERRCODE = 'no_data_found';
+    END IF;
+    IF (v.scheduled_date, v.scheduled_time) = (p_old_date, p_old_time) THEN
+        RAISE EXCEPTION 'session % is still on % at %: move it first, then name where it was',
+            p_session, p_old_date, kc_clock(p_old_time)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_event := kc_event_session_rescheduled(
+        v.id, p_old_date, v.scheduled_date, p_old_time, v.scheduled_time, v.trainer_id,
+        v.student_id, jsonb_build_object('purchaseId', v.purchase_id), now());
+    PERFORM kc_store_events(ARRAY[v.purchase_id, v.purchase_id], ARRAY[
+        v_event,
+        kc_event_notification(
+            'session_rescheduled:' || (v_event ->> 'eventId'), v.student_id, 'student',
+            'session', 'Session Rescheduled',
+            format('Your session of "%s" on %s at %s has moved to %s at %s.', v.title,
+                   kc_long_date(p_old_date), kc_clock(p_old_time),
+                   kc_long_date(v.scheduled_date), kc_clock(v.scheduled_time)),
+            jsonb_build_object('courseName', v.title, 'type', 'session_rescheduled',
+                               'sessionId', v.id, 'oldDate', p_old_date::text,
+                               'newDate', v.scheduled_date::text,
+                               'oldTimeSlot', kc_clock(p_old_time),
+                               'newTimeSlot', kc_clock(v.scheduled_time),
+                               'courseId', v.course_id, 'purchaseId', v.purchase_id),
+            jsonb_build_object('purchaseId', v.purchase_id), now())]);
+    RETURN (v_event ->> 'eventId')::uuid;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.emit_session_substituted(p_session uuid, p_original_trainer uuid)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v          record;
+    v_original text;
+    v_event    jsonb;
+BEGIN
+    SELECT ts.id, ts.scheduled_date, ts.scheduled_time, ts.trainer_id, ts.student_id,
+           ts.course_id, ta.purchase_id, co.title, t.full_name AS substitute
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    JOIN courses co ON co.id = ts.course_id
+    JOIN trainers t ON t.id = ts.trainer_id
+    WHERE ts.id = p_session;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no session %', p_session USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT full_name INTO v_original FROM trainers WHERE id = p_original_trainer;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no trainer %', p_original_trainer USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v.trainer_id = p_original_trainer THEN
+        RAISE EXCEPTION 'session % is still with trainer %: give it to the substitute first',
+            p_session, p_original_trainer USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_event := kc_event_session_substituted(
+        v.id, p_original_trainer, v.trainer_id, v.student_id, v.scheduled_date,
+        v.scheduled_time, jsonb_build_object('purchaseId', v.purchase_id), now());
+    PERFORM kc_store_events(ARRAY[v.purchase_id, v.purchase_id], ARRAY[
+        v_event,
+        kc_event_notification(
+            'session_substituted:' || (v_event ->> 'eventId'), v.student_id, 'student',
+            'session', 'Trainer Substituted',
+            format('Trainer %s will take your session of "%s" on %s at %s in place of %s.',
+                   v.substitute, v.title, kc_long_date(v.scheduled_date),
+                   kc_clock(v.scheduled_time), v_original),
+            jsonb_build_object('trainerName', v.substitute, 'originalTrainerName', v_original,
+                               'courseName', v.title, 'type', 'session_substituted',
+                               'sessionId', v.id, 'date', v.scheduled_date::text,
+                               'timeSlot', kc_clock(v.scheduled_time),
+                               'trainerId', v.trainer_id,
+                               'originalTrainerId', p_original_trainer,
+                               'courseId', v.course_id, 'purchaseId', v.purchase_id),
+            jsonb_build_object('purchaseId', v.purchase_id), now())]);
+    RETURN (v_event ->> 'eventId')::uuid;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.end_allocation(p_allocation uuid, p_reason text, p_detail text)
  RETURNS integer
  LANGUAGE plpgsql
@@ -1084,6 +1309,33 @@ BEGIN
     RETURN v_job_id;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.events_after(p_position bigint, p_limit integer DEFAULT 500)
+ RETURNS TABLE(pos bigint, event_id uuid, type text, purchase_id uuid, occurred_at timestamp with time zone, event jsonb)
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+#variable_conflict use_column
+BEGIN
+    IF p_position IS NULL OR p_position < 0 THEN
+        RAISE EXCEPTION 'events_after: a position is 0 or more, not %', p_position
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = '0 reads from the oldest event kept';
+    END IF;
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 10000 THEN
+        RAISE EXCEPTION 'events_after: a limit is 1 to 10000, not %', p_limit
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM kc_sequence_events();
+    RETURN QUERY
+        SELECT p.position, e.event_id, e.type, e.purchase_id, e.occurred_at, e.payload
+        FROM business_event_positions p
+        JOIN business_events e ON e.event_id = p.event_id
+        WHERE p.position > p_position
+        ORDER BY p.position
+        LIMIT p_limit;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.fn_pgqueuer_changed()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1174,6 +1426,184 @@ AS $function$
     SELECT t.stage, t.ref_id
     FROM todo t
     CROSS JOIN LATERAL (SELECT enqueue_stage(t.stage, t.ref_id, 'healed')) AS enqueued
+$function$
+CREATE OR REPLACE FUNCTION public.kc_allocation_events(p_ids uuid[], p_old_status text[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    WITH changed AS (
+        SELECT ta.*, c.old_status, s.full_name AS student_name, co.title AS course_title,
+               t.full_name AS trainer_name, prev.id AS prev_id,
+               prev.trainer_id AS prev_trainer, prev.reason AS prev_reason,
+               prev.trainer_name AS prev_trainer_name, prev.updated_at AS prev_at,
+               -- the allocation another trainer had until this transaction ended it
+               (prev.id IS NOT NULL AND prev.trainer_id IS DISTINCT FROM ta.trainer_id)
+                   AS trainer_changed
+        FROM unnest(p_ids, p_old_status) AS c(id, old_status)
+        JOIN trainer_allocations ta ON ta.id = c.id
+        JOIN students s ON s.id = ta.student_id
+        JOIN courses co ON co.id = ta.course_id
+        LEFT JOIN trainers t ON t.id = ta.trainer_id
+        LEFT JOIN LATERAL (
+            SELECT p.id, p.trainer_id, p.reason, p.updated_at, pt.full_name AS trainer_name
+            FROM trainer_allocations p JOIN trainers pt ON pt.id = p.trainer_id
+            WHERE p.purchase_id = ta.purchase_id AND p.id <> ta.id AND p.status = 'cancelled'
+              AND p.updated_at = now() AND p.allocated_at IS NOT NULL
+            ORDER BY p.created_at DESC
+            LIMIT 1
+        ) prev ON ta.status IN ('approved', 'pending') AND c.old_status IS DISTINCT FROM ta.status
+        WHERE c.old_status IS DISTINCT FROM ta.status
+    ), built AS (
+        SELECT ch.id, k, ch.purchase_id, payload
+        FROM changed ch
+        CROSS JOIN LATERAL (
+            SELECT 1, kc_event_trainer_allocated(
+                       ch.id, ch.trainer_id, ch.student_id, ch.course_id,
+                       coalesce((ch.metadata #>> '{schedule,online}')::integer
+                                + (ch.metadata #>> '{schedule,atHome}')::integer,
+                                (ch.metadata ->> 'sessionCount')::integer),
+                       ch.first_session_date,
+                       coalesce((ch.metadata #>> '{schedule,lastDate}')::date,
+                                ch.first_session_date),
+                       jsonb_build_object('purchaseId', ch.purchase_id), now())
+            WHERE ch.status = 'approved'
+            UNION ALL
+            -- the rescheduled course's old allocation, now that the new one is known
+            SELECT 2, kc_event_student_deallocated(
+                       ch.prev_id, ch.prev_trainer, ch.student_id, ch.course_id,
+                       ch.prev_reason, ch.prev_at,
+                       jsonb_build_object('purchaseId', ch.purchase_id,
+                                          'nextAllocationId', ch.id), now())
+            WHERE ch.trainer_changed AND ch.prev_reason = 'rescheduled'
+            UNION ALL
+            SELECT 3, kc_event_notification(
+                       'trainer_assignment:' || ch.id, ch.student_id, 'student', 'allocation',
+                       'Trainer Assigned',
+                       format('Great news! Trainer %s has been assigned to your course "%s". '
+                              'You will receive session details soon.',
+                              ch.trainer_name, ch.course_title),
+                       jsonb_build_object('trainerName', ch.trainer_name,
+                                          'courseName', ch.course_title,
+                                          'type', 'trainer_assignment',
+                                          'trainerId', ch.trainer_id, 'allocationId', ch.id,
+                                          'courseId', ch.course_id,
+                                          'purchaseId', ch.purchase_id),
+                       jsonb_build_object('purchaseId', ch.purchase_id), now())
+            WHERE ch.status = 'approved' AND ch.prev_id IS NULL
+            UNION ALL
+            SELECT 3, kc_event_notification(
+                       'trainer_changed:' || ch.id, ch.student_id, 'student', 'allocation',
+                       'Trainer Changed',
+                       format('Trainer %s will now teach your course "%s" in place of %s. '
+                              'You will receive session details soon.',
+                              ch.trainer_name, ch.course_title, ch.prev_trainer_name),
+                       jsonb_build_object('trainerName', ch.trainer_name,
+                                          'previousTrainerName', ch.prev_trainer_name,
+                                          'courseName', ch.course_title,
+                                          'type', 'trainer_changed', 'reason', ch.prev_reason,
+                                          'trainerId', ch.trainer_id,
+                                          'previousTrainerId', ch.prev_trainer,
+                                          'allocationId', ch.id, 'courseId', ch.course_id,
+                                          'purchaseId', ch.purchase_id),
+                       jsonb_build_object('purchaseId', ch.purchase_id), now())
+            WHERE ch.status = 'approved' AND ch.trainer_changed
+            UNION ALL
+            SELECT 4, kc_event_notification(
+                       'trainer_assigned:' || ch.id, ch.trainer_id, 'trainer', 'allocation',
+                       'New Assignment',
+                       format('You have been assigned to teach "%s" for student %s. Check '
+                              'your schedule for session details.',
+                              ch.course_title, ch.student_name),
+                       jsonb_build_object('studentName', ch.student_name,
+                                          'courseName', ch.course_title,
+                                          'type', 'trainer_assigned',
+                                          'studentId', ch.student_id, 'allocationId', ch.id,
+                                          'courseId', ch.course_id,
+                                          'purchaseId', ch.purchase_id),
+                       jsonb_build_object('purchaseId', ch.purchase_id), now())
+            WHERE ch.status = 'approved'
+              AND (ch.prev_id IS NULL OR ch.trainer_changed)
+            UNION ALL
+            SELECT 5, kc_event_admin_override(
+                       ch.id, coalesce(r.requested_by, 'unknown'), 'assign_trainer',
+                       jsonb_build_object(
+                           'purchaseId', ch.purchase_id, 'trainerId', ch.trainer_id,
+                           'previousTrainerId', ch.prev_trainer,
+                           'overriddenRules', ch.metadata #> '{assignment,overriddenRules}',
+                           'requestId', (ch.metadata #>> '{assignment,requestId}')::bigint),
+                       coalesce(ch.metadata #>> '{assignment,note}', ''),
+                       jsonb_build_object('purchaseId', ch.purchase_id), now())
+            FROM (SELECT NULL) one
+            LEFT JOIN allocation_requests r
+                   ON r.id = (ch.metadata #>> '{assignment,requestId}')::bigint
+            WHERE ch.status = 'approved'
+              AND (ch.metadata #>> '{assignment,override}')::boolean
+            UNION ALL
+            SELECT 6, kc_event_notification(
+                       'trainer_pending:' || ch.id, ch.student_id, 'student', 'allocation',
+                       'Finding Your Trainer',
+                       format('We are finding a trainer for your course "%s". We will let you '
+                              'know as soon as one is assigned.', ch.course_title),
+                       jsonb_build_object('courseName', ch.course_title,
+                                          'type', 'trainer_pending', 'reason', ch.reason,
+                                          'reasonDetail', ch.reason_detail,
+                                          'allocationId', ch.id, 'courseId', ch.course_id,
+                                          'purchaseId', ch.purchase_id),
+                       jsonb_build_object('purchaseId', ch.purchase_id), now())
+            WHERE ch.status = 'pending' AND ch.old_status IS NULL
+            UNION ALL
+            SELECT 7, kc_event_student_deallocated(
+                       ch.id, ch.trainer_id, ch.student_id, ch.course_id, ch.reason,
+                       ch.updated_at, jsonb_build_object('purchaseId', ch.purchase_id), now())
+            WHERE ch.status = 'cancelled' AND ch.old_status = 'approved'
+              AND ch.trainer_id IS NOT NULL AND ch.reason IS DISTINCT FROM 'rescheduled'
+        ) AS e(k, payload)
+    ), ended AS (
+        -- the trainer hears that the student is no longer theirs, with the event
+        SELECT b.id, b.k + 1 AS k, b.purchase_id, kc_event_notification(
+                   'trainer_unassigned:' || (b.payload ->> 'allocationId'),
+                   (b.payload ->> 'trainerId')::uuid, 'trainer', 'allocation',
+                   'Assignment Ended',
+                   format('Student %s is no longer assigned to you for "%s": %s. Their '
+                          'upcoming sessions with you are cancelled.', s.full_name, co.title,
+                          CASE b.payload ->> 'reason'
+                              WHEN 'refunded' THEN 'the course was refunded'
+                              WHEN 'trainer_left' THEN 'you can no longer take this course'
+                              WHEN 'rescheduled' THEN
+                                  'the student rescheduled and another trainer takes the new times'
+                              ELSE 'the course moved to another trainer' END),
+                   jsonb_build_object('studentName', s.full_name, 'courseName', co.title,
+                                      'type', 'trainer_unassigned',
+                                      'reason', b.payload ->> 'reason',
+                                      'studentId', s.id, 'courseId', co.id,
+                                      'allocationId', b.payload ->> 'allocationId',
+                                      'purchaseId', b.purchase_id),
+                   jsonb_build_object('purchaseId', b.purchase_id), now()) AS payload
+        FROM built b
+        JOIN students s ON s.id = (b.payload ->> 'studentId')::uuid
+        JOIN courses co ON co.id = (b.payload ->> 'courseId')::uuid
+        WHERE b.payload ->> 'type' = 'STUDENT_DEALLOCATED'
+    ), ordered AS (
+        SELECT * FROM built UNION ALL SELECT * FROM ended
+    )
+    , stored AS (
+        INSERT INTO business_events (event_id, type, purchase_id, payload)
+        SELECT (payload ->> 'eventId')::uuid, payload ->> 'type', purchase_id, payload
+        FROM ordered
+        ORDER BY id, k
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM stored;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
+END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_apply_refund_unchecked(p_payment uuid)
  RETURNS text
@@ -1276,6 +1706,19 @@ AS $function$
     SELECT set_config('kc.acting', 'on', true);
     SELECT p_actor;
 $function$
+CREATE OR REPLACE FUNCTION public.kc_check_consumer(p_consumer text)
+ RETURNS void
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+BEGIN
+    IF p_consumer IS NULL OR p_consumer !~ '^[a-z0-9][a-z0-9_.:-]{0,62}$' THEN
+        RAISE EXCEPTION 'a consumer''s name is 1 to 63 of a-z, 0-9, _ . : - (starting with a '
+                        'letter or digit), not %', quote_nullable(left(p_consumer, 80))
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_check_trainers(p_trainers uuid[])
  RETURNS integer
  LANGUAGE sql
@@ -1285,6 +1728,11 @@ AS $function$
     FROM unfit_allocations u
     WHERE u.trainer_id = ANY (p_trainers)
 $function$
+CREATE OR REPLACE FUNCTION public.kc_clock(p_time time without time zone)
+ RETURNS text
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT to_char(date '2000-01-01' + p_time, 'FMHH12:MI AM') $function$
 CREATE OR REPLACE FUNCTION public.kc_console_operator(p_session text)
  RETURNS TABLE(operator text, expires_at timestamp with time zone)
  LANGUAGE sql
@@ -1314,6 +1762,137 @@ BEGIN
     RETURN enqueue_stage('allocation', p_purchase);
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_epoch_ms(p_at timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT floor(extract(epoch FROM p_at) * 1000)::bigint $function$
+CREATE OR REPLACE FUNCTION public.kc_event(p_type text, p_key text, p_at timestamp with time zone, p_user text, p_role text, p_metadata jsonb, p_fields jsonb)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT jsonb_build_object('type', p_type, 'eventId', kc_event_id(p_type || ':' || p_key),
+                                'timestamp', kc_epoch_ms(p_at), 'userId', p_user,
+                                'role', p_role, 'metadata', p_metadata) || p_fields $function$
+CREATE OR REPLACE FUNCTION public.kc_event_admin_override(p_allocation uuid, p_admin text, p_action text, p_changes jsonb, p_reason text, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('ADMIN_OVERRIDE', p_allocation::text, p_at, p_admin, 'admin',
+                      p_metadata, jsonb_build_object(
+                          'action', p_action, 'targetId', p_allocation,
+                          'targetType', 'allocation', 'changes', p_changes,
+                          'reason', p_reason)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_course_access_granted(p_purchase uuid, p_student uuid, p_course uuid, p_tier integer, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('COURSE_ACCESS_GRANTED', p_purchase::text, p_at, p_student::text,
+                      'student', p_metadata, jsonb_build_object(
+                          'purchaseId', p_purchase, 'studentId', p_student,
+                          'courseId', p_course, 'purchaseTier', p_tier)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_course_completed(p_purchase uuid, p_student uuid, p_course uuid, p_day date, p_total integer, p_completed integer, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('COURSE_COMPLETED', p_purchase::text, p_at, p_student::text, 'student',
+                      p_metadata, jsonb_build_object(
+                          'courseId', p_course, 'studentId', p_student,
+                          'completionDate', p_day::text, 'totalSessions', p_total,
+                          'completedSessions', p_completed)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_course_progress_updated(p_purchase uuid, p_student uuid, p_course uuid, p_completed integer, p_total integer, p_last timestamp with time zone, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('COURSE_PROGRESS_UPDATED', p_purchase || ':' || p_completed, p_at,
+                      p_student::text, 'student', p_metadata, jsonb_build_object(
+                          'studentId', p_student, 'courseId', p_course,
+                          'completedSessions', p_completed, 'totalSessions', p_total,
+                          'percentage', least(100, floor(100.0 * p_completed
+                                                         / greatest(p_total, 1)))::integer,
+                          'lastCompletedAt', kc_iso(p_last))) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_id(p_key text)
+ RETURNS uuid
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT overlay(overlay(substr(encode(sha256(convert_to('koding-caravan:' || p_key, 'UTF8')),
+                                           'hex'), 1, 32)
+                             placing '8' from 13 for 1) placing '8' from 17 for 1)::uuid $function$
+CREATE OR REPLACE FUNCTION public.kc_event_notification(p_key text, p_user uuid, p_role text, p_kind text, p_title text, p_body text, p_data jsonb, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('NOTIFICATION_REQUESTED', p_role || ':' || p_key, p_at, p_user::text,
+                      p_role, p_metadata, jsonb_build_object(
+                          'notificationType', p_kind, 'title', p_title, 'body', p_body,
+                          'data', p_data)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_purchase_created(p_purchase uuid, p_student uuid, p_course uuid, p_tier integer, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('PURCHASE_CREATED', p_purchase::text, p_at, p_student::text, 'student',
+                      p_metadata, jsonb_build_object(
+                          'purchaseId', p_purchase, 'studentId', p_student,
+                          'courseId', p_course, 'purchaseTier', p_tier)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_session_completed(p_session uuid, p_trainer uuid, p_student uuid, p_course uuid, p_completed_at timestamp with time zone, p_minutes integer, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('SESSION_COMPLETED', p_session::text, p_at, p_student::text, 'student',
+                      p_metadata, jsonb_build_object(
+                          'sessionId', p_session, 'trainerId', p_trainer,
+                          'studentId', p_student, 'courseId', p_course,
+                          'completedAt', kc_iso(p_completed_at), 'duration', p_minutes)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_session_rescheduled(p_session uuid, p_old_date date, p_new_date date, p_old_time time without time zone, p_new_time time without time zone, p_trainer uuid, p_student uuid, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('SESSION_RESCHEDULED',
+                      concat_ws(':', p_session, p_old_date, p_old_time, p_new_date, p_new_time),
+                      p_at, p_student::text, 'student', p_metadata, jsonb_build_object(
+                          'sessionId', p_session, 'oldDate', p_old_date::text,
+                          'newDate', p_new_date::text, 'oldTimeSlot', kc_clock(p_old_time),
+                          'newTimeSlot', kc_clock(p_new_time), 'trainerId', p_trainer,
+                          'studentId', p_student)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_session_substituted(p_session uuid, p_original uuid, p_substitute uuid, p_student uuid, p_day date, p_time time without time zone, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('SESSION_SUBSTITUTED',
+                      concat_ws(':', p_session, p_original, p_substitute, p_day, p_time),
+                      p_at, p_student::text, 'student', p_metadata, jsonb_build_object(
+                          'sessionId', p_session, 'originalTrainerId', p_original,
+                          'substituteTrainerId', p_substitute, 'studentId', p_student,
+                          'date', p_day::text, 'timeSlot', kc_clock(p_time))) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_sessions_generated(p_allocation uuid, p_trainer uuid, p_student uuid, p_course uuid, p_sessions uuid[], p_start date, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('SESSIONS_GENERATED', p_allocation || ':' || p_sessions[1], p_at,
+                      p_student::text, 'student', p_metadata, jsonb_build_object(
+                          'allocationId', p_allocation, 'trainerId', p_trainer,
+                          'studentId', p_student, 'courseId', p_course,
+                          'sessionCount', cardinality(p_sessions),
+                          'sessionIds', to_jsonb(p_sessions), 'startDate', p_start::text)) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_student_deallocated(p_allocation uuid, p_trainer uuid, p_student uuid, p_course uuid, p_reason text, p_at_instant timestamp with time zone, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('STUDENT_DEALLOCATED', p_allocation::text, p_at, p_trainer::text,
+                      'trainer', p_metadata, jsonb_build_object(
+                          'allocationId', p_allocation, 'trainerId', p_trainer,
+                          'studentId', p_student, 'courseId', p_course, 'reason', p_reason,
+                          'deallocatedAt', kc_iso(p_at_instant))) $function$
+CREATE OR REPLACE FUNCTION public.kc_event_trainer_allocated(p_allocation uuid, p_trainer uuid, p_student uuid, p_course uuid, p_sessions integer, p_start date, p_end date, p_metadata jsonb, p_at timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT kc_event('TRAINER_ALLOCATED', p_allocation::text, p_at, p_student::text,
+                      'student', p_metadata, jsonb_build_object(
+                          'allocationId', p_allocation, 'trainerId', p_trainer,
+                          'studentId', p_student, 'courseId', p_course,
+                          'sessionCount', p_sessions, 'startDate', p_start::text,
+                          'endDate', p_end::text)) $function$
 CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
  RETURNS double precision
  LANGUAGE sql
@@ -1324,6 +1903,11 @@ AS $function$ SELECT 2 * 6371.0 * asin(sqrt(
       - greatest(sin(radians(lat2 - lat1) / 2) ^ 2
                  + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2
                  - 1.0, 0))) $function$
+CREATE OR REPLACE FUNCTION public.kc_iso(p_at timestamp with time zone)
+ RETURNS text
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $function$
 CREATE OR REPLACE FUNCTION public.kc_job_priority(p_stage text, p_ref uuid, p_event text)
  RETURNS integer
  LANGUAGE sql
@@ -1404,6 +1988,11 @@ CREATE OR REPLACE FUNCTION public.kc_lock_trainer(p_trainer uuid)
  RETURNS void
  LANGUAGE sql
 AS $function$ SELECT pg_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
+CREATE OR REPLACE FUNCTION public.kc_long_date(p_day date)
+ RETURNS text
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT to_char(p_day, 'FMDay, FMMonth FMDD, YYYY') $function$
 CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  RETURNS text[]
  LANGUAGE sql
@@ -1475,6 +2064,37 @@ BEGIN
             USING ERRCODE = 'invalid_datetime_format';
     END IF;
     RETURN make_time(v_hour, v_minute, 0);
+END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_purchase_events(p_ids uuid[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    WITH stored AS (
+        INSERT INTO business_events (event_id, type, purchase_id, payload)
+        SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', pu.id, e.payload
+        FROM student_course_purchases pu
+        JOIN payments p ON p.id = pu.payment_id
+        CROSS JOIN LATERAL (VALUES
+            (1, kc_event_purchase_created(pu.id, pu.student_id, pu.course_id,
+                                          pu.purchase_tier, p.metadata, now())),
+            (2, kc_event_course_access_granted(pu.id, pu.student_id, pu.course_id,
+                                               pu.purchase_tier, p.metadata, now()))
+        ) AS e(k, payload)
+        WHERE pu.id = ANY (p_ids)
+        ORDER BY pu.id, e.k
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM stored;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_replay_stage(p_stage text, p_ref uuid)
@@ -1637,6 +2257,42 @@ AS $function$
         ORDER BY ta.purchase_id
     ) due
 $function$
+CREATE OR REPLACE FUNCTION public.kc_sequence_events()
+ RETURNS integer
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_placed integer;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL
+       OR current_setting('transaction_isolation') <> 'read committed' THEN
+        RETURN 0;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('kc-business-events-sequencer', 0));
+    WITH state AS (
+        SELECT snapshot, last_position FROM business_event_sequencer
+    ), fresh AS (
+        SELECT e.event_id, row_number() OVER (ORDER BY e.seq) AS n
+        FROM business_events e, state
+        WHERE e.xid >= pg_snapshot_xmax(state.snapshot)
+           OR e.xid IN (SELECT pg_snapshot_xip(state.snapshot))
+    ), placed AS (
+        INSERT INTO business_event_positions (position, event_id)
+        SELECT state.last_position + fresh.n, fresh.event_id FROM fresh, state
+        RETURNING position
+    ), moved AS (
+        -- Nothing new: the state stays (what was not visible then still is not numbered), and
+        -- an idle reader's poll writes nothing.
+        UPDATE business_event_sequencer
+        SET snapshot = pg_current_snapshot(), last_position = (SELECT max(position) FROM placed),
+            sequenced_at = now()
+        WHERE EXISTS (SELECT 1 FROM placed)
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_placed FROM placed;
+    RETURN v_placed;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_session_delivery(p_learning_mode text, p_number integer)
  RETURNS text
  LANGUAGE sql
@@ -1648,12 +2304,111 @@ AS $function$
         ELSE 'home'
     END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_sessions_events(p_ids uuid[])
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET plan_cache_mode TO 'force_generic_plan'
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    WITH batch AS (
+        SELECT n.allocation_id, array_agg(n.id ORDER BY n.session_number) AS ids,
+               min(n.scheduled_date) AS first_day,
+               (array_agg(n.scheduled_time ORDER BY n.session_number))[1] AS first_time
+        FROM tutoring_sessions n
+        WHERE n.id = ANY (p_ids)
+        GROUP BY n.allocation_id
+    ), told AS (
+        SELECT b.*, ta.purchase_id, ta.trainer_id, ta.student_id, ta.course_id,
+               t.full_name AS trainer_name, co.title AS course_title,
+               ta.metadata ? 'reschedule'
+               AND NOT EXISTS (SELECT 1 FROM tutoring_sessions x
+                               WHERE x.allocation_id = b.allocation_id
+                                 AND x.id <> ALL (b.ids)) AS moved
+        FROM batch b
+        JOIN trainer_allocations ta ON ta.id = b.allocation_id
+        JOIN trainers t ON t.id = ta.trainer_id
+        JOIN courses co ON co.id = ta.course_id
+    )
+    , stored AS (
+        INSERT INTO business_events (event_id, type, purchase_id, payload)
+        SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', e.purchase_id, e.payload
+        FROM (
+            SELECT told.allocation_id, 1 AS k, told.purchase_id, kc_event_sessions_generated(
+                       told.allocation_id, told.trainer_id, told.student_id, told.course_id,
+                       told.ids, told.first_day,
+                       jsonb_build_object('purchaseId', told.purchase_id), now()) AS payload
+            FROM told
+            UNION ALL
+            SELECT told.allocation_id, 2, told.purchase_id, kc_event_notification(
+                       CASE WHEN told.moved THEN 'sessions_rescheduled:' ELSE 'session_scheduled:'
+                       END || told.ids[1], told.student_id, 'student', 'session',
+                       CASE WHEN told.moved THEN 'Sessions Rescheduled' ELSE 'Session Scheduled' END,
+                       CASE
+                           WHEN told.moved THEN format(
+                               'Your sessions of "%s" with %s have been moved: they now start on '
+                               '%s at %s.', told.course_title, told.trainer_name,
+                               kc_long_date(told.first_day), kc_clock(told.first_time))
+                           WHEN cardinality(told.ids) = 1 THEN format(
+                               'Your session with %s has been scheduled for %s at %s. Please be '
+                               'ready!', told.trainer_name, kc_long_date(told.first_day),
+                               kc_clock(told.first_time))
+                           ELSE format(
+                               'Your %s sessions of "%s" with %s have been scheduled, starting %s '
+                               'at %s. Please be ready!', cardinality(told.ids), told.course_title,
+                               told.trainer_name, kc_long_date(told.first_day),
+                               kc_clock(told.first_time))
+                       END,
+                       jsonb_build_object(
+                           'trainerName', told.trainer_name, 'courseName', told.course_title,
+                           'scheduledDate', told.first_day::text,
+                           'scheduledTime', kc_clock(told.first_time),
+                           'sessionCount', cardinality(told.ids),
+                           'type', CASE WHEN told.moved THEN 'sessions_rescheduled'
+                                        ELSE 'session_scheduled' END,
+                           'trainerId', told.trainer_id, 'allocationId', told.allocation_id,
+                           'courseId', told.course_id, 'purchaseId', told.purchase_id),
+                       jsonb_build_object('purchaseId', told.purchase_id), now())
+            FROM told
+        ) e
+        ORDER BY e.allocation_id, e.k
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO v_stored FROM stored;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_minutes integer)
  RETURNS time without time zone
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE STRICT
 AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes >= 86400 THEN time '24:00'
                   ELSE p_start + make_interval(mins => p_minutes) END $function$
+CREATE OR REPLACE FUNCTION public.kc_store_events(p_purchases uuid[], p_events jsonb[])
+ RETURNS integer
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    INSERT INTO business_events (event_id, type, purchase_id, payload)
+    SELECT (e.payload ->> 'eventId')::uuid, e.payload ->> 'type', e.purchase_id, e.payload
+    FROM unnest(p_purchases, p_events) WITH ORDINALITY AS e(purchase_id, payload, n)
+    WHERE e.payload IS NOT NULL
+    ORDER BY e.n
+    ON CONFLICT (event_id) DO NOTHING;
+    GET DIAGNOSTICS v_stored = ROW_COUNT;
+    IF v_stored > 0 THEN
+        PERFORM pg_notify('kc_business_events', '');
+    END IF;
+    RETURN v_stored;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
  RETURNS integer
  LANGUAGE sql
@@ -1667,6 +2422,36 @@ CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
  RETURNS boolean
  LANGUAGE sql
 AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
+CREATE OR REPLACE FUNCTION public.prune_business_events(p_keep interval)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_deleted bigint;
+BEGIN
+    IF p_keep IS NULL OR p_keep < interval '0' THEN
+        RAISE EXCEPTION 'prune_business_events: keep an interval of 0 or more, not %', p_keep
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    WITH passed AS (
+        SELECT min(position) AS upto, count(*) AS consumers FROM business_event_consumers
+    ), doomed AS (
+        SELECT e.event_id
+        FROM business_events e
+        LEFT JOIN business_event_positions p ON p.event_id = e.event_id
+        CROSS JOIN passed
+        WHERE e.occurred_at < now() - p_keep
+          AND (passed.consumers = 0 OR p.position <= passed.upto)
+    ), unplaced AS (
+        DELETE FROM business_event_positions p USING doomed d WHERE p.event_id = d.event_id
+    )
+    DELETE FROM business_events e USING doomed d WHERE e.event_id = d.event_id;
+    GET DIAGNOSTICS v_deleted = ROW_COUNT;
+    RETURN v_deleted;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
  RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
  LANGUAGE plpgsql
@@ -1702,6 +2487,25 @@ AS $function$
     ON CONFLICT (job_id) DO UPDATE
     SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = p_worker
     RETURNING starts
+$function$
+CREATE OR REPLACE FUNCTION public.register_event_consumer(p_consumer text, p_from_start boolean DEFAULT false)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_check_consumer(p_consumer);
+    IF p_from_start IS NULL THEN
+        RAISE EXCEPTION 'from_start must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM kc_sequence_events();
+    INSERT INTO business_event_consumers (consumer, position)
+    SELECT p_consumer, CASE WHEN p_from_start THEN 0 ELSE s.last_position END
+    FROM business_event_sequencer s
+    ON CONFLICT (consumer) DO NOTHING;
+    RETURN (SELECT c.position FROM business_event_consumers c WHERE c.consumer = p_consumer);
+END
 $function$
 CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text, p_session text DEFAULT NULL::text)
  RETURNS integer
@@ -1915,6 +2719,168 @@ CREATE OR REPLACE FUNCTION public.trg_availability_retry_pending()
 AS $function$
 BEGIN
     PERFORM kc_retry_pending(ARRAY(SELECT DISTINCT trainer_id FROM new_availability));
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_events_allocations_inserted()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_allocation_events(array_agg(id), array_agg(NULL::text))
+    FROM new_allocations
+    HAVING count(*) > 0;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_events_allocations_updated()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_allocation_events(array_agg(n.id), array_agg(o.status))
+    FROM new_allocations n JOIN old_allocations o ON o.id = n.id
+    WHERE o.status IS DISTINCT FROM n.status
+    HAVING count(*) > 0;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_events_purchases_inserted()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_purchase_events(array_agg(id)) FROM new_purchases HAVING count(*) > 0;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_events_purchases_updated()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_store_events(array_agg(e.purchase_id ORDER BY n.id, e.k),
+                            array_agg(e.payload ORDER BY n.id, e.k))
+    FROM new_purchases n
+    JOIN old_purchases o ON o.id = n.id
+    JOIN students s ON s.id = n.student_id
+    JOIN courses c ON c.id = n.course_id
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE ts.status IN ('completed', 'missed'))::integer AS done
+        FROM tutoring_sessions ts JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+        WHERE ta.purchase_id = n.id
+    ) d
+    CROSS JOIN LATERAL (VALUES
+        (1, n.id, kc_event_course_completed(
+            n.id, n.student_id, n.course_id,
+            (n.completed_at AT TIME ZONE s.timezone)::date, n.purchase_tier, d.done,
+            jsonb_build_object('purchaseId', n.id), now())),
+        (2, n.id, kc_event_notification(
+            'course_completion:' || n.id, n.student_id, 'student', 'success',
+            'Course Completed! 🎓🎉',
+            format('Congratulations! You have successfully completed "%s". Great job on your '
+                   'learning journey!', c.title),
+            jsonb_build_object('courseName', c.title, 'type', 'course_completion',
+                               'courseId', n.course_id, 'purchaseId', n.id),
+            jsonb_build_object('purchaseId', n.id), now()))
+    ) AS e(k, purchase_id, payload)
+    WHERE o.completed_at IS NULL AND n.completed_at IS NOT NULL
+    HAVING count(*) > 0;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_events_sessions_inserted()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    PERFORM kc_sessions_events(array_agg(id)) FROM new_sessions HAVING count(*) > 0;
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_events_sessions_updated()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_stored integer;
+BEGIN
+    WITH changed AS (
+        SELECT n.*, ta.purchase_id
+        FROM new_sessions n
+        JOIN old_sessions o ON o.id = n.id
+        JOIN trainer_allocations ta ON ta.id = n.allocation_id
+        WHERE n.status IS DISTINCT FROM o.status
+    ), completed AS (
+        SELECT c.id AS sort_id, 1 AS k, c.purchase_id, kc_event_session_completed(
+                   c.id, c.trainer_id, c.student_id, c.course_id, c.ends_at,
+                   c.duration_minutes,
+                   jsonb_build_object('purchaseId', c.purchase_id,
+                                      'allocationId', c.allocation_id), now()) AS payload
+        FROM changed c
+        WHERE c.status = 'completed'
+    ), progress AS (
+        SELECT pu.id AS sort_id, 2 AS k, pu.id AS purchase_id,
+               kc_event_course_progress_updated(
+                   pu.id, pu.student_id, pu.course_id, d.done, pu.purchase_tier, d.last_at,
+                   jsonb_build_object('purchaseId', pu.id), now()) AS payload
+        FROM (SELECT DISTINCT purchase_id FROM changed
+              WHERE status IN ('completed', 'missed')) p
+        JOIN student_course_purchases pu ON pu.id = p.purchase_id
+        CROSS JOIN LATERAL (
+            SELECT count(*)::integer AS done, max(ts.ends_at) AS last_at
+            FROM tutoring_sessions ts JOIN trainer_allocations a ON a.id = ts.allocation_id
+            WHERE a.purchase_id = pu.id AND ts.status IN ('completed', 'missed')
+        ) d
+    ), cancelled AS (
+        SELECT g.first_id AS sort_id, 3 AS k, ta.purchase_id, kc_event_notification(
+                   'session_cancelled:' || g.first_id, ta.student_id, 'student', 'session',
+                   CASE WHEN g.n = 1 THEN 'Session Cancelled' ELSE 'Sessions Cancelled' END,
+                   CASE WHEN g.n = 1
+                        THEN format('Your session of "%s" on %s at %s has been cancelled.',
+                                    co.title, kc_long_date(g.first_day),
+                                    kc_clock(g.first_time))
+                        ELSE format('Your %s upcoming sessions of "%s" from %s have been '
+                                    'cancelled.', g.n, co.title, kc_long_date(g.first_day))
+                   END || CASE WHEN ta.reason = 'refunded' AND ta.status = 'cancelled'
+                               THEN ' The payment was refunded.' ELSE '' END,
+                   jsonb_build_object('courseName', co.title, 'type', 'session_cancelled',
+                                      'sessionIds', to_jsonb(g.ids), 'sessionCount', g.n,
+                                      'scheduledDate', g.first_day::text,
+                                      'scheduledTime', kc_clock(g.first_time),
+                                      'allocationId', ta.id, 'courseId', co.id,
+                                      'purchaseId', ta.purchase_id),
+                   jsonb_build_object('purchaseId', ta.purchase_id), now()) AS payload
+        FROM (SELECT c.allocation_id, count(*)::integer AS n,
+                     array_agg(c.id ORDER BY c.session_number) AS ids,
+                     (array_agg(c.id ORDER BY c.session_number))[1] AS first_id,
+                     min(c.scheduled_date) AS first_day,
+                     (array_agg(c.scheduled_time ORDER BY c.session_number))[1] AS first_time
+              FROM changed c WHERE c.status = 'cancelled'
+              GROUP BY c.allocation_id) g
+        JOIN trainer_allocations ta ON ta.id = g.allocation_id
+        JOIN courses co ON co.id = ta.course_id
+        WHERE NOT (ta.status = 'cancelled'
+                   AND ta.reason IN ('reassigned', 'trainer_left', 'rescheduled'))
+    ), ordered AS (
+        SELECT * FROM completed UNION ALL SELECT * FROM progress UNION ALL SELECT * FROM cancelled
+    )
+    SELECT kc_store_events(array_agg(purchase_id ORDER BY k, sort_id),
+                           array_agg(payload ORDER BY k, sort_id))
+    INTO v_stored
+    FROM ordered;
     RETURN NULL;
 END
 $function$
@@ -2183,9 +3149,13 @@ CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE 
 CREATE TRIGGER schedule_changes_requested_by BEFORE UPDATE OF requested_by ON public.schedule_changes FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
 CREATE TRIGGER stage_history_actor BEFORE INSERT ON public.stage_history FOR EACH ROW WHEN (((new.actor IS NOT NULL) OR (current_setting('kc.acting'::text, true) = 'on'::text))) EXECUTE FUNCTION trg_stage_history_actor();
 CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
+CREATE TRIGGER student_course_purchases_events_inserted AFTER INSERT ON public.student_course_purchases REFERENCING NEW TABLE AS new_purchases FOR EACH STATEMENT EXECUTE FUNCTION trg_events_purchases_inserted();
+CREATE TRIGGER student_course_purchases_events_updated AFTER UPDATE ON public.student_course_purchases REFERENCING OLD TABLE AS old_purchases NEW TABLE AS new_purchases FOR EACH STATEMENT EXECUTE FUNCTION trg_events_purchases_updated();
 CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
 CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
+CREATE TRIGGER trainer_allocations_events_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_inserted();
+CREATE TRIGGER trainer_allocations_events_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_updated();
 CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_retry_pending();
 CREATE TRIGGER trainer_availability_added_retry_pending AFTER INSERT ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
 CREATE TRIGGER trainer_availability_changed_retry_pending AFTER UPDATE ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
@@ -2196,6 +3166,8 @@ CREATE TRIGGER trainers_changed_retry_pending AFTER UPDATE ON public.trainers RE
 CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
 CREATE TRIGGER tutoring_sessions_check_delivery BEFORE UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
 CREATE TRIGGER tutoring_sessions_check_delivery_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
+CREATE TRIGGER tutoring_sessions_events_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_inserted();
+CREATE TRIGGER tutoring_sessions_events_updated AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_updated();
 CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();
 CREATE TRIGGER tutoring_sessions_makeup AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_makeup();
 CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from psycopg.rows import DictRow, dict_row
 
+from tests.redis_server import RedisServer
 from workers.database import migrate
 from workers.database.server import test_admin_url
 from workers.settings import load_settings
@@ -72,3 +74,14 @@ def db_url(admin_url: str, template_db: str) -> Iterator[str]:
 def conn(db_url: str) -> Iterator[psycopg.Connection[DictRow]]:
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as connection:
         yield connection
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own, on a free port (stopped afterwards)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

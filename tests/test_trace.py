@@ -272,12 +272,15 @@ def test_the_story_of_a_lone_payment_and_of_a_purchase_load_the_same_way() -> No
         "trace_allocations": [{"id": allocation}],
         "trace_requests": [],
         "trace_events": [{"ref_id": allocation}],
+        "trace_business_events": [{"type": "PURCHASE_CREATED"}],
     }
 
     def fetch(name: str, params: dict[str, object]) -> list[dict[str, object]]:
         asked.append(name)
         if name == "trace_events":
             assert params == {"refs": [payment, purchase, allocation]}
+        if name == "trace_business_events":
+            assert params == {"purchases": [purchase]}
         return answers[name]  # type: ignore[return-value]
 
     [told] = story.load_sync(fetch, payment)
@@ -288,6 +291,8 @@ def test_the_story_of_a_lone_payment_and_of_a_purchase_load_the_same_way() -> No
         "trace_allocations",
         "trace_requests",
         "trace_events",
+        "trace_business_events",
     ]
     assert (told.header, list(told.allocations)) == (header, [{"id": allocation}])
+    assert list(told.told) == [{"type": "PURCHASE_CREATED"}]
     assert story.load_sync(lambda name, params: [], payment) == []

@@ -165,6 +165,30 @@ class Settings(BaseSettings):
         "'embedded' = the embedded one, 'auto' = local when it answers, else embedded.",
     )
 
+    redis_url: SecretStr | None = Field(
+        # A secret: it may carry Redis's password. The relay logs it without one.
+        default=None,
+        validation_alias="REDIS_URL",
+        description="Redis (redis://host:port/db) the relay publishes the business events to "
+        "(Pub/Sub channel business-events and the stream business-events:stream); set, "
+        "`make run-workers` also runs the relay. Unset: no relay, nothing else changes.",
+    )
+    events_stream_maxlen: int = Field(
+        default=100_000,
+        ge=1000,
+        le=100_000_000,
+        validation_alias="KC_EVENTS_STREAM_MAXLEN",
+        description="Length the Redis stream business-events:stream is trimmed to (at least "
+        "this many of the latest events are kept; Redis trims in whole blocks).",
+    )
+    relay_batch: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        validation_alias="KC_RELAY_BATCH",
+        description="Most events the relay reads and publishes per round trip.",
+    )
+
     console_token: SecretStr | None = Field(
         # Read only to refuse it: the console stops with what replaced it (serve.py).
         default=None,
@@ -172,6 +196,15 @@ class Settings(BaseSettings):
         description="Retired: the console's one shared token. Each person now has a token of "
         "their own (python -m workers operator add <name>); set, the console refuses to start.",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("REDIS_URL is redis://host:port/db (rediss:// with TLS, unix://path)")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

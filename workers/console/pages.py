@@ -38,11 +38,20 @@ async def overview(request: Request) -> Response:
         chart = stage_chart(
             [StagePoint(**p) for p in points], datetime.now(UTC), CHART_SPAN, CHART_BUCKET
         )
+        event_lag = await fetch_all(conn, q("event_lag"), {})
+        last = await fetch_one(conn, q("last_event_position"), {})
         return await render(
             request,
             conn,
             "overview.html",
-            {"title": "Overview", "funnel": funnel, "stages": stages, "chart": chart},
+            {
+                "title": "Overview",
+                "funnel": funnel,
+                "stages": stages,
+                "chart": chart,
+                "event_lag": event_lag,
+                "last_event_position": last["last_position"] if last else 0,
+            },
         )
 
 

@@ -62,13 +62,21 @@ def role_refusal(url: str, role: str) -> ConfigurationError:
     )
 
 
-def connect_sync(url: str, *, timeout: int | None = None, role: str | None = None) -> SyncConn:
+def connect_sync(
+    url: str,
+    *,
+    timeout: int | None = None,
+    role: str | None = None,
+    application_name: str | None = None,
+) -> SyncConn:
     """A command's connection, acting as `role` when one is named; ConfigurationError (naming
     psycopg's reason, kept as its cause) when the database does not answer within `timeout`
     seconds or the login may not act as `role`."""
     options: dict[str, Any] = {} if timeout is None else {"connect_timeout": timeout}
     if role is not None:
         options["options"] = role_options(url, role)
+    if application_name is not None:
+        options["application_name"] = application_name
     try:
         return psycopg.connect(url, autocommit=True, row_factory=dict_row, **options)
     except psycopg.OperationalError as exc:

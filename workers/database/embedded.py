@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "koding"
 OS_USER = "kcpg"
 SUPERUSER = "postgres"
+# Roles later migrations create, with the project role that is a member of each (0017:
+# kc_events, the readers of the business events; the relay reads as kc_worker).
+MIGRATION_ROLES = {"kc_events": WORKER_ROLE}
 # The pipeline's logins on the embedded server, one per project role (a member of it).
 LOGINS = {
     OWNER_ROLE: "koding_owner",
@@ -327,6 +330,13 @@ class EmbeddedServer:
             for role in LOGINS:
                 if not _role_exists(conn, role):
                     conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            # Roles a migration makes (it needs CREATEROLE, which the logins never have).
+            for role, member in MIGRATION_ROLES.items():
+                if not _role_exists(conn, role):
+                    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+                conn.execute(
+                    sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member))
+                )
             for role, login in LOGINS.items():
                 if not _role_exists(conn, login):
                     conn.execute(

@@ -64,9 +64,40 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
         asyncio.run(serve(url, settings))
         return 0
+    if settings.redis_url is not None:
+        from workers.events.relay import register
+
+        register(url)  # before any worker writes an event (docs/events.md, "The relay")
     from workers.runtime.supervisor import supervise
 
     return supervise(url, settings, args.processes or settings.workers)
+
+
+def cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
+    signal.signal(signal.SIGTERM, _exit_quietly)  # until the relay's own handler is in place
+    from workers.runtime.supervisor import exit_with_supervisor
+
+    exit_with_supervisor()
+    if settings.redis_url is None:
+        print(
+            "configuration error: REDIS_URL is not set (redis://host:port/db): the relay "
+            "publishes the business events there",
+            file=sys.stderr,
+        )
+        return 2
+    from workers.events.relay import serve
+
+    url = database.pipeline_url(settings, WORKER_ROLE)
+    return serve(url, settings.redis_url.get_secret_value(), settings)
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ops import commands as ops
+
+    with _ops_connection(settings) as conn:
+        return ops.print_events(
+            conn, after=args.after, limit=args.limit, follow=args.follow, as_json=args.json
+        )
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -325,7 +356,7 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     if not problems:
         print(
             "all checks passed: database, migrations, pgqueuer schema, triggers, workers, "
-            "backlog, failed jobs, rejected payments"
+            "backlog, failed jobs, rejected payments, business events"
         )
     return 1 if problems else 0
 
@@ -349,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operators(sub)
     _add_console(sub)
     _add_tools(sub)
+    _add_events(sub)
     return parser
 
 
@@ -376,6 +408,48 @@ def _add_run(sub: Subcommands[argparse.ArgumentParser]) -> None:
         help="one worker in this process, no supervisor (containers, tests)",
     )
     run.set_defaults(func=cmd_run)
+
+
+def _add_events(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    """relay and events: the business events for the app (docs/events.md)."""
+    relay = sub.add_parser(
+        "relay",
+        help="publish the business events to Redis (REDIS_URL) until Ctrl-C / SIGTERM",
+        description="The relay `make run-workers` runs when REDIS_URL is set: each event, in "
+        "order, on the Pub/Sub channel business-events and in the stream "
+        "business-events:stream; its cursor moves once Redis accepted them.",
+    )
+    relay.set_defaults(func=cmd_relay)
+
+    events = sub.add_parser(
+        "events",
+        help="print the business events after a position (--follow: and those to come)",
+        description="Events in the order consumers get them, one per line: position, time, "
+        "type, who it is for, and what it says (--json: the event as published).",
+    )
+    events.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="POSITION",
+        help="print the events after this position (default 0: from the oldest kept)",
+    )
+    events.add_argument(
+        "--limit",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="print at most N events (default 1000; --follow: per wake-up)",
+    )
+    events.add_argument(
+        "--follow", action="store_true", help="then wait for new events until Ctrl-C"
+    )
+    events.add_argument(
+        "--json",
+        action="store_true",
+        help='one JSON object per line: {"position": N, "event": {...}}',
+    )
+    events.set_defaults(func=cmd_events)
 
 
 def _add_server_commands(sub: Subcommands[argparse.ArgumentParser]) -> None:

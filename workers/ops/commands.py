@@ -1,12 +1,14 @@
-"""Operator commands: status, trace, failures, replay, doctor, and the console's operators
-(add, list, revoke). Each is one or two named queries over the views or functions; the same
-answers are one `SELECT` away in psql."""
+"""Operator commands: status, trace, failures, replay, doctor, events, and the console's
+operators (add, list, revoke). Each is one or two named queries over the views or functions;
+the same answers are one `SELECT` away in psql."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -57,7 +59,25 @@ def status(conn: SyncConn, settings: Settings) -> str:
         for row in (counts, lifecycle)
         if row
     ]
+    parts.append(event_status(conn))
     return "\n\n".join(parts)
+
+
+def event_status(conn: SyncConn) -> str:
+    """The feed's last position and how far behind each consumer (the relay) is."""
+    last = conn.execute(q("last_event_position")).fetchone()
+    lag = conn.execute(q("event_lag")).fetchall()
+    head = f"business events: last position {last['last_position'] if last else 0}"
+    if not lag:
+        return head + "  (no consumer: the relay runs when REDIS_URL is set; docs/events.md)"
+    return "\n".join(
+        [head]
+        + [
+            f"  consumer {r['consumer']}: at {r['position']}, {r['events_behind']} event(s) "
+            f"and {r['seconds_behind']}s behind"
+            for r in lag
+        ]
+    )
 
 
 def trace(conn: SyncConn, ref: UUID) -> str | None:
@@ -186,6 +206,7 @@ def doctor(url: str, settings: Settings) -> list[Problem]:
             *_backlog(conn, settings),
             *_held_jobs(conn),
             *_rejected_payments(conn),
+            *_events(conn, settings),
         ]
 
 
@@ -292,6 +313,87 @@ def _rejected_payments(conn: SyncConn) -> list[Problem]:
             "make replay STAGE=purchase ID=<payment id>",
         )
     ]
+
+
+def _events(conn: SyncConn, settings: Settings) -> list[Problem]:
+    """With REDIS_URL: Redis answers and a relay runs. Any consumer: not far behind."""
+    problems: list[Problem] = []
+    if settings.redis_url is not None:
+        from workers.events.relay import APPLICATION_NAME, connect_redis, redacted
+
+        url = settings.redis_url.get_secret_value()
+        try:
+            with connect_redis(url) as client:
+                client.ping()
+        except Exception as exc:  # redis.RedisError, or a URL it cannot read
+            problems.append(
+                Problem(
+                    f"Redis at {redacted(url)} does not answer ({exc}); business events wait "
+                    "in the outbox",
+                    "start Redis, or correct REDIS_URL",
+                )
+            )
+        relays = conn.execute(q("running_relays"), {"name": APPLICATION_NAME}).fetchone()
+        if not relays or relays["n"] == 0:
+            problems.append(
+                Problem(
+                    "REDIS_URL is set but no relay is running: business events are not published",
+                    "make run-workers (it runs the relay when REDIS_URL is set)",
+                )
+            )
+    for row in conn.execute(q("event_lag")).fetchall():
+        if row["events_behind"] > 0 and row["seconds_behind"] > settings.heal_after_seconds:
+            problems.append(
+                Problem(
+                    f"event consumer {row['consumer']} is {row['events_behind']} event(s) and "
+                    f"{row['seconds_behind']}s behind (events it has not read are kept)",
+                    "make run-workers with REDIS_URL set (the relay), and make status; a "
+                    "consumer that is gone for good: psql: SELECT drop_event_consumer("
+                    f"'{row['consumer']}');",
+                )
+            )
+    return problems
+
+
+def print_events(conn: SyncConn, *, after: int, limit: int, follow: bool, as_json: bool) -> int:
+    """`python -m workers events`: the events after a position; with follow, then every new
+    one as it commits (LISTEN kc_business_events) until Ctrl-C."""
+    if after < 0 or not 1 <= limit <= 10_000:
+        print("--after is 0 or more; --limit is 1 to 10000", file=sys.stderr)
+        return 2
+    if follow:
+        conn.execute("LISTEN kc_business_events")
+    position = after
+    while True:
+        rows = conn.execute(q("events_after"), {"position": position, "limit": limit}).fetchall()
+        for row in rows:
+            print(event_line(row, as_json), flush=True)
+        if not follow:
+            return 0
+        if rows:
+            position = int(rows[-1]["pos"])
+            if len(rows) == limit:
+                continue
+        for _ in conn.notifies(timeout=5.0, stop_after=1):
+            break
+
+
+def event_line(row: dict[str, Any], as_json: bool) -> str:
+    event: dict[str, Any] = row["event"]
+    if as_json:
+        return json.dumps({"position": row["pos"], "event": event}, ensure_ascii=False)
+    about = next(
+        (
+            f"{key} {event[key]}"
+            for key in ("title", "allocationId", "sessionId", "purchaseId", "targetId")
+            if key in event
+        ),
+        "",
+    )
+    return (
+        f"{row['pos']:>8}  {row['occurred_at']:%Y-%m-%d %H:%M:%S}  {row['type']:<23}  "
+        f"{event.get('role', '')} {event.get('userId', '')}  {about}"
+    )
 
 
 async def _verify_pgqueuer(url: str) -> None:

@@ -38,6 +38,7 @@ class Story:
     allocations: Sequence[Row] = ()  # trace_allocations, oldest first
     events: Sequence[Row] = ()  # trace_events
     requests: Sequence[Row] = ()  # trace_requests
+    told: Sequence[Row] = ()  # trace_business_events: what the app was told
 
     @property
     def state(self) -> str:
@@ -82,7 +83,8 @@ def load(ref: UUID) -> Loader:
         requests = yield ("trace_requests", params)
         refs = [*(p["id"] for p in payments), purchase, *(a["id"] for a in allocations)]
         events = yield ("trace_events", {"refs": refs})
-        stories.append(Story(header, payments, allocations, events, requests))
+        told = yield ("trace_business_events", {"purchases": [purchase]})
+        stories.append(Story(header, payments, allocations, events, requests, told))
     return stories
 
 
@@ -277,6 +279,13 @@ def _story_text(story: Story) -> str:
         f"{e['actor'] or 'pipeline':<10} {event_line(e)}".rstrip()
         for e in story.events
     ] or ["  nothing has happened to this payment yet"]
+    if h["purchase_id"] is not None:
+        out += ["", "What the app was told (business events; position in the relay's feed)"]
+        out += [
+            f"  {local(e['at'], tz)}  {e['type']:<24} {e['role']:<8} "
+            f"{e['detail'] or ''}  {'#' + str(e['position']) if e['position'] else ''}".rstrip()
+            for e in story.told
+        ] or ["  no event yet"]
     return "\n".join(out) + "\n"
 
 

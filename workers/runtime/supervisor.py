@@ -1,11 +1,13 @@
-"""`make run-workers`: N worker processes, each restarted if it dies.
+"""`make run-workers`: N worker processes, each restarted if it dies, and the relay.
 
 The supervisor migrates once, then starts `python -m workers run --single` N times with the
-same DATABASE_URL. A child that exits without being asked to is logged and restarted after a
-backoff (1 s, doubling to 30 s; reset once it has lived a minute). SIGTERM or SIGINT is passed
-on to every child; each finishes its jobs in flight (KC_SHUTDOWN_SECONDS) and the supervisor
-exits 0 when all have stopped. A supervisor that dies (even by SIGKILL) takes its children
-with it: each asked the kernel for SIGTERM when its parent goes (exit_with_supervisor).
+same DATABASE_URL, and, when REDIS_URL is set, one `python -m workers relay` (the business
+events to Redis, workers/events/relay.py), kept alive the same way. A child that exits
+without being asked to is logged and restarted after a backoff (1 s, doubling to 30 s; reset
+once it has lived a minute). SIGTERM or SIGINT is passed on to every child; each finishes
+its work in flight (KC_SHUTDOWN_SECONDS) and the supervisor exits 0 when all have stopped. A
+supervisor that dies (even by SIGKILL) takes its children with it: each asked the kernel
+for SIGTERM when its parent goes (exit_with_supervisor).
 """
 
 from __future__ import annotations
@@ -24,9 +26,14 @@ from workers.settings import Settings
 log = logging.getLogger(__name__)
 
 
+WORKER = ("run", "--single", "--no-migrate")
+RELAY = ("relay",)
+
+
 @dataclass
 class Child:
     slot: int
+    command: tuple[str, ...] = WORKER
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
     restart_delay: float = 1.0
@@ -57,22 +64,28 @@ def exit_with_supervisor() -> None:
 
 def _spawn(child: Child, env: dict[str, str]) -> None:
     child.process = subprocess.Popen(
-        [sys.executable, "-m", "workers", "run", "--single", "--no-migrate"],
+        [sys.executable, "-m", "workers", *child.command],
         env={**env, SUPERVISOR_PID_VARIABLE: str(os.getpid())},
     )
     child.started_at = time.monotonic()
-    log.info("worker process %d started (pid %d)", child.slot, child.process.pid)
+    log.info("%s started (pid %d)", _name(child), child.process.pid)
+
+
+def _name(child: Child) -> str:
+    return "the relay" if child.command == RELAY else f"worker process {child.slot}"
 
 
 def supervise(url: str, settings: Settings, processes: int) -> int:
     env = {**os.environ, "DATABASE_URL": url}
     children = [Child(slot) for slot in range(1, processes + 1)]
+    if settings.redis_url is not None:
+        children.append(Child(processes + 1, RELAY))
     stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
         nonlocal stopping
         if not stopping:
-            log.info("stopping %d worker process(es) (%s)", processes, signal.Signals(signum).name)
+            log.info("stopping %d process(es) (%s)", len(children), signal.Signals(signum).name)
         stopping = True
         for child in children:
             if child.process is not None and child.process.poll() is None:
@@ -96,8 +109,8 @@ def supervise(url: str, settings: Settings, processes: int) -> int:
                 if now - child.started_at > 60:
                     child.restart_delay = 1.0
                 log.warning(
-                    "worker process %d (pid %d) exited with %s; restarting in %.0fs",
-                    child.slot,
+                    "%s (pid %d) exited with %s; restarting in %.0fs",
+                    _name(child),
                     child.process.pid,
                     code,
                     child.restart_delay,
@@ -116,7 +129,7 @@ def supervise(url: str, settings: Settings, processes: int) -> int:
         try:
             child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            log.warning("worker process %d did not stop in time; killing it", child.slot)
+            log.warning("%s did not stop in time; killing it", _name(child))
             child.process.kill()
             child.process.wait()
     log.info("all worker processes stopped")

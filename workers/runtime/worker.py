@@ -350,14 +350,15 @@ def register_schedules(
 
     @sm.schedule("prune_history", "17 3 * * *")
     async def prune(schedule: Schedule) -> None:
+        keep = {"keep": timedelta(days=settings.retention_days)}
         async with transaction(pool) as conn:
-            row = await fetch_one(
-                conn, q("prune_history"), {"keep": timedelta(days=settings.retention_days)}
-            )
+            row = await fetch_one(conn, q("prune_history"), keep)
+            # Business events as old, once every consumer has passed them (docs/events.md).
+            events = await fetch_one(conn, q("prune_events"), keep)
         log.info(
             "pruned history older than %d days: %s",
             settings.retention_days,
-            dict(row) if row else {},
+            (dict(row) if row else {}) | (dict(events) if events else {}),
         )
 
 
