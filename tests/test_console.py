@@ -605,6 +605,20 @@ def test_a_login_that_may_not_act_as_kc_operator_is_refused(db_url: str, admin_u
             admin.execute(f"DROP ROLE IF EXISTS {name}")
 
 
+def test_a_login_without_connect_is_refused_not_waited_for(db_url: str, admin_url: str) -> None:
+    """The database answers and says no: waiting would never help (it used to start anyway)."""
+    name = f"kc_test_nocon_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN")  # no project role: no CONNECT
+    try:
+        url = db_url.replace("postgres@", f"{name}@", 1)
+        with pytest.raises(ConfigurationError, match="may not connect to this database"):
+            serve.check_database(url)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP ROLE IF EXISTS {name}")
+
+
 def test_a_database_behind_on_migrations_is_refused(conn: Conn, db_url: str) -> None:
     conn.execute("UPDATE alembic_version SET version_num = '0011'")
     with pytest.raises(ConfigurationError, match="make migrate"):

@@ -76,6 +76,13 @@ def check_database(url: str) -> int | None:
     try:
         conn = connect_sync(url, timeout=5)
     except ConfigurationError as exc:
+        if "permission denied for database" in str(exc.__cause__ or exc):
+            # It answers, and says no: the login has no CONNECT (docs/security.md). Waiting
+            # would never help.
+            raise ConfigurationError(
+                f"{exc}: the console's login may not connect to this database; GRANT CONNECT "
+                "to it, or a DATABASE_URL whose login is in kc_operator"
+            ) from None
         log.warning("%s; the console starts and connects once it answers", exc)
         return None
     with conn:
