@@ -109,6 +109,9 @@ def test_chaos(conn: Conn, db_url: str, tmp_path: Path) -> None:
             workers[victim] = spawn_worker(db_url, log)
             kills += 1
             if terminated_backends == 0 and halfway.is_set():
+                # On a loaded machine every worker may still be starting after the last kills
+                # (none connected yet): the termination waits, without killing, for one that is.
+                wait_for(lambda: _connected(conn) > 0, 60, "a worker to connect")
                 row = conn.execute(
                     "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid() "
@@ -168,5 +171,14 @@ def _listening(conn: psycopg.Connection[DictRow]) -> int:
     row = conn.execute(
         "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = 'koding-caravan-listen'"
+    ).fetchone()
+    return int(row["n"]) if row else 0
+
+
+def _connected(conn: psycopg.Connection[DictRow]) -> int:
+    """The workers' backends (the stages' pool and the queue's connections)."""
+    row = conn.execute(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND application_name LIKE 'koding-caravan%'"
     ).fetchone()
     return int(row["n"]) if row else 0
