@@ -92,6 +92,11 @@ TABLE kc_acting (
     actor text NOT NULL,
     previous_setting text
 );
+TABLE kc_settings (
+    singleton boolean NOT NULL DEFAULT true,
+    max_sequential_km double precision NOT NULL DEFAULT 5,
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
 TABLE payment_rejections (
     payment_id uuid NOT NULL,
     reason text NOT NULL,
@@ -317,6 +322,9 @@ CONSTRAINT holidays.holidays_pkey PRIMARY KEY (day);
 CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
 CONSTRAINT job_starts.job_starts_pkey PRIMARY KEY (job_id);
 CONSTRAINT kc_acting.kc_acting_pkey PRIMARY KEY (pid);
+CONSTRAINT kc_settings.kc_settings_max_sequential_km_check CHECK ((max_sequential_km > (0)::double precision));
+CONSTRAINT kc_settings.kc_settings_pkey PRIMARY KEY (singleton);
+CONSTRAINT kc_settings.kc_settings_singleton_check CHECK (singleton);
 CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
 CONSTRAINT payment_rejections.payment_rejections_pkey PRIMARY KEY (payment_id);
 CONSTRAINT payments.payments_amount_cents_check CHECK ((amount_cents >= 0));
@@ -416,6 +424,7 @@ CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
 CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
 CREATE UNIQUE INDEX job_starts_pkey ON public.job_starts USING btree (job_id);
 CREATE UNIQUE INDEX kc_acting_pkey ON public.kc_acting USING btree (pid);
+CREATE UNIQUE INDEX kc_settings_pkey ON public.kc_settings USING btree (singleton);
 CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
 CREATE UNIQUE INDEX payments_pkey ON public.payments USING btree (id);
 CREATE INDEX payments_student_course_idx ON public.payments USING btree (student_id, course_id);
@@ -1706,6 +1715,31 @@ AS $function$
     SELECT set_config('kc.acting', 'on', true);
     SELECT p_actor;
 $function$
+CREATE OR REPLACE FUNCTION public.kc_best_substitute(p_session_id uuid, p_date date, p_start time without time zone)
+ RETURNS uuid
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+    SELECT t.id
+    FROM tutoring_sessions ts
+    JOIN students s ON s.id = ts.student_id
+    JOIN courses c ON c.id = ts.course_id
+    JOIN trainers t
+      ON t.status = 'active'
+     AND t.id <> ts.trainer_id
+     AND t.specialties_norm && array_remove(ARRAY[lower(btrim(c.category)),
+                                                  lower(btrim(c.subcategory))], NULL)
+    WHERE ts.id = p_session_id
+      AND kc_session_fit(p_session_id, t.id, p_date, p_start, true) IS NULL
+    ORDER BY lower(btrim(c.category)) = ANY (t.specialties_norm) DESC,
+             (SELECT count(*) FROM trainer_allocations ta
+               WHERE ta.trainer_id = t.id AND ta.status = 'approved'),
+             coalesce(t.rating, 0) DESC,
+             kc_haversine_km(s.home_lat, s.home_lng, t.base_lat, t.base_lng),
+             t.id
+    LIMIT 1
+$function$
 CREATE OR REPLACE FUNCTION public.kc_check_consumer(p_consumer text)
  RETURNS void
  LANGUAGE plpgsql
@@ -2303,6 +2337,133 @@ AS $function$
         WHEN p_number <= 6 OR (p_number - 6) % 2 = 1 THEN 'online'
         ELSE 'home'
     END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_session_fit(p_session_id uuid, p_trainer_id uuid, p_date date, p_start time without time zone, p_full boolean)
+ RETURNS text
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v         record;
+    t         record;
+    v_starts  timestamptz;
+    v_ends    timestamptz;
+    v_end     time;
+    v_km      double precision;
+    v_max_km  double precision;
+    v_n       integer;
+    v_first   record;
+BEGIN
+    IF p_session_id IS NULL OR p_trainer_id IS NULL OR p_date IS NULL OR p_start IS NULL
+       OR p_full IS NULL THEN
+        RAISE EXCEPTION 'kc_session_fit needs a session, a trainer, a date, a start time and '
+                        'whether to check every rule (true) or the time rules only (false)'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT ts.id, ts.student_id, ts.duration_minutes, ts.delivery, s.home_lat, s.home_lng,
+           s.timezone, s.gender AS student_gender, c.title,
+           array_remove(ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)
+               AS teaches
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN students s ON s.id = ts.student_id
+    JOIN courses c ON c.id = ts.course_id
+    WHERE ts.id = p_session_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no session %', p_session_id USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT tr.id, tr.full_name, tr.status, tr.gender, tr.specialties_norm, tr.base_lat,
+           tr.base_lng, tr.service_radius_km
+    INTO t FROM trainers tr WHERE tr.id = p_trainer_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no trainer %', p_trainer_id USING ERRCODE = 'no_data_found';
+    END IF;
+
+    -- The time itself, whoever teaches.
+    IF extract(epoch FROM p_start) + 60 * v.duration_minutes > 86400 THEN
+        RETURN format('ends_after_midnight: a %s-minute session at %s would end after midnight',
+                      v.duration_minutes, kc_clock(p_start));
+    END IF;
+    IF EXISTS (SELECT 1 FROM holidays h WHERE h.day = p_date) THEN
+        RETURN format('holiday: %s is a holiday (%s)', kc_long_date(p_date),
+                      (SELECT h.reason FROM holidays h WHERE h.day = p_date));
+    END IF;
+    v_starts := (p_date + p_start) AT TIME ZONE v.timezone;
+    v_ends := v_starts + make_interval(mins => v.duration_minutes);
+    v_end := kc_slot_end(p_start, v.duration_minutes);
+    SELECT o.scheduled_date, o.scheduled_time, c.title INTO v_first
+    FROM tutoring_sessions o JOIN courses c ON c.id = o.course_id
+    WHERE o.student_id = v.student_id AND o.status = 'scheduled' AND o.id <> p_session_id
+      AND o.starts_at < v_ends AND o.ends_at > v_starts
+    ORDER BY o.starts_at LIMIT 1;
+    IF FOUND THEN
+        RETURN format('student_busy: the student already has a session of %s on %s at %s',
+                      v_first.title, kc_long_date(v_first.scheduled_date),
+                      kc_clock(v_first.scheduled_time));
+    END IF;
+
+    -- The trainer's own rules, in the matching's order (workers/rules/matching.py, RULES).
+    IF p_full THEN
+        IF t.status <> 'active' THEN
+            RETURN format('trainer_inactive: trainer %s is not active', t.full_name);
+        END IF;
+        IF NOT (t.specialties_norm && v.teaches) THEN
+            RETURN format('no_specialty: trainer %s does not teach %s', t.full_name, v.title);
+        END IF;
+        IF NOT (t.gender IS NULL OR v.student_gender IS NULL
+                OR lower(btrim(t.gender)) = lower(btrim(v.student_gender))) THEN
+            RETURN format('gender_mismatch: trainer %s''s gender does not match the student''s '
+                          'preference', t.full_name);
+        END IF;
+        v_km := kc_haversine_km(v.home_lat, v.home_lng, t.base_lat, t.base_lng);
+        IF v_km > t.service_radius_km THEN
+            RETURN format('out_of_range: the student''s home is %s km from trainer %s''s base, '
+                          'beyond the %s km service radius', round(v_km::numeric, 1),
+                          t.full_name, trim_scale(t.service_radius_km));
+        END IF;
+    END IF;
+
+    -- Free at that time: available over the whole slot that weekday, and nothing overlapping.
+    IF NOT EXISTS (SELECT 1 FROM trainer_availability a
+                   WHERE a.trainer_id = p_trainer_id
+                     AND a.weekday = extract(isodow FROM p_date)
+                     AND a.slot_start <= p_start AND a.slot_end >= v_end) THEN
+        RETURN format('no_free_slot: trainer %s is not available on %ss from %s to %s',
+                      t.full_name, to_char(p_date, 'FMDay'), kc_clock(p_start),
+                      kc_clock(v_end));
+    END IF;
+    SELECT count(*) OVER () AS n, o.scheduled_date, o.scheduled_time INTO v_first
+    FROM tutoring_sessions o
+    WHERE o.trainer_id = p_trainer_id AND o.status = 'scheduled' AND o.id <> p_session_id
+      AND o.starts_at < v_ends AND o.ends_at > v_starts
+    ORDER BY o.starts_at LIMIT 1;
+    IF FOUND THEN
+        RETURN format('no_free_slot: trainer %s already has a session on %s at %s',
+                      t.full_name, kc_long_date(v_first.scheduled_date),
+                      kc_clock(v_first.scheduled_time));
+    END IF;
+
+    -- Sequential distance (matching rule 7): the trainer's home sessions ending in the hour
+    -- before, or starting in the hour after, a home session must be near this student's home.
+    IF v.delivery = 'home' THEN
+        SELECT s.max_sequential_km INTO v_max_km FROM kc_settings s;
+        SELECT count(*) INTO v_n
+        FROM tutoring_sessions o
+        JOIN students other ON other.id = o.student_id
+        WHERE o.trainer_id = p_trainer_id AND o.status = 'scheduled' AND o.id <> p_session_id
+          AND o.delivery = 'home'
+          AND o.starts_at < v_ends + interval '1 hour'
+          AND o.ends_at > v_starts - interval '1 hour'
+          AND kc_haversine_km(other.home_lat, other.home_lng, v.home_lat, v.home_lng) > v_max_km;
+        IF v_n > 0 THEN
+            RETURN format('too_far_between_sessions: %s of trainer %s''s sessions in the hour '
+                          'before or after are at a home more than %s km from this student''s',
+                          v_n, t.full_name, v_max_km);
+        END IF;
+    END IF;
+    RETURN NULL;
+END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_sessions_events(p_ids uuid[])
  RETURNS integer
