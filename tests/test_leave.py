@@ -1,0 +1,501 @@
+"""A trainer's leave and substitutes for single sessions (issue 24, part B; migration 0019):
+through the real functions, triggers and workers."""
+
+from __future__ import annotations
+
+import threading
+from datetime import date, time, timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+from psycopg.rows import DictRow, dict_row
+
+from tests import factories as f
+from tests.helpers import allocation_of, drain, move_into_past, one
+from tests.invariants import violations
+
+Conn = psycopg.Connection[DictRow]
+
+
+def monday_ahead(days: int = 14) -> date:
+    start = date.today() + timedelta(days=days)
+    return start + timedelta(days=(8 - start.isoweekday()) % 7)
+
+
+def buy(conn: Conn, db_url: str, student: UUID, course: UUID, **metadata: Any) -> None:
+    f.payment(conn, student, course, {"sessionCount": 10, **metadata})
+    drain(db_url)
+
+
+def request(conn: Conn, trainer: UUID, first: date, last: date, reason: str = "family") -> int:
+    row = one(conn, "SELECT request_leave(%s, %s, %s, %s) AS id", trainer, first, last, reason)
+    return int(row["id"])
+
+
+def approve(conn: Conn, leave: int, handover_days: int = 14) -> list[DictRow]:
+    return conn.execute("SELECT * FROM approve_leave(%s, %s)", (leave, handover_days)).fetchall()
+
+
+def in_days(conn: Conn, trainer: UUID, first: date, last: date) -> list[DictRow]:
+    """The trainer's scheduled sessions in those days."""
+    return conn.execute(
+        "SELECT * FROM tutoring_sessions WHERE trainer_id = %s AND status = 'scheduled' "
+        "AND scheduled_date BETWEEN %s AND %s ORDER BY starts_at",
+        (trainer, first, last),
+    ).fetchall()
+
+
+def snapshot(conn: Conn) -> list[tuple[Any, ...]]:
+    """Everything a refusal must leave as it was."""
+    rows = conn.execute(
+        "SELECT id, trainer_id, status, original_trainer_id, substitution_leave_id "
+        "FROM tutoring_sessions ORDER BY id"
+    ).fetchall()
+    leaves = conn.execute("SELECT * FROM trainer_leaves ORDER BY id").fetchall()
+    history = one(conn, "SELECT count(*) AS n FROM stage_history")["n"]
+    jobs = one(conn, "SELECT count(*) AS n FROM pgqueuer")["n"]
+    return [tuple(r.values()) for r in rows + leaves] + [(history, jobs)]
+
+
+@pytest.fixture
+def week(conn: Conn, db_url: str) -> dict[str, Any]:
+    """Trainer Ravi teaches five students from a Monday two weeks ahead: daily at 9:00 and
+    12:30, weekdays at 10:00 and 15:00, Sundays at 11:00 (80 minutes). Then two more
+    trainers arrive: Sita, free Monday to Saturday 8:00-14:00, and Uma, free Sundays
+    11:00-13:00. Nobody but Ravi is free at 15:00."""
+    course = f.course(conn)
+    ravi = f.trainer(conn, name="Ravi")
+    start = monday_ahead()
+    plans = [
+        ("daily", "9:00"),
+        ("weekdays", "10:00"),
+        ("sunday_only", "11:00"),
+        ("daily", "12:30"),
+        ("weekdays", "15:00"),
+    ]
+    students = []
+    for i, (mode, slot) in enumerate(plans):
+        student = f.student(conn, name=f"s{i}")
+        buy(
+            conn,
+            db_url,
+            student,
+            course,
+            scheduleMode=mode,
+            timeSlot=slot,
+            startDate=start.isoformat(),
+        )
+        alloc = allocation_of(conn, student)
+        assert alloc["trainer_id"] == ravi, (mode, slot, alloc["reason"], alloc["reason_detail"])
+        students.append(student)
+    sita = f.trainer(conn, name="Sita", weekdays=range(1, 7), slot=("08:00", "14:00"))
+    uma = f.trainer(conn, name="Uma", weekdays=[7], slot=("11:00", "13:00"))
+    drain(db_url)  # new trainers retry nothing: nobody waits
+    return {
+        "course": course,
+        "ravi": ravi,
+        "sita": sita,
+        "uma": uma,
+        "students": students,
+        # Tuesday to Monday: every course has sessions in it, and a Sunday.
+        "first": start + timedelta(days=1),
+        "last": start + timedelta(days=7),
+    }
+
+
+def test_a_week_of_leave_substitutes_where_someone_fits_and_makes_up_the_rest(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    ravi, sita, uma = week["ravi"], week["sita"], week["uma"]
+    first, last = week["first"], week["last"]
+    ahead = in_days(conn, ravi, first, last)
+    assert len(ahead) == 7 + 5 + 1 + 7 + 5
+    leave = request(conn, ravi, first, last)
+    # Requested is not approved: nothing moves yet.
+    assert len(in_days(conn, ravi, first, last)) == len(ahead)
+
+    changes = approve(conn, leave)
+    assert len(changes) == len(ahead)
+    by_slot: dict[tuple[bool, time], set[str]] = {}
+    for c in changes:
+        sunday = c["scheduled_date"].isoweekday() == 7
+        by_slot.setdefault((sunday, c["scheduled_time"]), set()).add(
+            f"{c['outcome']}:{c['trainer_id']}"
+        )
+    assert by_slot == {
+        (False, time(9)): {f"substituted:{sita}"},
+        (False, time(10)): {f"substituted:{sita}"},
+        (False, time(12, 30)): {f"substituted:{sita}"},
+        (False, time(15)): {f"cancelled:{ravi}"},  # nobody else at 15:00
+        (True, time(9)): {f"cancelled:{ravi}"},  # Sita does not work Sundays, Uma from 11
+        (True, time(11)): {f"substituted:{uma}"},
+        (True, time(12, 30)): {f"cancelled:{ravi}"},  # Uma's Sunday ends at 13:00
+    }
+
+    # Done when: no session of Ravi's in those days, each with a substitute who fits every
+    # rule for that one session, or cancelled with its reason.
+    assert in_days(conn, ravi, first, last) == []
+    moved = conn.execute(
+        "SELECT ts.*, kc_session_fit(ts.id, ts.trainer_id, ts.scheduled_date, "
+        "ts.scheduled_time, true) AS unfit FROM tutoring_sessions ts "
+        "WHERE substitution_leave_id = %s",
+        (leave,),
+    ).fetchall()
+    assert len(moved) == len(ahead)
+    for s in moved:
+        if s["status"] == "scheduled":
+            assert s["original_trainer_id"] == ravi and s["trainer_id"] in (sita, uma)
+            assert s["unfit"] is None and s["substituted_at"] is not None
+        else:
+            assert s["status"] == "cancelled" and s["trainer_id"] == ravi
+            assert "nobody can take it during" in s["cancel_reason"]
+    # The courses stay Ravi's: a substitute takes no place among their live allocations.
+    for student in week["students"]:
+        assert allocation_of(conn, student)["trainer_id"] == ravi
+    # The app's old table, by its names.
+    assert (
+        one(
+            conn,
+            "SELECT count(*) AS n FROM trainer_session_substitutions WHERE leave_id = %s",
+            leave,
+        )["n"]
+        == 6 + 5 + 1 + 6
+    )
+
+    # Make-ups: every cancelled session is made up after the last one, with Ravi.
+    drain(db_url)
+    for student in week["students"]:
+        alloc = allocation_of(conn, student)
+        counts = one(
+            conn,
+            "SELECT count(*) FILTER (WHERE status <> 'cancelled') AS standing, "
+            "count(*) FILTER (WHERE status = 'cancelled') AS cancelled, "
+            "count(*) FILTER (WHERE status = 'scheduled' AND trainer_id = %s) AS ravis "
+            "FROM tutoring_sessions WHERE student_id = %s",
+            ravi,
+            student,
+        )
+        assert counts["standing"] == 10, (student, counts)
+        assert alloc["trainer_id"] == ravi
+    assert in_days(conn, ravi, first, last) == []
+    history = conn.execute(
+        "SELECT event, detail, actor FROM stage_history WHERE event IN ('substituted', 'leave') "
+        "ORDER BY id"
+    ).fetchall()
+    assert len(history) == len(ahead)
+    assert {h["actor"] for h in history} == {conn.info.user}
+    assert violations(conn) == {}
+
+
+def test_a_leave_cancelled_halfway_gives_the_sessions_ahead_back(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    ravi, sita = week["ravi"], week["sita"]
+    first, last = week["first"], week["last"]
+    leave = request(conn, ravi, first, last)
+    approve(conn, leave)
+    drain(db_url)  # the make-ups of the sessions nobody could take
+    # Halfway: the leave's first three days have passed (their sessions were taught).
+    half = first + timedelta(days=3)
+    move_into_past(conn, 30, "scheduled_date < %s", half)
+    past = conn.execute(
+        "SELECT id, trainer_id FROM tutoring_sessions WHERE substitution_leave_id = %s "
+        "AND status = 'scheduled' AND starts_at < now()",
+        (leave,),
+    ).fetchall()
+    assert past and all(p["trainer_id"] != ravi for p in past)
+    ahead = conn.execute(
+        "SELECT * FROM tutoring_sessions WHERE substitution_leave_id = %s "
+        "AND status = 'scheduled' AND starts_at > now() ORDER BY starts_at",
+        (leave,),
+    ).fetchall()
+    assert ahead
+
+    changes = conn.execute("SELECT * FROM cancel_leave(%s)", (leave,)).fetchall()
+    assert {c["session_id"] for c in changes} == {a["id"] for a in ahead}
+    assert {c["outcome"] for c in changes} == {"given_back"}
+    back = conn.execute(
+        "SELECT trainer_id, original_trainer_id, substitution_leave_id FROM tutoring_sessions "
+        "WHERE id = ANY(%s)",
+        ([a["id"] for a in ahead],),
+    ).fetchall()
+    assert {tuple(b.values()) for b in back} == {(ravi, None, None)}
+    # The past stays as it was taught.
+    for p in past:
+        assert (
+            one(conn, "SELECT trainer_id FROM tutoring_sessions WHERE id = %s", p["id"])[
+                "trainer_id"
+            ]
+            == p["trainer_id"]
+        )
+    row = one(conn, "SELECT status, cancelled_by, outcome FROM trainer_leaves WHERE id = %s", leave)
+    assert row["status"] == "cancelled" and row["cancelled_by"] == conn.info.user
+    assert row["outcome"].startswith(f"cancelled: {len(ahead)} given back, 0 kept")
+    assert one(conn, "SELECT count(*) AS n FROM stage_history WHERE event = 'substitute_ended'")[
+        "n"
+    ] == len(ahead)
+    assert sita  # Sita keeps what she taught
+    assert violations(conn) == {}
+
+
+def test_a_session_stays_with_its_substitute_when_the_trainer_is_busy_then(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    ravi, sita = week["ravi"], week["sita"]
+    first, last = week["first"], week["last"]
+    leave = request(conn, ravi, first, last)
+    approve(conn, leave)
+    taken = one(
+        conn,
+        "SELECT * FROM tutoring_sessions WHERE substitution_leave_id = %s AND trainer_id = %s "
+        "AND status = 'scheduled' ORDER BY starts_at LIMIT 1",
+        leave,
+        sita,
+    )
+    # Meanwhile Ravi's availability that weekday ends before that session's slot.
+    conn.execute(
+        "UPDATE trainer_availability SET slot_end = %s WHERE trainer_id = %s AND weekday = %s",
+        (time(8, 30), ravi, taken["scheduled_date"].isoweekday()),
+    )
+    changes = {
+        c["session_id"]: c
+        for c in conn.execute("SELECT * FROM cancel_leave(%s)", (leave,)).fetchall()
+    }
+    kept = changes[taken["id"]]
+    assert kept["outcome"] == "kept" and kept["trainer_id"] == sita
+    assert "no_free_slot" in kept["detail"]
+    assert (
+        one(conn, "SELECT trainer_id FROM tutoring_sessions WHERE id = %s", taken["id"])[
+            "trainer_id"
+        ]
+        == sita
+    )
+
+
+def test_a_leave_longer_than_the_bound_hands_the_courses_over(conn: Conn, db_url: str) -> None:
+    course = f.course(conn)
+    ravi = f.trainer(conn, name="Ravi")
+    start = monday_ahead()
+    students = [f.student(conn, name=f"s{i}") for i in range(2)]
+    for student, slot in zip(students, ("9:00", "16:00"), strict=True):
+        buy(
+            conn,
+            db_url,
+            student,
+            course,
+            scheduleMode="daily",
+            timeSlot=slot,
+            startDate=start.isoformat(),
+            sessionCount=20,
+        )
+    mala = f.trainer(conn, name="Mala", rating=4.0)
+    drain(db_url)
+    first, last = start + timedelta(days=2), start + timedelta(days=16)  # 15 days
+    leave = request(conn, ravi, first, last, "surgery")
+    changes = approve(conn, leave, handover_days=14)
+    assert {c["outcome"] for c in changes} == {"handed_over"}
+    leave_row = one(conn, "SELECT handed_over, outcome FROM trainer_leaves WHERE id = %s", leave)
+    assert leave_row["handed_over"] and "handed over" in leave_row["outcome"]
+    assert one(conn, "SELECT count(*) AS n FROM unfit_allocations WHERE why = 'on_leave'")["n"] == 2
+    drain(db_url)
+    for student in students:
+        live = allocation_of(conn, student)
+        assert live["trainer_id"] == mala and live["status"] == "approved"
+        ended = one(
+            conn,
+            "SELECT reason, reason_detail FROM trainer_allocations WHERE student_id = %s "
+            "AND trainer_id = %s",
+            student,
+            ravi,
+        )
+        assert ended["reason"] == "trainer_left" and "on leave" in ended["reason_detail"]
+    assert in_days(conn, ravi, first, last) == []
+    assert violations(conn) == {}
+
+
+def test_an_operator_substitute_named_is_checked_and_best_is_chosen(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    ravi, sita, uma = week["ravi"], week["sita"], week["uma"]
+    session = one(
+        conn,
+        "SELECT * FROM tutoring_sessions WHERE trainer_id = %s AND scheduled_time = '15:00' "
+        "ORDER BY starts_at LIMIT 1",
+        ravi,
+    )
+    before = snapshot(conn)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as refused:
+        conn.execute("SELECT substitute_session(%s, %s)", (session["id"], sita))
+    assert "cannot take session" in str(refused.value)
+    assert "no_free_slot: trainer Sita is not available" in str(refused.value)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as nobody:
+        conn.execute("SELECT substitute_session(%s)", (session["id"],))
+    assert "nobody can take session" in str(nobody.value)
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        conn.execute("SELECT substitute_session(%s, %s)", (session["id"], ravi))
+    with pytest.raises(psycopg.errors.NoDataFound):
+        conn.execute("SELECT substitute_session(%s)", (uma,))
+    assert snapshot(conn) == before
+
+    morning = one(
+        conn,
+        "SELECT * FROM tutoring_sessions WHERE trainer_id = %s AND scheduled_time = '10:00' "
+        "ORDER BY starts_at LIMIT 1",
+        ravi,
+    )
+    assert one(conn, "SELECT substitute_session(%s, %s) AS t", morning["id"], sita)["t"] == sita
+    row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", morning["id"])
+    assert (row["trainer_id"], row["original_trainer_id"], row["substitution_leave_id"]) == (
+        sita,
+        ravi,
+        None,
+    )
+    # Back to Ravi by name: he is the session's own trainer again, nothing beside it.
+    assert one(conn, "SELECT substitute_session(%s, %s) AS t", morning["id"], ravi)["t"] == ravi
+    row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", morning["id"])
+    assert (row["trainer_id"], row["original_trainer_id"]) == (ravi, None)
+    # The best: Sita is the only one free at 9:00 on a weekday.
+    nine = one(
+        conn,
+        "SELECT * FROM tutoring_sessions WHERE trainer_id = %s AND scheduled_time = '09:00' "
+        "AND extract(isodow FROM scheduled_date) < 6 ORDER BY starts_at LIMIT 1",
+        ravi,
+    )
+    assert one(conn, "SELECT substitute_session(%s) AS t", nine["id"])["t"] == sita
+    lines = conn.execute(
+        "SELECT detail FROM stage_history WHERE event = 'substituted' ORDER BY id"
+    ).fetchall()
+    assert len(lines) == 3 and "an operator's substitute" in lines[0]["detail"]
+
+
+def test_leave_requests_are_checked_and_change_nothing_when_refused(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    ravi, first, last = week["ravi"], week["first"], week["last"]
+    leave = request(conn, ravi, first, last)
+    before = snapshot(conn)
+    bad: list[tuple[type[Exception], tuple[Any, ...], str]] = [
+        (psycopg.errors.NoDataFound, (week["students"][0], first, last, "x"), "no trainer"),
+        (psycopg.errors.InvalidParameterValue, (ravi, last, first, "x"), "before the first"),
+        (
+            psycopg.errors.InvalidParameterValue,
+            (ravi, date.today() - timedelta(days=9), date.today() - timedelta(days=3), "x"),
+            "is over",
+        ),
+        (
+            psycopg.errors.InvalidParameterValue,
+            (ravi, last + timedelta(days=1), last + timedelta(days=1), "  "),
+            "reason",
+        ),
+        (
+            psycopg.errors.ExclusionViolation,
+            (ravi, last, last + timedelta(days=2), "x"),
+            f"already has leave {leave}",
+        ),
+    ]
+    for error, args, message in bad:
+        with pytest.raises(error) as refused:
+            conn.execute("SELECT request_leave(%s, %s, %s, %s)", args)
+        assert message in str(refused.value)
+    # The table's own constraint, for a writer that skips the function.
+    with pytest.raises(psycopg.errors.ExclusionViolation):
+        conn.execute(
+            "INSERT INTO trainer_leaves (trainer_id, first_day, last_day, reason, requested_by)"
+            " VALUES (%s, %s, %s, 'x', 'me')",
+            (ravi, first, first),
+        )
+    assert snapshot(conn) == before
+
+    approve(conn, leave)
+    before = snapshot(conn)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="approved already"):
+        approve(conn, leave)
+    with pytest.raises(psycopg.errors.NoDataFound):
+        approve(conn, leave + 100)
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        approve(conn, leave, handover_days=0)
+    assert snapshot(conn) == before
+    # A trainer on leave is no substitute those days.
+    sita_session = one(
+        conn,
+        "SELECT * FROM tutoring_sessions WHERE substitution_leave_id = %s "
+        "AND status = 'scheduled' LIMIT 1",
+        leave,
+    )
+    fit = one(
+        conn,
+        "SELECT kc_session_fit(%s, %s, %s, %s, false) AS why",
+        sita_session["id"],
+        ravi,
+        sita_session["scheduled_date"],
+        sita_session["scheduled_time"],
+    )["why"]
+    assert fit.startswith("on_leave: trainer Ravi is on leave")
+    # A request cancelled before approval changes nothing else.
+    other = request(conn, ravi, last + timedelta(days=3), last + timedelta(days=4))
+    assert conn.execute("SELECT * FROM cancel_leave(%s)", (other,)).fetchall() == []
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="cancelled already"):
+        conn.execute("SELECT * FROM cancel_leave(%s)", (other,))
+
+
+def test_concurrent_substitutions_never_double_book(conn: Conn, db_url: str) -> None:
+    """Eight sessions at the same hour (eight trainers' students, 55 km apart, each trainer
+    reaching only their own student) and one free substitute who reaches them all: eight
+    operators ask for the best substitute at once; exactly one gets her."""
+    course = f.course(conn)
+    start = monday_ahead()
+    sessions = []
+    for i in range(8):
+        lat = f.HOME[0] + 0.5 * i
+        trainer = f.trainer(conn, name=f"T{i}", lat=lat + 0.01, lng=f.HOME[1])
+        student = f.student(conn, name=f"s{i}", lat=lat)
+        f.payment(
+            conn,
+            student,
+            course,
+            {
+                "sessionCount": 10,
+                "scheduleMode": "daily",
+                "timeSlot": "10:00",
+                "startDate": start.isoformat(),
+            },
+        )
+        drain(db_url)
+        assert allocation_of(conn, student)["trainer_id"] == trainer
+        sessions.append(
+            one(
+                conn,
+                "SELECT id FROM tutoring_sessions WHERE student_id = %s AND scheduled_date = %s",
+                student,
+                start,
+            )["id"]
+        )
+    sub = f.trainer(conn, name="Sub", slot=("09:00", "12:00"), radius_km=1000)
+    barrier = threading.Barrier(len(sessions))
+    results: list[str] = []
+
+    def ask(session: UUID) -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as mine:
+            barrier.wait()
+            try:
+                row = one(mine, "SELECT substitute_session(%s) AS t", session)
+                results.append(str(row["t"]))
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                results.append(f"refused: {exc}")
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results.count(str(sub)) == 1, results
+    assert all(
+        r.startswith("refused: nobody can take session") for r in results if r != str(sub)
+    ), results
+    assert (
+        one(conn, "SELECT count(*) AS n FROM tutoring_sessions WHERE trainer_id = %s", sub)["n"]
+        == 1
+    )
+    assert violations(conn) == {}
