@@ -345,7 +345,29 @@ def test_an_operator_substitute_named_is_checked_and_best_is_chosen(
         "ORDER BY starts_at LIMIT 1",
         ravi,
     )
+    seq = one(conn, "SELECT coalesce(max(seq), 0) AS n FROM business_events")["n"]
     assert one(conn, "SELECT substitute_session(%s, %s) AS t", morning["id"], sita)["t"] == sita
+    # The app hears it: SESSION_SUBSTITUTED, and the student and both trainers are told.
+    told = conn.execute(
+        "SELECT payload FROM business_events WHERE seq > %s ORDER BY seq", (seq,)
+    ).fetchall()
+    kinds = [
+        (t["payload"]["type"], t["payload"].get("title"), t["payload"]["userId"]) for t in told
+    ]
+    student = str(morning["student_id"])
+    assert kinds == [
+        ("SESSION_SUBSTITUTED", None, student),
+        ("NOTIFICATION_REQUESTED", "Trainer Substituted", student),
+        ("NOTIFICATION_REQUESTED", "Session Covered", str(ravi)),
+        ("NOTIFICATION_REQUESTED", "Session Added", str(sita)),
+    ]
+    event = told[0]["payload"]
+    assert (event["sessionId"], event["originalTrainerId"], event["substituteTrainerId"]) == (
+        str(morning["id"]),
+        str(ravi),
+        str(sita),
+    )
+    assert told[3]["payload"]["body"].startswith('You will teach the session of "Robotics')
     row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", morning["id"])
     assert (row["trainer_id"], row["original_trainer_id"], row["substitution_leave_id"]) == (
         sita,

@@ -724,3 +724,84 @@ WHERE ta.status = 'approved' AND why.reason IS NOT NULL
                WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'
                  AND ts.starts_at > now())
        OR NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id));
+
+-------------------------------------------------------------------------------------------------
+-- Events: a session that changes trainer (docs/events.md)
+-------------------------------------------------------------------------------------------------
+
+-- A scheduled session whose trainer_id changes and stays scheduled (a substitute, or the
+-- trainer back when a leave is cancelled): SESSION_SUBSTITUTED (0017's builder) and three
+-- notifications: the student, the trainer who had it, the trainer who has it now. The keys
+-- are emit_session_substituted's, so a caller that still calls it adds nothing. A trigger of
+-- its own beside tutoring_sessions_events_updated (which tells status changes), fired first
+-- (trigger names sort).
+CREATE FUNCTION trg_events_sessions_substituted() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, pg_temp
+AS $$
+BEGIN
+    PERFORM kc_store_events(array_agg(e.purchase_id ORDER BY ch.starts_at, ch.id, e.k),
+                            array_agg(e.payload ORDER BY ch.starts_at, ch.id, e.k))
+    FROM (
+        SELECT n.id, n.starts_at, n.scheduled_date, n.scheduled_time, n.student_id,
+               n.course_id, n.trainer_id AS now_trainer, o.trainer_id AS was_trainer,
+               ta.purchase_id, co.title, st.full_name AS student_name,
+               tn.full_name AS now_name, tw.full_name AS was_name,
+               kc_event_session_substituted(
+                   n.id, o.trainer_id, n.trainer_id, n.student_id, n.scheduled_date,
+                   n.scheduled_time, jsonb_build_object('purchaseId', ta.purchase_id), now())
+                   AS event
+        FROM new_sessions n
+        JOIN old_sessions o ON o.id = n.id
+        JOIN trainer_allocations ta ON ta.id = n.allocation_id
+        JOIN courses co ON co.id = n.course_id
+        JOIN students st ON st.id = n.student_id
+        JOIN trainers tn ON tn.id = n.trainer_id
+        JOIN trainers tw ON tw.id = o.trainer_id
+        WHERE n.trainer_id <> o.trainer_id AND n.status = 'scheduled' AND o.status = 'scheduled'
+    ) ch
+    CROSS JOIN LATERAL (
+        SELECT jsonb_build_object('trainerName', ch.now_name,
+                                  'originalTrainerName', ch.was_name,
+                                  'studentName', ch.student_name,
+                                  'courseName', ch.title, 'type', 'session_substituted',
+                                  'sessionId', ch.id, 'date', ch.scheduled_date::text,
+                                  'timeSlot', kc_clock(ch.scheduled_time),
+                                  'trainerId', ch.now_trainer,
+                                  'originalTrainerId', ch.was_trainer,
+                                  'courseId', ch.course_id, 'purchaseId', ch.purchase_id)
+                   AS data,
+               format('"%s" on %s at %s', ch.title, kc_long_date(ch.scheduled_date),
+                      kc_clock(ch.scheduled_time)) AS what,
+               'session_substituted:' || (ch.event ->> 'eventId') AS key,
+               jsonb_build_object('purchaseId', ch.purchase_id) AS meta
+    ) d
+    CROSS JOIN LATERAL (VALUES
+        (1, ch.purchase_id, ch.event),
+        (2, ch.purchase_id, kc_event_notification(
+            d.key, ch.student_id, 'student', 'session', 'Trainer Substituted',
+            format('Trainer %s will take your session of %s in place of %s.', ch.now_name,
+                   d.what, ch.was_name),
+            d.data, d.meta, now())),
+        (3, ch.purchase_id, kc_event_notification(
+            d.key || ':original', ch.was_trainer, 'trainer', 'session', 'Session Covered',
+            format('Trainer %s will take your session of %s with student %s.', ch.now_name,
+                   d.what, ch.student_name),
+            d.data, d.meta, now())),
+        (4, ch.purchase_id, kc_event_notification(
+            d.key || ':substitute', ch.now_trainer, 'trainer', 'session', 'Session Added',
+            format('You will teach the session of %s for student %s in place of %s. Check '
+                   'your schedule for details.', d.what, ch.student_name, ch.was_name),
+            d.data, d.meta, now()))
+    ) AS e(k, purchase_id, payload)
+    HAVING count(*) > 0;
+    RETURN NULL;
+END
+$$;
+REVOKE EXECUTE ON FUNCTION trg_events_sessions_substituted() FROM PUBLIC;
+
+CREATE TRIGGER tutoring_sessions_events_substituted
+    AFTER UPDATE ON tutoring_sessions
+    REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions
+    FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_substituted();
