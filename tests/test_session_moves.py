@@ -4,6 +4,9 @@ and moving one session (requests, approval, refusals that change nothing)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import date
 from uuid import UUID
@@ -526,3 +529,50 @@ def test_a_hybrid_course_keeps_its_pattern(conn: Conn, db_url: str) -> None:
     assert [r["session_number"] for r in after] == list(range(1, 31))
     assert {r["session_number"]: r["delivery"] for r in after} == before
     assert next(r for r in after if r["id"] == eighth)["session_number"] == 9
+
+
+def _cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "move", *args],
+        env={**os.environ, "DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_commands(conn: Conn, db_url: str, world: World) -> None:
+    asked = _cli(
+        db_url,
+        "request",
+        str(world.session),
+        str(SAT),
+        "10 AM",
+        "--as",
+        "student",
+        "--reason",
+        "exam",
+    )
+    assert asked.returncode == 0, asked.stderr
+    request_id = one(conn, "SELECT id FROM trainer_reschedules")["id"]
+    assert asked.stdout.strip() == (
+        f"move request {request_id} pending: an operator approves it "
+        f"(make move-approve ID={request_id}) or rejects it"
+    )
+    listed = _cli(db_url, "list", "--status", "pending")
+    assert listed.returncode == 0 and str(request_id) in listed.stdout, listed.stderr
+    assert "Sat 06 Mar 10:00" in listed.stdout
+    refused = _cli(db_url, "approve", str(request_id))
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        f"refused: move request {request_id} cannot be approved: no_free_slot: trainer Ravi is "
+        "not available on Saturdays from 10:00 AM to 11:00 AM (approve it with a substitute"
+    ), refused.stderr
+    again = _cli(db_url, "request", str(world.session), str(SUN), "10:00", "--reason", "x")
+    assert again.returncode == 1 and "is pending" in again.stderr
+    rejected = _cli(db_url, "reject", str(request_id), "--reason", "Ravi is away")
+    assert rejected.returncode == 0, rejected.stderr
+    assert rejected.stdout.strip() == f"move request {request_id} rejected: Ravi is away"
+    row = one(conn, "SELECT status, reviewed_by FROM trainer_reschedules")
+    assert row["status"] == "rejected"
