@@ -22,7 +22,7 @@ $(foreach name,$(.VARIABLES),$(if $(filter command line,$(origin $(name))),$(eva
 .PHONY: help install venv-check run-workers test lint format migrate psql db-start db-stop db-remove \
 	schema clean status trace failures replay reschedule leave leave-approve leave-cancel leaves \
 	substitute doctor console operator-add operators \
-	operator-revoke screenshots bench embedded-smoke
+	operator-revoke screenshots bench embedded-smoke moves move-request move-approve move-reject
 
 help: ## list the targets
 	@echo "Koding Caravan enrolment pipeline"
@@ -129,6 +129,21 @@ substitute: $(STAMP) ## a substitute for one session: make substitute SESSION=<s
 	@test -n "$$SESSION" || { echo "usage: make substitute SESSION=<session id> [TRAINER=<trainer id>]"; exit 2; }
 	@$(PY) -m workers substitute "$$SESSION" $${TRAINER:+"$$TRAINER"}
 
+moves: $(STAMP) ## requests to move one session: the pending first (STATUS=pending|approved|rejected|cancelled)
+	@$(PY) -m workers move list $${STATUS:+--status "$$STATUS"}
+
+move-request: $(STAMP) ## ask to move one session: make move-request ID=<session> DATE=YYYY-MM-DD TIME="10 AM" REASON="..." [AS=student|trainer]
+	@test -n "$$ID" -a -n "$$DATE" -a -n "$$TIME" -a -n "$$REASON" || { echo 'usage: make move-request ID=<session id> DATE=YYYY-MM-DD TIME="10 AM" REASON="why" [AS=student|trainer|operator]'; exit 2; }
+	@$(PY) -m workers move request "$$ID" "$$DATE" "$$TIME" --reason "$$REASON" $${AS:+--as "$$AS"}
+
+move-approve: $(STAMP) ## carry out a move: make move-approve ID=<request> [SUBSTITUTE=1: the best other trainer when the session's cannot]
+	@test -n "$$ID" || { echo "usage: make move-approve ID=<request id> [SUBSTITUTE=1]"; exit 2; }
+	@$(PY) -m workers move approve "$$ID" $${SUBSTITUTE:+--substitute}
+
+move-reject: $(STAMP) ## reject a move: make move-reject ID=<request> REASON="..."
+	@test -n "$$ID" -a -n "$$REASON" || { echo 'usage: make move-reject ID=<request id> REASON="why"'; exit 2; }
+	@$(PY) -m workers move reject "$$ID" --reason "$$REASON"
+
 doctor: $(STAMP) ## check database, migrations, pgqueuer, triggers, workers, backlog
 	@$(PY) -m workers doctor
 
@@ -161,3 +176,4 @@ schema: $(STAMP) ## rewrite sql/schema.sql from the migrated database (review th
 
 clean: ## remove caches (keeps .venv and the embedded database)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+

@@ -95,7 +95,9 @@ TABLE kc_acting (
 TABLE kc_settings (
     singleton boolean NOT NULL DEFAULT true,
     max_sequential_km double precision NOT NULL DEFAULT 5,
-    updated_at timestamp with time zone NOT NULL DEFAULT now()
+    updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    move_cutoff interval NOT NULL DEFAULT '12:00:00'::interval,
+    moves_auto_approve boolean NOT NULL DEFAULT false
 );
 TABLE payment_rejections (
     payment_id uuid NOT NULL,
@@ -272,6 +274,29 @@ TABLE trainer_leaves (
     handed_over boolean NOT NULL DEFAULT false,
     outcome text
 );
+TABLE trainer_reschedules (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    session_id uuid NOT NULL,
+    allocation_id uuid NOT NULL,
+    student_id uuid NOT NULL,
+    trainer_id uuid NOT NULL,
+    requested_by text NOT NULL,
+    request_type text NOT NULL,
+    original_date date NOT NULL,
+    original_time time without time zone NOT NULL,
+    new_date date NOT NULL,
+    new_time time without time zone NOT NULL,
+    reason text NOT NULL,
+    notes text,
+    status text NOT NULL DEFAULT 'pending'::text,
+    reviewed_by text,
+    reviewed_at timestamp with time zone,
+    rejection_reason text,
+    substitute_trainer_id uuid,
+    outcome text,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
 TABLE trainers (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     full_name text NOT NULL,
@@ -343,6 +368,7 @@ CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
 CONSTRAINT job_starts.job_starts_pkey PRIMARY KEY (job_id);
 CONSTRAINT kc_acting.kc_acting_pkey PRIMARY KEY (pid);
 CONSTRAINT kc_settings.kc_settings_max_sequential_km_check CHECK ((max_sequential_km > (0)::double precision));
+CONSTRAINT kc_settings.kc_settings_move_cutoff_check CHECK (((move_cutoff >= '00:00:00'::interval) AND (move_cutoff <= '30 days'::interval)));
 CONSTRAINT kc_settings.kc_settings_pkey PRIMARY KEY (singleton);
 CONSTRAINT kc_settings.kc_settings_singleton_check CHECK (singleton);
 CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
@@ -369,7 +395,7 @@ CONSTRAINT schedule_changes.schedule_changes_purchase_id_fkey FOREIGN KEY (purch
 CONSTRAINT schedule_changes.schedule_changes_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text])));
 CONSTRAINT stage_followups.stage_followups_pkey PRIMARY KEY (stage, ref_id);
 CONSTRAINT stage_followups.stage_followups_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
-CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text, 'assign_requested'::text, 'substituted'::text, 'substitute_ended'::text, 'leave'::text])));
+CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text, 'assign_requested'::text, 'move_requested'::text, 'move_approved'::text, 'move_rejected'::text, 'move_cancelled'::text, 'substituted'::text, 'substitute_ended'::text, 'leave'::text])));
 CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
 CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
 CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
@@ -413,6 +439,22 @@ CONSTRAINT trainer_leaves.trainer_leaves_pkey PRIMARY KEY (id);
 CONSTRAINT trainer_leaves.trainer_leaves_reason_check CHECK (((btrim(reason) <> ''::text) AND (length(reason) <= 500)));
 CONSTRAINT trainer_leaves.trainer_leaves_status_check CHECK ((status = ANY (ARRAY['requested'::text, 'approved'::text, 'cancelled'::text])));
 CONSTRAINT trainer_leaves.trainer_leaves_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CONSTRAINT trainer_reschedules.trainer_reschedules_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT trainer_reschedules.trainer_reschedules_check CHECK (((status = 'pending'::text) = (reviewed_at IS NULL)));
+CONSTRAINT trainer_reschedules.trainer_reschedules_check1 CHECK (((status = 'pending'::text) = (reviewed_by IS NULL)));
+CONSTRAINT trainer_reschedules.trainer_reschedules_check2 CHECK (((status = 'rejected'::text) = (rejection_reason IS NOT NULL)));
+CONSTRAINT trainer_reschedules.trainer_reschedules_check3 CHECK (((status = 'approved'::text) OR (substitute_trainer_id IS NULL)));
+CONSTRAINT trainer_reschedules.trainer_reschedules_check4 CHECK ((substitute_trainer_id IS DISTINCT FROM trainer_id));
+CONSTRAINT trainer_reschedules.trainer_reschedules_check5 CHECK (((new_date <> original_date) OR (new_time <> original_time)));
+CONSTRAINT trainer_reschedules.trainer_reschedules_notes_check CHECK ((length(notes) <= 4000));
+CONSTRAINT trainer_reschedules.trainer_reschedules_pkey PRIMARY KEY (id);
+CONSTRAINT trainer_reschedules.trainer_reschedules_reason_check CHECK (((btrim(reason) <> ''::text) AND (length(reason) <= 1000)));
+CONSTRAINT trainer_reschedules.trainer_reschedules_request_type_check CHECK ((request_type = ANY (ARRAY['student'::text, 'trainer'::text, 'operator'::text])));
+CONSTRAINT trainer_reschedules.trainer_reschedules_session_id_fkey FOREIGN KEY (session_id) REFERENCES tutoring_sessions(id);
+CONSTRAINT trainer_reschedules.trainer_reschedules_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'rejected'::text, 'cancelled'::text])));
+CONSTRAINT trainer_reschedules.trainer_reschedules_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT trainer_reschedules.trainer_reschedules_substitute_trainer_id_fkey FOREIGN KEY (substitute_trainer_id) REFERENCES trainers(id);
+CONSTRAINT trainer_reschedules.trainer_reschedules_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
 CONSTRAINT trainers.trainers_base_lat_check CHECK (((base_lat >= ('-90'::integer)::double precision) AND (base_lat <= (90)::double precision)));
 CONSTRAINT trainers.trainers_base_lng_check CHECK (((base_lng >= ('-180'::integer)::double precision) AND (base_lng <= (180)::double precision)));
 CONSTRAINT trainers.trainers_full_name_check CHECK ((btrim(full_name) <> ''::text));
@@ -500,6 +542,10 @@ CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USI
 CREATE INDEX trainer_leaves_approved_idx ON public.trainer_leaves USING btree (trainer_id, first_day) WHERE (status = 'approved'::text);
 CREATE INDEX trainer_leaves_no_overlap ON public.trainer_leaves USING gist (trainer_id, daterange(first_day, last_day, '[]'::text)) WHERE (status <> 'cancelled'::text);
 CREATE UNIQUE INDEX trainer_leaves_pkey ON public.trainer_leaves USING btree (id);
+CREATE INDEX trainer_reschedules_allocation_idx ON public.trainer_reschedules USING btree (allocation_id);
+CREATE UNIQUE INDEX trainer_reschedules_one_pending_idx ON public.trainer_reschedules USING btree (session_id) WHERE (status = 'pending'::text);
+CREATE INDEX trainer_reschedules_pending_idx ON public.trainer_reschedules USING btree (created_at) WHERE (status = 'pending'::text);
+CREATE UNIQUE INDEX trainer_reschedules_pkey ON public.trainer_reschedules USING btree (id);
 CREATE INDEX trainers_active_base_idx ON public.trainers USING btree (base_lat, base_lng) WHERE (status = 'active'::text);
 CREATE INDEX trainers_active_radius_idx ON public.trainers USING btree ((
 CASE
@@ -946,6 +992,20 @@ BEGIN
     PERFORM kc_end_acting();
 END
 $function$
+CREATE OR REPLACE FUNCTION public.approve_session_move(p_request uuid, p_substitute boolean DEFAULT false, p_session text DEFAULT NULL::text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_actor   text := kc_begin_acting(kc_operator_actor(p_session));
+    v_outcome text := kc_approve_move(p_request, p_substitute, v_actor);
+BEGIN
+    PERFORM kc_end_acting();
+    RETURN v_outcome;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -977,6 +1037,33 @@ DECLARE
 BEGIN
     RETURN QUERY SELECT * FROM kc_cancel_leave(p_leave, v_actor);
     PERFORM kc_end_acting();
+END
+$function$
+CREATE OR REPLACE FUNCTION public.cancel_session_move(p_request uuid, p_session text DEFAULT NULL::text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_actor text := kc_begin_acting(kc_operator_actor(p_session));
+    r       trainer_reschedules%ROWTYPE;
+BEGIN
+    SELECT * INTO r FROM trainer_reschedules WHERE id = p_request FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no move request %', p_request USING ERRCODE = 'no_data_found';
+    ELSIF r.status <> 'pending' THEN
+        RAISE EXCEPTION 'move request % is % already (by % at %)', p_request, r.status,
+            r.reviewed_by, r.reviewed_at USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE trainer_reschedules
+    SET status = 'cancelled', reviewed_by = v_actor, reviewed_at = now(), updated_at = now()
+    WHERE id = p_request;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    SELECT 'allocation', ta.purchase_id, 'move_cancelled', format('request %s', p_request)
+    FROM trainer_allocations ta WHERE ta.id = r.allocation_id;
+    PERFORM kc_end_acting();
+    RETURN format('move request %s cancelled', p_request);
 END
 $function$
 CREATE OR REPLACE FUNCTION public.complete_finished(p_grace interval DEFAULT '01:00:00'::interval, p_limit integer DEFAULT 2000)
@@ -1851,6 +1938,103 @@ BEGIN
     WHERE id = p_leave;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_approve_move(p_request uuid, p_substitute boolean, p_reviewer text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    r          trainer_reschedules%ROWTYPE;
+    m          record;
+    v_why      text;
+    v_sub      uuid;
+    v_tried    uuid[] := '{}';
+    v_moved    text;
+    v_trainer  text;
+    v_outcome  text;
+BEGIN
+    SELECT * INTO r FROM trainer_reschedules WHERE id = p_request FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no move request %', p_request USING ERRCODE = 'no_data_found';
+    ELSIF r.status <> 'pending' THEN
+        RAISE EXCEPTION 'move request % is % already (by % at %)', p_request, r.status,
+            r.reviewed_by, r.reviewed_at USING ERRCODE = 'object_not_in_prerequisite_state';
+    ELSIF p_substitute IS NULL THEN
+        RAISE EXCEPTION 'substitute must be true or false' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM 1 FROM student_course_purchases pu
+    WHERE pu.id = (SELECT ta.purchase_id FROM trainer_allocations ta WHERE ta.id = r.allocation_id)
+    FOR UPDATE;
+    PERFORM 1 FROM trainer_allocations WHERE id = r.allocation_id FOR UPDATE;
+    PERFORM 1 FROM tutoring_sessions WHERE id = r.session_id FOR UPDATE;
+    -- What held at the request may not hold now (time passed, the session was cancelled).
+    m := kc_check_move(r.session_id, r.new_date, r.new_time);
+
+    BEGIN
+        PERFORM kc_lock_trainer(m.trainer_id);
+        v_moved := kc_place_session(r.session_id, r.new_date, r.new_time, NULL);
+        -- Judged where the session now is: its delivery follows its new number.
+        v_why := kc_session_fit(r.session_id, m.trainer_id, r.new_date, r.new_time, false);
+        IF v_why IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state', MESSAGE = v_why;
+        END IF;
+    EXCEPTION WHEN object_not_in_prerequisite_state OR exclusion_violation THEN
+        -- Undone, the trainer's lock given back; the rule's sentence, from where it stands.
+        v_why := coalesce(v_why, kc_session_fit(r.session_id, m.trainer_id, r.new_date,
+                                                r.new_time, false),
+                          'no_free_slot: ' || SQLERRM);
+    END;
+
+    IF v_why IS NOT NULL AND NOT p_substitute THEN
+        RAISE EXCEPTION 'move request % cannot be approved: %', p_request, v_why
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'approve it with a substitute (the best other trainer who fits takes '
+                         'the session then), or reject it with a reason';
+    END IF;
+    IF v_why IS NOT NULL THEN
+        -- The best other trainer, checked again under their lock (another transaction may
+        -- have booked them since the ranking); at most three tries.
+        FOR i IN 1..3 LOOP
+            v_sub := kc_best_substitute(r.session_id, r.new_date, r.new_time);
+            EXIT WHEN v_sub IS NULL OR v_sub = ANY (v_tried);
+            v_tried := v_tried || v_sub;
+            BEGIN
+                PERFORM kc_lock_trainer(v_sub);
+                v_moved := kc_place_session(r.session_id, r.new_date, r.new_time, v_sub);
+                IF kc_session_fit(r.session_id, v_sub, r.new_date, r.new_time, true)
+                   IS NOT NULL THEN
+                    RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state';
+                END IF;
+                EXIT;
+            EXCEPTION WHEN object_not_in_prerequisite_state OR exclusion_violation THEN
+                v_sub := NULL;
+            END;
+        END LOOP;
+        IF v_sub IS NULL THEN
+            RAISE EXCEPTION 'move request % cannot be approved: %; and no other trainer fits '
+                            'every rule for that session then', p_request, v_why
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'reject it with a reason, or ask for another time';
+        END IF;
+    END IF;
+
+    SELECT full_name INTO v_trainer FROM trainers WHERE id = coalesce(v_sub, m.trainer_id);
+    v_outcome := format('session %s moved from %s at %s to %s at %s with %s', m.session_number,
+                        kc_long_date(m.old_date), kc_clock(m.old_time),
+                        kc_long_date(r.new_date), kc_clock(r.new_time),
+                        CASE WHEN v_sub IS NULL THEN 'trainer ' || v_trainer
+                             ELSE 'substitute ' || v_trainer || ' (' || v_why || ')' END)
+                 || CASE WHEN v_moved <> '' THEN '; renumbered ' || v_moved ELSE '' END;
+    UPDATE trainer_reschedules
+    SET status = 'approved', reviewed_by = p_reviewer, reviewed_at = now(),
+        substitute_trainer_id = v_sub, outcome = v_outcome, updated_at = now()
+    WHERE id = p_request;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    VALUES ('allocation', m.purchase_id, 'move_approved',
+            format('request %s (%s): %s', p_request, r.request_type, v_outcome));
+    RETURN v_outcome;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -2024,6 +2208,83 @@ BEGIN
                         'letter or digit), not %', quote_nullable(left(p_consumer, 80))
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_check_move(p_session_id uuid, p_date date, p_time time without time zone, OUT session_id uuid, OUT allocation_id uuid, OUT purchase_id uuid, OUT student_id uuid, OUT trainer_id uuid, OUT session_number integer, OUT old_date date, OUT old_time time without time zone, OUT old_starts timestamp with time zone, OUT new_starts timestamp with time zone, OUT new_ends timestamp with time zone, OUT timezone text, OUT learning_mode text)
+ RETURNS record
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v        record;
+    v_cutoff interval;
+    v_why    text;
+BEGIN
+    IF p_session_id IS NULL OR p_date IS NULL OR p_time IS NULL THEN
+        RAISE EXCEPTION 'a move names the session, the new date and the new time'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT ts.id, ts.allocation_id, ta.purchase_id, ts.student_id, ts.trainer_id,
+           ts.session_number, ts.scheduled_date, ts.scheduled_time, ts.starts_at,
+           ts.duration_minutes, ts.status, ta.status AS allocation_status, pu.is_active,
+           pu.completed_at, pu.learning_mode, s.timezone
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+    JOIN students s ON s.id = ts.student_id
+    WHERE ts.id = p_session_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no session %', p_session_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT v.is_active OR v.allocation_status <> 'approved' THEN
+        RAISE EXCEPTION 'the purchase of session % is not live (%): nothing of it moves',
+            p_session_id, CASE WHEN v.completed_at IS NOT NULL THEN 'finished'
+                               WHEN NOT v.is_active THEN 'refunded'
+                               ELSE 'its allocation is ' || v.allocation_status END
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    ELSIF v.status <> 'scheduled' THEN
+        RAISE EXCEPTION 'session % (number %) is %: only a scheduled session moves',
+            p_session_id, v.session_number, v.status
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    ELSIF v.starts_at <= now() THEN
+        RAISE EXCEPTION 'session % (number %) started at % (%): a session that has started '
+                        'does not move', p_session_id, v.session_number,
+            to_char(v.starts_at AT TIME ZONE v.timezone, 'YYYY-MM-DD HH24:MI'), v.timezone
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF (p_date, p_time) = (v.scheduled_date, v.scheduled_time) THEN
+        RAISE EXCEPTION 'nothing changes: session % is already on % at %', p_session_id,
+            kc_long_date(p_date), kc_clock(p_time) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    new_starts := (p_date + p_time) AT TIME ZONE v.timezone;
+    new_ends := new_starts + make_interval(mins => v.duration_minutes);
+    SELECT s.move_cutoff INTO v_cutoff FROM kc_settings s;
+    IF new_starts <= now() THEN
+        RAISE EXCEPTION 'the new time, % at % (%), is in the past', kc_long_date(p_date),
+            kc_clock(p_time), v.timezone USING ERRCODE = 'invalid_parameter_value';
+    ELSIF new_starts < now() + v_cutoff THEN
+        RAISE EXCEPTION 'the new time, % at % (%), is less than % from now: a move needs that '
+                        'much notice', kc_long_date(p_date), kc_clock(p_time), v.timezone,
+            v_cutoff USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_why := kc_time_refusal(p_date, p_time, v.duration_minutes);
+    IF v_why IS NOT NULL THEN
+        RAISE EXCEPTION 'the new time does not work: %', v_why
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    session_id := v.id;
+    allocation_id := v.allocation_id;
+    purchase_id := v.purchase_id;
+    student_id := v.student_id;
+    trainer_id := v.trainer_id;
+    session_number := v.session_number;
+    old_date := v.scheduled_date;
+    old_time := v.scheduled_time;
+    old_starts := v.starts_at;
+    timezone := v.timezone;
+    learning_mode := v.learning_mode;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.kc_check_trainers(p_trainers uuid[])
@@ -2399,6 +2660,60 @@ BEGIN
     RETURN make_time(v_hour, v_minute, 0);
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_place_session(p_session_id uuid, p_date date, p_time time without time zone, p_trainer uuid)
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v         record;
+    v_ids     uuid[];
+    v_numbers integer[];
+    v_changed text;
+BEGIN
+    SELECT ts.allocation_id, ts.starts_at AS old_starts, ts.duration_minutes,
+           (p_date + p_time) AT TIME ZONE s.timezone AS new_starts, pu.learning_mode
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN students s ON s.id = ts.student_id
+    JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+    WHERE ts.id = p_session_id;
+    UPDATE tutoring_sessions
+    SET scheduled_date = p_date, scheduled_time = p_time, starts_at = v.new_starts,
+        ends_at = v.new_starts + make_interval(mins => v.duration_minutes),
+        trainer_id = coalesce(p_trainer, trainer_id)
+    WHERE id = p_session_id;
+    SELECT array_agg(ids.id ORDER BY ids.session_number),
+           array_agg(nums.session_number ORDER BY ids.session_number),
+           string_agg(ids.session_number || '->' || nums.session_number, ', '
+                      ORDER BY ids.session_number)
+    INTO v_ids, v_numbers, v_changed
+    FROM (SELECT w.id, w.session_number, row_number() OVER (ORDER BY w.starts_at, w.id) AS k
+          FROM tutoring_sessions w
+          WHERE w.allocation_id = v.allocation_id AND w.status <> 'cancelled'
+            AND (w.id = p_session_id
+                 OR w.starts_at BETWEEN least(v.old_starts, v.new_starts)
+                                    AND greatest(v.old_starts, v.new_starts))) ids
+    JOIN (SELECT w.session_number, row_number() OVER (ORDER BY w.session_number) AS k
+          FROM tutoring_sessions w
+          WHERE w.allocation_id = v.allocation_id AND w.status <> 'cancelled'
+            AND (w.id = p_session_id
+                 OR w.starts_at BETWEEN least(v.old_starts, v.new_starts)
+                                    AND greatest(v.old_starts, v.new_starts))) nums
+      USING (k)
+    WHERE ids.session_number <> nums.session_number;
+    -- Two steps: UNIQUE (allocation_id, session_number) is checked row by row.
+    UPDATE tutoring_sessions ts
+    SET session_number = r.number + 10000,
+        delivery = kc_session_delivery(v.learning_mode, r.number + 10000)
+    FROM unnest(v_ids, v_numbers) AS r(id, number) WHERE ts.id = r.id;
+    UPDATE tutoring_sessions ts
+    SET session_number = r.number, delivery = kc_session_delivery(v.learning_mode, r.number)
+    FROM unnest(v_ids, v_numbers) AS r(id, number) WHERE ts.id = r.id;
+    RETURN coalesce(v_changed, '');
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_purchase_events(p_ids uuid[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -2721,6 +3036,7 @@ DECLARE
     v_max_km  double precision;
     v_n       integer;
     v_first   record;
+    v_why     text;
 BEGIN
     IF p_session_id IS NULL OR p_trainer_id IS NULL OR p_date IS NULL OR p_start IS NULL
        OR p_full IS NULL THEN
@@ -2748,13 +3064,9 @@ BEGIN
     END IF;
 
     -- The time itself, whoever teaches.
-    IF extract(epoch FROM p_start) + 60 * v.duration_minutes > 86400 THEN
-        RETURN format('ends_after_midnight: a %s-minute session at %s would end after midnight',
-                      v.duration_minutes, kc_clock(p_start));
-    END IF;
-    IF EXISTS (SELECT 1 FROM holidays h WHERE h.day = p_date) THEN
-        RETURN format('holiday: %s is a holiday (%s)', kc_long_date(p_date),
-                      (SELECT h.reason FROM holidays h WHERE h.day = p_date));
+    v_why := kc_time_refusal(p_date, p_start, v.duration_minutes);
+    IF v_why IS NOT NULL THEN
+        RETURN v_why;
     END IF;
     v_starts := (p_date + p_start) AT TIME ZONE v.timezone;
     v_ends := v_starts + make_interval(mins => v.duration_minutes);
@@ -2809,6 +3121,26 @@ BEGIN
         RETURN format('no_free_slot: trainer %s already has a session on %s at %s',
                       t.full_name, kc_long_date(v_first.scheduled_date),
                       kc_clock(v_first.scheduled_time));
+    END IF;
+
+    -- Time promised to an approved allocation whose sessions are not written yet (the
+    -- sessions stage writes them moments later; the allocation stage counts them too:
+    -- trainer_unscheduled_allocations): its slot, on its mode's weekdays, from its first day.
+    IF EXISTS (
+        SELECT 1
+        FROM trainer_allocations ta
+        JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+        JOIN students os ON os.id = ta.student_id
+        CROSS JOIN LATERAL (VALUES (p_date - 1), (p_date), (p_date + 1)) d(day)
+        WHERE ta.trainer_id = p_trainer_id AND ta.status = 'approved'
+          AND NOT EXISTS (SELECT 1 FROM tutoring_sessions x WHERE x.allocation_id = ta.id)
+          AND d.day >= ta.first_session_date
+          AND extract(isodow FROM d.day)::smallint = ANY (kc_mode_weekdays(pu.schedule_mode))
+          AND (d.day + pu.preferred_time_slot) AT TIME ZONE os.timezone < v_ends
+          AND (d.day + pu.preferred_time_slot) AT TIME ZONE os.timezone
+              + make_interval(mins => pu.session_duration_minutes) > v_starts) THEN
+        RETURN format('no_free_slot: trainer %s was just given another student at that time '
+                      '(their sessions are being written)', t.full_name);
     END IF;
 
     -- Sequential distance (matching rule 7): the trainer's home sessions ending in the hour
@@ -3060,6 +3392,22 @@ BEGIN
     RETURN v_sub.substitute;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_time_refusal(p_date date, p_start time without time zone, p_minutes integer)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+    SELECT CASE
+        WHEN extract(epoch FROM p_start) + 60 * p_minutes > 86400 THEN
+            format('ends_after_midnight: a %s-minute session at %s would end after midnight',
+                   p_minutes, kc_clock(p_start))
+        WHEN h.day IS NOT NULL THEN
+            format('holiday: %s is a holiday (%s)', kc_long_date(p_date), h.reason)
+    END
+    FROM (SELECT 1) one
+    LEFT JOIN holidays h ON h.day = p_date
+$function$
 CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
  RETURNS integer
  LANGUAGE sql
@@ -3164,6 +3512,39 @@ BEGIN
     RETURN (SELECT c.position FROM business_event_consumers c WHERE c.consumer = p_consumer);
 END
 $function$
+CREATE OR REPLACE FUNCTION public.reject_session_move(p_request uuid, p_reason text, p_session text DEFAULT NULL::text)
+ RETURNS text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_actor text := kc_begin_acting(kc_operator_actor(p_session));
+    r       trainer_reschedules%ROWTYPE;
+BEGIN
+    IF nullif(btrim(p_reason), '') IS NULL OR length(p_reason) > 1000 THEN
+        RAISE EXCEPTION 'a rejection needs a reason (at most 1000 characters)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO r FROM trainer_reschedules WHERE id = p_request FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no move request %', p_request USING ERRCODE = 'no_data_found';
+    ELSIF r.status <> 'pending' THEN
+        RAISE EXCEPTION 'move request % is % already (by % at %)', p_request, r.status,
+            r.reviewed_by, r.reviewed_at USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    UPDATE trainer_reschedules
+    SET status = 'rejected', reviewed_by = v_actor, reviewed_at = now(),
+        rejection_reason = btrim(p_reason), updated_at = now()
+    WHERE id = p_request;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    SELECT 'allocation', ta.purchase_id, 'move_rejected',
+           format('request %s: %s', p_request, btrim(p_reason))
+    FROM trainer_allocations ta WHERE ta.id = r.allocation_id;
+    PERFORM kc_end_acting();
+    RETURN format('move request %s rejected: %s', p_request, btrim(p_reason));
+END
+$function$
 CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text, p_session text DEFAULT NULL::text)
  RETURNS integer
  LANGUAGE plpgsql
@@ -3206,6 +3587,72 @@ DECLARE
 BEGIN
     PERFORM kc_end_acting();
     RETURN v_leave;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.request_session_move(p_session_id uuid, p_new_date date, p_new_time text, p_request_type text, p_reason text, p_notes text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
+ RETURNS uuid
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_actor   text := kc_begin_acting(kc_operator_actor(p_session));
+    v_time    time;
+    m         record;
+    v_pending uuid;
+    v_request uuid;
+    v_auto    boolean;
+BEGIN
+    IF p_request_type IS NULL OR p_request_type NOT IN ('student', 'trainer', 'operator') THEN
+        RAISE EXCEPTION 'request_type is student, trainer or operator, not %',
+            quote_nullable(left(p_request_type, 40)) USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_request_type = 'operator' AND p_session IS NULL
+       AND NOT pg_has_role(session_user, 'kc_operator', 'MEMBER') THEN
+        RAISE EXCEPTION 'only an operator asks as an operator: the app asks for a student or '
+                        'a trainer' USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF nullif(btrim(p_reason), '') IS NULL THEN
+        RAISE EXCEPTION 'a move needs a reason' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_time := kc_parse_clock(p_new_time);
+    m := kc_check_move(p_session_id, p_new_date, v_time);
+    SELECT id INTO v_pending FROM trainer_reschedules
+    WHERE session_id = p_session_id AND status = 'pending';
+    IF FOUND THEN
+        RAISE EXCEPTION 'move request % for session % is pending: it is approved, rejected or '
+                        'cancelled first', v_pending, p_session_id
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    BEGIN
+        INSERT INTO trainer_reschedules (
+            session_id, allocation_id, student_id, trainer_id, requested_by, request_type,
+            original_date, original_time, new_date, new_time, reason, notes)
+        VALUES (p_session_id, m.allocation_id, m.student_id, m.trainer_id, v_actor,
+                p_request_type, m.old_date, m.old_time, p_new_date, v_time, btrim(p_reason),
+                p_notes)
+        RETURNING id INTO v_request;
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'another move request for session % is pending: it is approved, '
+                        'rejected or cancelled first', p_session_id
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END;
+    INSERT INTO stage_history (stage, ref_id, event, detail)
+    VALUES ('allocation', m.purchase_id, 'move_requested',
+            format('request %s (%s): session %s from %s at %s to %s at %s: %s', v_request,
+                   p_request_type, m.session_number, kc_long_date(m.old_date),
+                   kc_clock(m.old_time), kc_long_date(p_new_date), kc_clock(v_time),
+                   btrim(p_reason)));
+    SELECT moves_auto_approve INTO v_auto FROM kc_settings;
+    IF v_auto THEN
+        BEGIN
+            PERFORM kc_approve_move(v_request, false, 'policy:moves_auto_approve');
+        EXCEPTION WHEN object_not_in_prerequisite_state THEN
+            NULL;  -- the trainer does not fit then: an operator decides (or a substitute)
+        END;
+    END IF;
+    PERFORM kc_end_acting();
+    RETURN v_request;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
@@ -3840,6 +4287,22 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_sessions_substitute_columns()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF NEW.trainer_id = NEW.original_trainer_id THEN
+        NEW.original_trainer_id := NULL;
+        NEW.substitution_leave_id := NULL;
+        NEW.substituted_at := NULL;
+    ELSIF OLD.original_trainer_id IS NULL AND NEW.original_trainer_id IS NULL THEN
+        NEW.original_trainer_id := OLD.trainer_id;
+        NEW.substituted_at := now();
+    END IF;
+    RETURN NEW;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_stage_history_actor()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -3922,3 +4385,4 @@ CREATE TRIGGER tutoring_sessions_events_updated AFTER UPDATE ON public.tutoring_
 CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();
 CREATE TRIGGER tutoring_sessions_makeup AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_makeup();
 CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();
+CREATE TRIGGER tutoring_sessions_substitute_columns BEFORE UPDATE OF trainer_id ON public.tutoring_sessions FOR EACH ROW WHEN ((new.trainer_id IS DISTINCT FROM old.trainer_id)) EXECUTE FUNCTION trg_sessions_substitute_columns();

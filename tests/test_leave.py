@@ -4,6 +4,7 @@ through the real functions, triggers and workers."""
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import date, time, timedelta
 from typing import Any
 from uuid import UUID
@@ -521,3 +522,61 @@ def test_concurrent_substitutions_never_double_book(conn: Conn, db_url: str) -> 
         == 1
     )
     assert violations(conn) == {}
+
+
+def test_the_app_may_ask_for_leave_but_only_an_operator_approves(
+    conn: Conn, db_url: str, admin_url: str, week: dict[str, Any]
+) -> None:
+    from tests.test_roles import as_user, refused
+
+    name = f"kc_test_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN IN ROLE kc_app")
+    try:
+        app = as_user(db_url, name)
+        with psycopg.connect(app, autocommit=True, row_factory=dict_row) as a:
+            leave = one(
+                a,
+                "SELECT request_leave(%s, %s, %s, 'exam duty') AS id",
+                week["ravi"],
+                week["first"],
+                week["first"],
+            )["id"]
+            assert (
+                one(a, "SELECT requested_by FROM trainer_leaves WHERE id = %s", leave)[
+                    "requested_by"
+                ]
+                == name
+            )
+        before = snapshot(conn)
+        assert refused(app, "SELECT * FROM approve_leave(%s)", leave)
+        assert refused(app, "SELECT * FROM cancel_leave(%s)", leave)
+        session = one(conn, "SELECT id FROM tutoring_sessions LIMIT 1")["id"]
+        assert refused(app, "SELECT substitute_session(%s)", session)
+        assert refused(app, "UPDATE trainer_leaves SET status = 'approved' WHERE id = %s", leave)
+        assert refused(app, "SELECT * FROM kc_approve_leave(%s, 14, 'me')", leave)
+        assert snapshot(conn) == before
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {name}")
+            admin.execute(f"DROP ROLE {name}")
+
+
+def test_any_change_of_trainer_is_recorded_beside_the_session(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    """A move's substitute (migration 0018) writes trainer_id alone: the original trainer is
+    recorded all the same, and a session back with its trainer has nothing beside it."""
+    ravi, sita = week["ravi"], week["sita"]
+    session = one(
+        conn,
+        "SELECT id FROM tutoring_sessions WHERE trainer_id = %s AND "
+        "scheduled_time = '10:00' ORDER BY starts_at LIMIT 1",
+        ravi,
+    )["id"]
+    conn.execute("UPDATE tutoring_sessions SET trainer_id = %s WHERE id = %s", (sita, session))
+    row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", session)
+    assert (row["original_trainer_id"], row["substituted_at"] is not None) == (ravi, True)
+    conn.execute("UPDATE tutoring_sessions SET trainer_id = %s WHERE id = %s", (ravi, session))
+    row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", session)
+    assert (row["original_trainer_id"], row["substituted_at"]) == (None, None)

@@ -320,6 +320,8 @@ HOSTILE = [
     ("test", "PYTEST_ARGS", "$(shell touch {marker})"),
     ("-n bench", "QUICK", "$(shell touch {marker})"),
     ("-n run-workers", "WORKERS", "$(shell touch {marker})"),
+    ("move-reject", "REASON", "$(touch {marker})"),
+    ("move-request", "TIME", "`touch {marker}`"),
 ]
 
 

@@ -4,6 +4,9 @@ and moving one session (requests, approval, refusals that change nothing)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import date
 from uuid import UUID
@@ -213,3 +216,363 @@ def test_the_best_substitute_is_ranked_as_the_matching_ranks(conn: Conn, world: 
     assert best(conn, world.session, SAT, "12:00") is None  # nobody works Saturdays now
     weekend = f.trainer(conn, name="Weekend", weekdays=(6,), rating=1.0)
     assert best(conn, world.session, SAT, "12:00") == weekend
+
+
+# -- moving one session -----------------------------------------------------------------------
+
+
+def request(
+    conn: Conn, session: UUID, day: date, at: str, kind: str = "student", reason: str = "exam"
+) -> UUID:
+    row = one(
+        conn,
+        "SELECT request_session_move(%s, %s, %s, %s, %s) AS id",
+        session,
+        day,
+        at,
+        kind,
+        reason,
+    )
+    return UUID(str(row["id"]))
+
+
+def approve(conn: Conn, request_id: UUID, substitute: bool = False) -> str:
+    return str(one(conn, "SELECT approve_session_move(%s, %s) AS o", request_id, substitute)["o"])
+
+
+def sessions(conn: Conn) -> list[DictRow]:
+    """Every session, as a snapshot to compare."""
+    return conn.execute(
+        "SELECT id, allocation_id, session_number, trainer_id, scheduled_date, scheduled_time, "
+        "starts_at, ends_at, status, delivery FROM tutoring_sessions ORDER BY id"
+    ).fetchall()
+
+
+def everything(conn: Conn) -> dict[str, object]:
+    """What a refusal must leave as it was."""
+    return {
+        "sessions": sessions(conn),
+        "requests": conn.execute(
+            "SELECT * FROM trainer_reschedules ORDER BY created_at, id"
+        ).fetchall(),
+        "history": one(conn, "SELECT count(*) AS n FROM stage_history")["n"],
+        "events": one(conn, "SELECT count(*) AS n FROM business_events")["n"],
+        "jobs": one(conn, "SELECT count(*) AS n FROM pgqueuer")["n"],
+    }
+
+
+def test_saturday_refused_when_unavailable_then_moved_when_available(
+    conn: Conn, world: World
+) -> None:
+    """The issue's 'done when': a student's request to move a session to Saturday 10:00 is
+    refused with the rule's sentence when the trainer is not available then, and carried out
+    (one session moved, nothing else) when they are."""
+    asked = request(conn, world.session, SAT, "10:00 AM")
+    row = one(conn, "SELECT * FROM trainer_reschedules WHERE id = %s", asked)
+    assert row["status"] == "pending" and row["request_type"] == "student"
+    assert (row["original_date"], str(row["original_time"])) == (MON, "17:00:00")
+    assert (row["new_date"], str(row["new_time"])) == (SAT, "10:00:00")
+    before = everything(conn)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as refusal:
+        approve(conn, asked)
+    assert refusal.value.diag.message_primary == (
+        f"move request {asked} cannot be approved: no_free_slot: trainer Ravi is not "
+        "available on Saturdays from 10:00 AM to 11:00 AM"
+    )
+    assert everything(conn) == before
+
+    conn.execute(
+        "INSERT INTO trainer_availability VALUES (%s, 6, '09:00', '13:00')", (world.trainer,)
+    )
+    outcome = approve(conn, asked)
+    assert outcome.startswith(
+        "session 1 moved from Monday, March 1, 2027 at 5:00 PM to Saturday, March 6, 2027 at "
+        "10:00 AM with trainer Ravi"
+    )
+    after = {r["id"]: r for r in sessions(conn)}
+    old = {r["id"]: r for r in before["sessions"]}  # type: ignore[attr-defined]
+    moved = after[world.session]
+    assert (moved["scheduled_date"], str(moved["scheduled_time"])) == (SAT, "10:00:00")
+    assert moved["trainer_id"] == world.trainer and moved["status"] == "scheduled"
+    # Nothing else moved: every other session has its day and time; Asha's numbers follow
+    # time order again (the move passed sessions 2..5).
+    for sid, row in after.items():
+        if sid != world.session:
+            assert (row["starts_at"], row["trainer_id"], row["status"]) == (
+                old[sid]["starts_at"],
+                old[sid]["trainer_id"],
+                old[sid]["status"],
+            )
+    asha = conn.execute(
+        "SELECT session_number, starts_at FROM tutoring_sessions WHERE student_id = %s "
+        "ORDER BY starts_at",
+        (world.student,),
+    ).fetchall()
+    assert [r["session_number"] for r in asha] == list(range(1, 11))
+    assert moved["session_number"] == 5
+    assert "renumbered 1->5, 2->1, 3->2, 4->3, 5->4" in outcome
+    done = one(conn, "SELECT * FROM trainer_reschedules WHERE id = %s", asked)
+    assert done["status"] == "approved" and done["reviewed_at"] is not None
+    assert done["reviewed_by"] == one(conn, "SELECT session_user AS u")["u"]
+    assert done["substitute_trainer_id"] is None and done["outcome"] == outcome
+
+
+def _cancel_asha_session(conn: Conn, world: World) -> None:
+    conn.execute(
+        "UPDATE tutoring_sessions SET status = 'cancelled' WHERE id = %s", (world.session,)
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("cancelled", "is cancelled: only a scheduled session moves"),
+        ("started", "a session that has started does not move"),
+        ("past", "is in the past"),
+        ("cutoff", "less than 12:00:00 from now: a move needs that much notice"),
+        ("holiday", "holiday: Wednesday, March 3, 2027 is a holiday"),
+        ("midnight", "would end after midnight"),
+        ("pending", "is pending: it is approved, rejected or cancelled first"),
+        ("refunded", r"is not live \(refunded\): nothing of it moves"),
+        ("same", "nothing changes"),
+        ("type", "request_type is student, trainer or operator"),
+        ("reason", "a move needs a reason"),
+        ("clock", "is not a time like"),
+    ],
+)
+def test_every_refused_request_changes_nothing(
+    conn: Conn, world: World, case: str, match: str
+) -> None:
+    day, at, kind, reason = TUE, "12:00", "student", "exam"
+    if case == "cancelled":
+        _cancel_asha_session(conn, world)
+    elif case == "started":
+        conn.execute(
+            "UPDATE tutoring_sessions SET starts_at = now() - interval '10 minutes', "
+            "ends_at = now() + interval '50 minutes' WHERE id = %s",
+            (world.session,),
+        )
+    elif case == "past":
+        day = date(2026, 1, 5)
+    elif case == "cutoff":
+        soon = one(
+            conn,
+            "SELECT (now() AT TIME ZONE 'Asia/Kolkata' + interval '2 hours') AS t",
+        )["t"]
+        day, at = soon.date(), soon.strftime("%H:%M")
+    elif case == "holiday":
+        conn.execute("INSERT INTO holidays VALUES (%s, 'Holi')", (WED,))
+        day = WED
+    elif case == "midnight":
+        at = "11:30 PM"
+    elif case == "pending":
+        request(conn, world.session, SUN, "10:00")
+    elif case == "refunded":
+        conn.execute(
+            "UPDATE payments SET status = 'refunded' WHERE student_id = %s", (world.student,)
+        )
+    elif case == "same":
+        day, at = MON, "5:00 PM"
+    elif case == "type":
+        kind = "parent"
+    elif case == "reason":
+        reason = "  "
+    elif case == "clock":
+        at = "noonish"
+    before = everything(conn)
+    with pytest.raises(psycopg.Error, match=match):
+        request(conn, world.session, day, at, kind, reason)
+    assert everything(conn) == before
+
+
+def test_a_substitute_takes_the_session_when_asked(conn: Conn, world: World) -> None:
+    sub = f.trainer(conn, name="Sub", rating=4.0)
+    asked = request(conn, world.session, SAT, "10:00", kind="trainer", reason="wedding")
+    outcome = approve(conn, asked, substitute=True)
+    assert "with substitute Sub (no_free_slot: trainer Ravi is not available" in outcome
+    moved = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", world.session)
+    assert moved["trainer_id"] == sub and moved["scheduled_date"] == SAT
+    done = one(conn, "SELECT * FROM trainer_reschedules WHERE id = %s", asked)
+    assert (done["trainer_id"], done["substitute_trainer_id"]) == (world.trainer, sub)
+    # Nobody fits: refused, changing nothing.
+    other = request(conn, _session(conn, world.student, 2), SAT, "10:00")
+    conn.execute("UPDATE trainers SET status = 'inactive' WHERE id = %s", (sub,))
+    before = everything(conn)
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="no other trainer"):
+        approve(conn, other, substitute=True)
+    assert everything(conn) == before
+
+
+def test_reject_and_cancel(conn: Conn, world: World) -> None:
+    first = request(conn, world.session, SUN, "10:00")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="needs a reason"):
+        conn.execute("SELECT reject_session_move(%s, '')", (first,))
+    conn.execute("SELECT reject_session_move(%s, 'the trainer is away')", (first,))
+    second = request(conn, world.session, SUN, "11:00")  # one pending at a time: a new one
+    conn.execute("SELECT cancel_session_move(%s)", (second,))
+    rows = {
+        r["id"]: r
+        for r in conn.execute("SELECT id, status, rejection_reason FROM trainer_reschedules")
+    }
+    assert rows[first]["status"] == "rejected"
+    assert rows[first]["rejection_reason"] == "the trainer is away"
+    assert rows[second]["status"] == "cancelled"
+    for done in (first, second):
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="already"):
+            approve(conn, done)
+    history = [
+        r["event"]
+        for r in conn.execute(
+            "SELECT event FROM stage_history WHERE event LIKE 'move%%' ORDER BY id"
+        )
+    ]
+    assert history == ["move_requested", "move_rejected", "move_requested", "move_cancelled"]
+    assert (
+        one(conn, "SELECT scheduled_date FROM tutoring_sessions WHERE id = %s", world.session)[
+            "scheduled_date"
+        ]
+        == MON
+    )
+
+
+def test_auto_approval_carries_out_what_fits(conn: Conn, world: World) -> None:
+    conn.execute("UPDATE kc_settings SET moves_auto_approve = true")
+    fits = request(conn, world.session, SUN, "10:00")
+    unfit = request(conn, _session(conn, world.student, 2), SAT, "10:00")
+    statuses = {
+        r["id"]: (r["status"], r["reviewed_by"])
+        for r in conn.execute("SELECT id, status, reviewed_by FROM trainer_reschedules")
+    }
+    assert statuses == {
+        fits: ("approved", "policy:moves_auto_approve"),
+        unfit: ("pending", None),
+    }
+    assert (
+        one(conn, "SELECT scheduled_date FROM tutoring_sessions WHERE id = %s", world.session)[
+            "scheduled_date"
+        ]
+        == SUN
+    )
+
+
+def test_two_operators_approving_at_once_one_wins(conn: Conn, db_url: str, world: World) -> None:
+    import threading
+
+    asked = request(conn, world.session, SUN, "10:00")
+    results: list[str] = []
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url, autocommit=True) as second:
+        first.execute("SELECT approve_session_move(%s)", (asked,))  # holds the request's lock
+
+        def other() -> None:
+            try:
+                second.execute("SELECT approve_session_move(%s)", (asked,))
+                results.append("approved")
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                results.append(str(exc.diag.message_primary))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        # The second waits for the first's row lock (seen in pg_stat_activity), then loses.
+        from tests.helpers import wait_for
+
+        wait_for(
+            lambda: (
+                one(
+                    conn,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'SELECT approve_session_move%%'",
+                )["n"]
+                == 1
+            ),
+            30,
+            "the second approval to wait",
+        )
+        first.commit()
+        thread.join(30)
+    assert len(results) == 1 and results[0].startswith(f"move request {asked} is approved already")
+    assert (
+        one(conn, "SELECT scheduled_date FROM tutoring_sessions WHERE id = %s", world.session)[
+            "scheduled_date"
+        ]
+        == SUN
+    )
+    assert (
+        one(conn, "SELECT count(*) AS n FROM stage_history WHERE event = 'move_approved'")["n"] == 1
+    )
+
+
+def test_a_hybrid_course_keeps_its_pattern(conn: Conn, db_url: str) -> None:
+    course = f.course(conn)
+    f.trainer(conn)
+    student = f.student(conn)
+    f.payment(
+        conn,
+        student,
+        course,
+        {
+            "sessionCount": 30,
+            "timeSlot": "5:00 PM",
+            "scheduleMode": "daily",
+            "startDate": START,
+            "learningMode": "hybrid",
+        },
+    )
+    drain(db_url)
+    eighth = _session(conn, student, 8)  # at home; 9 is online, 10 at home
+    before = {r["session_number"]: r["delivery"] for r in sessions(conn)}
+    assert (before[8], before[9], before[10]) == ("home", "online", "home")
+    asked = request(conn, eighth, date(2027, 3, 9), "7:00 PM")  # after session 9 (9 March)
+    assert "renumbered 8->9, 9->8" in approve(conn, asked)
+    after = conn.execute(
+        "SELECT id, session_number, delivery FROM tutoring_sessions ORDER BY starts_at"
+    ).fetchall()
+    assert [r["session_number"] for r in after] == list(range(1, 31))
+    assert {r["session_number"]: r["delivery"] for r in after} == before
+    assert next(r for r in after if r["id"] == eighth)["session_number"] == 9
+
+
+def _cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers", "move", *args],
+        env={**os.environ, "DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_the_commands(conn: Conn, db_url: str, world: World) -> None:
+    asked = _cli(
+        db_url,
+        "request",
+        str(world.session),
+        str(SAT),
+        "10 AM",
+        "--as",
+        "student",
+        "--reason",
+        "exam",
+    )
+    assert asked.returncode == 0, asked.stderr
+    request_id = one(conn, "SELECT id FROM trainer_reschedules")["id"]
+    assert asked.stdout.strip() == (
+        f"move request {request_id} pending: an operator approves it "
+        f"(make move-approve ID={request_id}) or rejects it"
+    )
+    listed = _cli(db_url, "list", "--status", "pending")
+    assert listed.returncode == 0 and str(request_id) in listed.stdout, listed.stderr
+    assert "Sat 06 Mar 10:00" in listed.stdout
+    refused = _cli(db_url, "approve", str(request_id))
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(
+        f"refused: move request {request_id} cannot be approved: no_free_slot: trainer Ravi is "
+        "not available on Saturdays from 10:00 AM to 11:00 AM (approve it with a substitute"
+    ), refused.stderr
+    again = _cli(db_url, "request", str(world.session), str(SUN), "10:00", "--reason", "x")
+    assert again.returncode == 1 and "is pending" in again.stderr
+    rejected = _cli(db_url, "reject", str(request_id), "--reason", "Ravi is away")
+    assert rejected.returncode == 0, rejected.stderr
+    assert rejected.stdout.strip() == f"move request {request_id} rejected: Ravi is away"
+    row = one(conn, "SELECT status, reviewed_by FROM trainer_reschedules")
+    assert row["status"] == "rejected"

@@ -81,6 +81,29 @@ ALTER TABLE tutoring_sessions
                AND (original_trainer_id IS NULL) = (substituted_at IS NULL)
                AND (substitution_leave_id IS NULL OR original_trainer_id IS NOT NULL
                     OR status = 'cancelled'));
+-- Whoever changes a session's trainer (a leave, substitute_session, a move's substitute of
+-- migration 0018), the columns beside it follow: the first change records whose it was; back
+-- to that trainer clears them. An update that sets them itself is left as it says.
+CREATE FUNCTION trg_sessions_substitute_columns() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NEW.trainer_id = NEW.original_trainer_id THEN
+        NEW.original_trainer_id := NULL;
+        NEW.substitution_leave_id := NULL;
+        NEW.substituted_at := NULL;
+    ELSIF OLD.original_trainer_id IS NULL AND NEW.original_trainer_id IS NULL THEN
+        NEW.original_trainer_id := OLD.trainer_id;
+        NEW.substituted_at := now();
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER tutoring_sessions_substitute_columns
+    BEFORE UPDATE OF trainer_id ON tutoring_sessions
+    FOR EACH ROW WHEN (NEW.trainer_id IS DISTINCT FROM OLD.trainer_id)
+    EXECUTE FUNCTION trg_sessions_substitute_columns();
+
 CREATE INDEX tutoring_sessions_leave_idx ON tutoring_sessions (substitution_leave_id)
     WHERE substitution_leave_id IS NOT NULL;
 
@@ -100,7 +123,8 @@ ALTER TABLE stage_history
     ADD CONSTRAINT stage_history_event_check CHECK (event IN (
         'enqueued', 'succeeded', 'skipped', 'rejected', 'failed', 'replayed', 'healed',
         'refunded', 'completed', 'trainer_changed', 'rescheduled', 'makeup',
-        'assign_requested', 'substituted', 'substitute_ended', 'leave'));
+        'assign_requested', 'move_requested', 'move_approved', 'move_rejected',
+        'move_cancelled', 'substituted', 'substitute_ended', 'leave'));
 
 -------------------------------------------------------------------------------------------------
 -- Rules
@@ -642,6 +666,10 @@ REVOKE EXECUTE ON FUNCTION request_leave(uuid, date, date, text, text),
 GRANT EXECUTE ON FUNCTION request_leave(uuid, date, date, text, text),
     approve_leave(bigint, integer, text), cancel_leave(bigint, text),
     substitute_session(uuid, uuid, text) TO kc_operator;
+-- The app's services (kc_app, migration 0018) may ask for leave and read the leaves; an
+-- operator approves.
+GRANT EXECUTE ON FUNCTION request_leave(uuid, date, date, text, text) TO kc_app;
+GRANT SELECT ON trainer_leaves, trainer_session_substitutions TO kc_app;
 
 -------------------------------------------------------------------------------------------------
 -- A long leave hands the course over, as when a trainer leaves (migration 0009)

@@ -335,6 +335,40 @@ def cmd_substitute(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
+    import psycopg
+
+    from workers.ops import commands as ops
+
+    with _ops_connection(settings) as conn:
+        try:
+            if args.action == "request":
+                print(
+                    ops.request_move(
+                        conn, args.session, args.date, args.time, args.kind, args.reason, args.notes
+                    )
+                )
+            elif args.action == "list":
+                status = None if args.status == "all" else args.status
+                print(ops.list_moves(conn, status, args.limit))
+            else:
+                print(
+                    ops.decide_move(
+                        conn,
+                        args.action,
+                        args.request,
+                        substitute=getattr(args, "substitute", False),
+                        reason=getattr(args, "reason", None),
+                    )
+                )
+        except psycopg.Error as exc:
+            hint = exc.diag.message_hint
+            message = exc.diag.message_primary or str(exc)
+            print(f"refused: {message}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+            return 1
+    return 0
+
+
 def _ops_connection(settings: Settings, role: str = OPERATOR_ROLE) -> SyncConn:
     """The pipeline's database as `role` (kc_operator unless the command manages what only
     the owner may), running and migrated to this code's revision (otherwise an error that
@@ -471,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_assign(sub)
     _add_reschedule(sub)
     _add_leave(sub)
+    _add_move(sub)
     _add_operator_commands(sub)
     _add_operators(sub)
     _add_console(sub)
@@ -679,6 +714,60 @@ def _add_leave(sub: Subcommands[argparse.ArgumentParser]) -> None:
     substitute.add_argument("session", type=UUID, help="tutoring_sessions.id")
     substitute.add_argument("trainer", type=UUID, nargs="?", help="trainers.id (default: the best)")
     substitute.set_defaults(func=cmd_substitute)
+
+
+def _add_move(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    move = sub.add_parser(
+        "move",
+        help="move one session: request, approve (or with a substitute), reject, cancel, list",
+        description="One session to another local date and time (docs/lifecycle.md, 'Moving "
+        "one session'). A request is checked at once and refused, changing nothing, when the "
+        "session is not scheduled or has started, the purchase is not live, the new time is "
+        "past, under the cut-off (kc_settings.move_cutoff, 12 hours), on a holiday or ends "
+        "after midnight, or another request for the session is pending. Approval moves it "
+        "under the matching rules for that one session, or is refused with the rule's "
+        "sentence. Exit 0: done; 1: refused (the message says why).",
+    )
+    actions = move.add_subparsers(dest="action", required=True, metavar="ACTION")
+    req = actions.add_parser(
+        "request", help="ask to move one session (an operator asking: --as operator)"
+    )
+    req.add_argument("session", type=UUID, help="tutoring_sessions.id")
+    req.add_argument("date", type=date.fromisoformat, help="new day, YYYY-MM-DD (student's zone)")
+    req.add_argument("time", help="new start, local to the student: '10:00', '10 AM', '4:00 PM'")
+    req.add_argument(
+        "--as",
+        dest="kind",
+        choices=["student", "trainer", "operator"],
+        default="operator",
+        help="for whom the request is made (default operator)",
+    )
+    req.add_argument("--reason", required=True, help="why (the reviewer reads it)")
+    req.add_argument("--notes", help="anything else to keep with the request")
+    approve = actions.add_parser(
+        "approve", help="carry out a pending request now (or refused with the rule's sentence)"
+    )
+    approve.add_argument("request", type=UUID, help="trainer_reschedules.id")
+    approve.add_argument(
+        "--substitute",
+        action="store_true",
+        help="when the session's trainer cannot take it then, the best other trainer who fits "
+        "every rule takes that one session",
+    )
+    reject = actions.add_parser("reject", help="reject a pending request, saying why")
+    reject.add_argument("request", type=UUID, help="trainer_reschedules.id")
+    reject.add_argument("--reason", required=True, help="why (the requester reads it)")
+    cancel = actions.add_parser("cancel", help="withdraw a pending request")
+    cancel.add_argument("request", type=UUID, help="trainer_reschedules.id")
+    listing = actions.add_parser("list", help="the requests: pending first, then the latest")
+    listing.add_argument(
+        "--status",
+        choices=["pending", "approved", "rejected", "cancelled", "all"],
+        default="all",
+        help="only these (default all)",
+    )
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    move.set_defaults(func=cmd_move)
 
 
 def _add_wait(parser: argparse.ArgumentParser) -> None:
