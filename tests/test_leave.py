@@ -580,3 +580,116 @@ def test_any_change_of_trainer_is_recorded_beside_the_session(
     conn.execute("UPDATE tutoring_sessions SET trainer_id = %s WHERE id = %s", (ravi, session))
     row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", session)
     assert (row["original_trainer_id"], row["substituted_at"]) == (None, None)
+
+
+def test_the_console_records_approves_cancels_and_substitutes(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    from tests.console_world import add_operator, console, page_text, post, sign_in
+
+    ravi, sita = week["ravi"], week["sita"]
+    first, last = week["first"], week["last"]
+    token = add_operator(conn, "Arun")
+    before = snapshot(conn)
+    with console(db_url) as client:
+        sign_in(client, token)
+        bad = [
+            (
+                {
+                    "trainer_id": "Ravi",
+                    "first_day": str(first),
+                    "last_day": str(last),
+                    "reason": "x",
+                },
+                400,
+                "'Ravi' is not a trainer id",
+            ),
+            (
+                {
+                    "trainer_id": str(ravi),
+                    "first_day": str(last),
+                    "last_day": str(first),
+                    "reason": "x",
+                },
+                400,
+                "is before the first day",
+            ),
+            (
+                {"trainer_id": str(ravi), "first_day": str(first), "last_day": str(last)},
+                400,
+                "a leave needs a reason",
+            ),
+        ]
+        for data, status, message in bad:
+            got, text = post(client, "/actions/leave-request", data, page="/leaves")
+            assert (got, message in text) == (status, True), text
+        got, text = post(client, "/actions/leave-approve", {"leave_id": "x"}, page="/leaves")
+        assert got == 400 and "not a leave number" in text
+        assert snapshot(conn) == before
+
+        got, text = post(
+            client,
+            "/actions/leave-request",
+            {
+                "trainer_id": str(ravi),
+                "first_day": str(first),
+                "last_day": str(last),
+                "reason": "family wedding",
+                "approve": "on",
+                "back": "/leaves",
+            },
+            page="/leaves",
+        )
+        assert got == 303, text
+        assert "approved: 18 session(s) with a substitute, 7 cancelled" in text, text
+        assert "family wedding" in text and "approved by console:Arun" in text
+        leave = one(conn, "SELECT * FROM trainer_leaves")
+        assert (leave["requested_by"], leave["approved_by"]) == ("console:Arun", "console:Arun")
+        again, text = post(
+            client,
+            "/actions/leave-request",
+            {"trainer_id": str(ravi), "first_day": str(last), "last_day": str(last), "reason": "x"},
+            page="/leaves",
+        )
+        assert again == 409 and f"already has leave {leave['id']}" in text
+
+        # One session, named: refused with the rule's sentence, changing nothing.
+        late = one(
+            conn,
+            "SELECT id FROM tutoring_sessions WHERE trainer_id = %s AND "
+            "scheduled_time = '15:00' AND status = 'scheduled' ORDER BY starts_at LIMIT 1",
+            ravi,
+        )["id"]
+        before = snapshot(conn)
+        got, text = post(
+            client,
+            "/actions/substitute",
+            {"session_id": str(late), "trainer_id": str(sita)},
+            page="/leaves",
+        )
+        assert got == 409 and "no_free_slot: trainer Sita is not available" in text, text
+        assert snapshot(conn) == before
+        nine = one(
+            conn,
+            "SELECT id FROM tutoring_sessions WHERE trainer_id = %s AND "
+            "scheduled_time = '09:00' AND status = 'scheduled' "
+            "AND extract(isodow FROM scheduled_date) < 6 ORDER BY starts_at LIMIT 1",
+            ravi,
+        )["id"]
+        got, text = post(client, "/actions/substitute", {"session_id": str(nine)}, page="/leaves")
+        assert got == 303 and f"is now trainer {sita}'s" in text, text
+
+        got, text = post(
+            client,
+            "/actions/leave-cancel",
+            {"leave_id": str(leave["id"]), "back": "/leaves"},
+            page="/leaves",
+        )
+        assert got == 303 and "cancelled: 18 session(s) back with their trainer, 0 kept" in text
+        assert "No leave ahead." in page_text(client.get("/leaves").text)
+    assert one(conn, "SELECT cancelled_by FROM trainer_leaves")["cancelled_by"] == "console:Arun"
+    lines = conn.execute(
+        "SELECT DISTINCT actor FROM stage_history WHERE event IN "
+        "('substituted', 'leave', 'substitute_ended')"
+    ).fetchall()
+    assert lines == [{"actor": "console:Arun"}]

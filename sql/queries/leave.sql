@@ -35,3 +35,15 @@ LIMIT 500;
 -- name: substitute_session
 SELECT substitute_session(%(session_id)s::uuid, %(trainer_id)s::uuid, %(session)s::text)
     AS substitute_id;
+
+-- name: leave_approve_summary
+-- The console's one line: what approving did, counted.
+SELECT count(*) FILTER (WHERE outcome = 'substituted') AS substituted,
+       count(*) FILTER (WHERE outcome = 'cancelled') AS cancelled,
+       count(*) FILTER (WHERE outcome = 'handed_over') AS handed_over
+FROM approve_leave(%(leave_id)s::bigint, %(handover_days)s::integer, %(session)s::text);
+
+-- name: leave_cancel_summary
+SELECT count(*) FILTER (WHERE outcome = 'given_back') AS given_back,
+       count(*) FILTER (WHERE outcome = 'kept') AS kept
+FROM cancel_leave(%(leave_id)s::bigint, %(session)s::text);
