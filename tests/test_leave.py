@@ -693,3 +693,27 @@ def test_the_console_records_approves_cancels_and_substitutes(
         "('substituted', 'leave', 'substitute_ended')"
     ).fetchall()
     assert lines == [{"actor": "console:Arun"}]
+
+
+def test_the_trace_tells_the_substitutes_and_the_cancellations(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    """Done when: visible in `make trace` (and the console's trace, the same story)."""
+    from tests.console_world import console, page_text
+    from workers.ops import commands as ops
+
+    leave = request(conn, week["ravi"], week["first"], week["last"])
+    approve(conn, leave)
+    late = week["students"][4]  # weekdays at 15:00: nobody else, all five cancelled
+    text = ops.trace(conn, late)
+    assert text is not None
+    assert "scheduled with a substitute" not in text and "5 cancelled" in text
+    assert text.count(f"nobody can take it during trainer {week['ravi']} (Ravi)'s leave") == 5
+    daily = week["students"][0]  # 9:00 daily: six with Sita, the Sunday cancelled
+    text = ops.trace(conn, daily)
+    assert text is not None
+    assert "6 scheduled with a substitute" in text, text
+    assert text.count(f"(Sita) in place of trainer {week['ravi']} (Ravi), leave {leave}") == 6
+    with console(db_url) as client:
+        page = page_text(client.get(f"/trace/{daily}").text)
+    assert "6 scheduled with a substitute" in page and "substituted" in page
