@@ -576,3 +576,55 @@ def test_the_commands(conn: Conn, db_url: str, world: World) -> None:
     assert rejected.stdout.strip() == f"move request {request_id} rejected: Ravi is away"
     row = one(conn, "SELECT status, reviewed_by FROM trainer_reschedules")
     assert row["status"] == "rejected"
+
+
+def test_the_console_approves_and_rejects_moves(conn: Conn, db_url: str, world: World) -> None:
+    from tests.console_world import add_operator, console, post, sign_in
+
+    token = add_operator(conn, "Arun")
+    refused_req = request(conn, world.session, SAT, "10:00")
+    second = _session(conn, world.student, 2)
+    page = f"/trace/{world.student}"
+    with console(db_url) as client:
+        shown = client.get(page).text
+        assert "session 1, Mon 01 Mar 2027 17:00 -&gt; Sat 06 Mar 2027 10:00" in shown
+        assert 'action="/actions/move"' not in shown  # not signed in: nothing to press
+        sign_in(client, token)
+        assert 'action="/actions/move"' in client.get(page).text
+        before = everything(conn)
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(refused_req), "decision": "approve", "back": page},
+            page=page,
+        )
+        assert status == 409 and "no_free_slot: trainer Ravi is not available on Saturdays" in text
+        assert everything(conn) == before
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(refused_req), "decision": "reject", "reason": "", "back": page},
+            page=page,
+        )
+        assert status == 400 and "Say why" in text
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(refused_req), "decision": "reject", "reason": "away", "back": page},
+            page=page,
+        )
+        assert status == 303 and f"move request {refused_req} rejected: away" in text
+        fits = request(conn, second, SUN, "10:00")
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(fits), "decision": "approve", "back": page},
+            page=page,
+        )
+        assert status == 303 and f"Move request {fits} approved: session 2 moved" in text, text
+        assert "move_approved" in text and "console:Arun" in text
+    rows = {
+        r["id"]: (r["status"], r["reviewed_by"])
+        for r in conn.execute("SELECT id, status, reviewed_by FROM trainer_reschedules")
+    }
+    assert rows == {refused_req: ("rejected", "console:Arun"), fits: ("approved", "console:Arun")}

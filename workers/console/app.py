@@ -311,6 +311,7 @@ def create_app(
         Route("/actions/replay-failed", actions.replay_failed, methods=["POST"]),
         Route("/actions/assign", actions.assign, methods=["POST"]),
         Route("/actions/reschedule", actions.reschedule, methods=["POST"]),
+        Route("/actions/move", actions.decide_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     middleware = [
