@@ -3966,6 +3966,7 @@ BEGIN
         JOIN trainers tn ON tn.id = n.trainer_id
         JOIN trainers tw ON tw.id = o.trainer_id
         WHERE n.trainer_id <> o.trainer_id AND n.status = 'scheduled' AND o.status = 'scheduled'
+          AND (n.scheduled_date, n.scheduled_time) = (o.scheduled_date, o.scheduled_time)
     ) ch
     CROSS JOIN LATERAL (
         SELECT jsonb_build_object('trainerName', ch.now_name,
@@ -3991,15 +3992,17 @@ BEGIN
                    d.what, ch.was_name),
             d.data, d.meta, now())),
         (3, ch.purchase_id, kc_event_notification(
-            d.key || ':original', ch.was_trainer, 'trainer', 'session', 'Session Covered',
-            format('Trainer %s will take your session of %s with student %s.', ch.now_name,
-                   d.what, ch.student_name),
-            d.data, d.meta, now())),
+            'session_reassigned:' || (ch.event ->> 'eventId'), ch.was_trainer, 'trainer',
+            'session', 'Session Reassigned',
+            format('Your session of %s with %s will be taught by %s.', d.what,
+                   ch.student_name, ch.now_name),
+            d.data || jsonb_build_object('type', 'session_reassigned'), d.meta, now())),
         (4, ch.purchase_id, kc_event_notification(
-            d.key || ':substitute', ch.now_trainer, 'trainer', 'session', 'Session Added',
-            format('You will teach the session of %s for student %s in place of %s. Check '
-                   'your schedule for details.', d.what, ch.student_name, ch.was_name),
-            d.data, d.meta, now()))
+            'session_assigned:' || (ch.event ->> 'eventId'), ch.now_trainer, 'trainer',
+            'session', 'Session Assigned',
+            format('You will teach %s for student %s, in place of %s.', d.what,
+                   ch.student_name, ch.was_name),
+            d.data || jsonb_build_object('type', 'session_assigned'), d.meta, now()))
     ) AS e(k, purchase_id, payload)
     HAVING count(*) > 0;
     RETURN NULL;
@@ -4178,6 +4181,79 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     RETURN NEW;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_reschedules_approved()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v       record;
+    v_event uuid;
+    v_old   text;
+    v_new   text;
+BEGIN
+    SELECT ts.trainer_id, ts.student_id, ts.course_id, ta.purchase_id, co.title,
+           st.full_name AS student, orig.full_name AS original, sub.full_name AS substitute
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    JOIN courses co ON co.id = ts.course_id
+    JOIN students st ON st.id = ts.student_id
+    JOIN trainers orig ON orig.id = NEW.trainer_id
+    LEFT JOIN trainers sub ON sub.id = NEW.substitute_trainer_id
+    WHERE ts.id = NEW.session_id;
+    v_event := emit_session_rescheduled(NEW.session_id, NEW.original_date, NEW.original_time);
+    v_old := kc_long_date(NEW.original_date) || ' at ' || kc_clock(NEW.original_time);
+    v_new := kc_long_date(NEW.new_date) || ' at ' || kc_clock(NEW.new_time);
+    IF NEW.substitute_trainer_id IS NULL THEN
+        PERFORM kc_store_events(ARRAY[v.purchase_id], ARRAY[kc_event_notification(
+            'session_rescheduled_trainer:' || v_event, NEW.trainer_id, 'trainer', 'session',
+            'Session Rescheduled',
+            format('Your session of "%s" with %s on %s has moved to %s.', v.title, v.student,
+                   v_old, v_new),
+            jsonb_build_object('studentName', v.student, 'courseName', v.title,
+                               'type', 'session_rescheduled', 'sessionId', NEW.session_id,
+                               'oldDate', NEW.original_date::text,
+                               'newDate', NEW.new_date::text,
+                               'oldTimeSlot', kc_clock(NEW.original_time),
+                               'newTimeSlot', kc_clock(NEW.new_time),
+                               'studentId', v.student_id, 'courseId', v.course_id,
+                               'purchaseId', v.purchase_id),
+            jsonb_build_object('purchaseId', v.purchase_id), now())]);
+    ELSE
+        v_event := emit_session_substituted(NEW.session_id, NEW.trainer_id);
+        PERFORM kc_store_events(ARRAY[v.purchase_id, v.purchase_id], ARRAY[
+            kc_event_notification(
+                'session_reassigned:' || v_event, NEW.trainer_id, 'trainer', 'session',
+                'Session Reassigned',
+                format('Your session of "%s" with %s on %s has moved to %s and will be taught '
+                       'by %s.', v.title, v.student, v_old, v_new, v.substitute),
+                jsonb_build_object('studentName', v.student, 'courseName', v.title,
+                                   'type', 'session_reassigned', 'sessionId', NEW.session_id,
+                                   'oldDate', NEW.original_date::text,
+                                   'oldTimeSlot', kc_clock(NEW.original_time),
+                                   'substituteTrainerId', NEW.substitute_trainer_id,
+                                   'studentId', v.student_id, 'courseId', v.course_id,
+                                   'purchaseId', v.purchase_id),
+                jsonb_build_object('purchaseId', v.purchase_id), now()),
+            kc_event_notification(
+                'session_assigned:' || v_event, NEW.substitute_trainer_id, 'trainer',
+                'session', 'Session Assigned',
+                format('You will teach "%s" for student %s on %s, in place of %s.', v.title,
+                       v.student, v_new, v.original),
+                jsonb_build_object('studentName', v.student, 'courseName', v.title,
+                                   'type', 'session_assigned', 'sessionId', NEW.session_id,
+                                   'date', NEW.new_date::text,
+                                   'timeSlot', kc_clock(NEW.new_time),
+                                   'originalTrainerId', NEW.trainer_id,
+                                   'studentId', v.student_id, 'courseId', v.course_id,
+                                   'purchaseId', v.purchase_id),
+                jsonb_build_object('purchaseId', v.purchase_id), now())]);
+    END IF;
+    RETURN NULL;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.trg_sessions_check_delivery()
@@ -4374,6 +4450,7 @@ CREATE TRIGGER trainer_availability_added_retry_pending AFTER INSERT ON public.t
 CREATE TRIGGER trainer_availability_changed_retry_pending AFTER UPDATE ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
 CREATE TRIGGER trainer_availability_narrowed AFTER UPDATE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
 CREATE TRIGGER trainer_availability_removed AFTER DELETE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
+CREATE TRIGGER trainer_reschedules_approved AFTER UPDATE OF status ON public.trainer_reschedules FOR EACH ROW WHEN (((new.status = 'approved'::text) AND (old.status = 'pending'::text))) EXECUTE FUNCTION trg_reschedules_approved();
 CREATE TRIGGER trainers_added_retry_pending AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER trainers_changed_retry_pending AFTER UPDATE ON public.trainers REFERENCING OLD TABLE AS old_trainers NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();

@@ -623,8 +623,8 @@ def test_the_functions_for_moved_and_substituted_sessions(conn: Conn, db_url: st
     # emit_session_substituted's events have the same ids, so it adds nothing.
     assert notes(conn, purchase)[-3:] == [
         ("student", str(student), "Trainer Substituted"),
-        ("trainer", str(session["trainer_id"]), "Session Covered"),
-        ("trainer", str(substitute), "Session Added"),
+        ("trainer", str(session["trainer_id"]), "Session Reassigned"),
+        ("trainer", str(substitute), "Session Assigned"),
     ]
     told = events(conn, purchase, "NOTIFICATION_REQUESTED")[-3]
     assert told["title"] == "Trainer Substituted" and told["body"].startswith(

@@ -359,8 +359,8 @@ def test_an_operator_substitute_named_is_checked_and_best_is_chosen(
     assert kinds == [
         ("SESSION_SUBSTITUTED", None, student),
         ("NOTIFICATION_REQUESTED", "Trainer Substituted", student),
-        ("NOTIFICATION_REQUESTED", "Session Covered", str(ravi)),
-        ("NOTIFICATION_REQUESTED", "Session Added", str(sita)),
+        ("NOTIFICATION_REQUESTED", "Session Reassigned", str(ravi)),
+        ("NOTIFICATION_REQUESTED", "Session Assigned", str(sita)),
     ]
     event = told[0]["payload"]
     assert (event["sessionId"], event["originalTrainerId"], event["substituteTrainerId"]) == (
@@ -368,7 +368,7 @@ def test_an_operator_substitute_named_is_checked_and_best_is_chosen(
         str(ravi),
         str(sita),
     )
-    assert told[3]["payload"]["body"].startswith('You will teach the session of "Robotics')
+    assert told[3]["payload"]["body"].startswith('You will teach "Robotics')
     row = one(conn, "SELECT * FROM tutoring_sessions WHERE id = %s", morning["id"])
     assert (row["trainer_id"], row["original_trainer_id"], row["substitution_leave_id"]) == (
         sita,

@@ -576,3 +576,132 @@ def test_the_commands(conn: Conn, db_url: str, world: World) -> None:
     assert rejected.stdout.strip() == f"move request {request_id} rejected: Ravi is away"
     row = one(conn, "SELECT status, reviewed_by FROM trainer_reschedules")
     assert row["status"] == "rejected"
+
+
+def test_the_console_approves_and_rejects_moves(conn: Conn, db_url: str, world: World) -> None:
+    from tests.console_world import add_operator, console, post, sign_in
+
+    token = add_operator(conn, "Arun")
+    refused_req = request(conn, world.session, SAT, "10:00")
+    second = _session(conn, world.student, 2)
+    page = f"/trace/{world.student}"
+    with console(db_url) as client:
+        shown = client.get(page).text
+        assert "session 1, Mon 01 Mar 2027 17:00 -&gt; Sat 06 Mar 2027 10:00" in shown
+        assert 'action="/actions/move"' not in shown  # not signed in: nothing to press
+        sign_in(client, token)
+        assert 'action="/actions/move"' in client.get(page).text
+        before = everything(conn)
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(refused_req), "decision": "approve", "back": page},
+            page=page,
+        )
+        assert status == 409 and "no_free_slot: trainer Ravi is not available on Saturdays" in text
+        assert everything(conn) == before
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(refused_req), "decision": "reject", "reason": "", "back": page},
+            page=page,
+        )
+        assert status == 400 and "Say why" in text
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(refused_req), "decision": "reject", "reason": "away", "back": page},
+            page=page,
+        )
+        assert status == 303 and f"move request {refused_req} rejected: away" in text
+        fits = request(conn, second, SUN, "10:00")
+        status, text = post(
+            client,
+            "/actions/move",
+            {"request_id": str(fits), "decision": "approve", "back": page},
+            page=page,
+        )
+        assert status == 303 and f"Move request {fits} approved: session 2 moved" in text, text
+        assert "move_approved" in text and "console:Arun" in text
+    rows = {
+        r["id"]: (r["status"], r["reviewed_by"])
+        for r in conn.execute("SELECT id, status, reviewed_by FROM trainer_reschedules")
+    }
+    assert rows == {refused_req: ("rejected", "console:Arun"), fits: ("approved", "console:Arun")}
+
+
+# -- what the app hears -----------------------------------------------------------------------
+
+
+def told(conn: Conn) -> list[tuple[str, str | None, str | None]]:
+    """The events after the sessions were written: type, role, a notification's title."""
+    return [
+        (r["type"], r["payload"]["role"], r["payload"].get("title"))
+        for r in conn.execute(
+            "SELECT type, payload FROM business_events WHERE type IN ('SESSION_RESCHEDULED', "
+            "'SESSION_SUBSTITUTED') OR payload -> 'data' ->> 'sessionId' IS NOT NULL "
+            "ORDER BY seq"
+        )
+    ]
+
+
+def test_an_approved_move_tells_the_student_and_the_trainer(conn: Conn, world: World) -> None:
+    asked = request(conn, world.session, SUN, "10:00")
+    assert told(conn) == []  # a request alone tells nobody
+    approve(conn, asked)
+    assert told(conn) == [
+        ("SESSION_RESCHEDULED", "student", None),
+        ("NOTIFICATION_REQUESTED", "student", "Session Rescheduled"),
+        ("NOTIFICATION_REQUESTED", "trainer", "Session Rescheduled"),
+    ]
+    event = one(conn, "SELECT payload FROM business_events WHERE type = 'SESSION_RESCHEDULED'")[
+        "payload"
+    ]
+    keys = ("sessionId", "oldDate", "newDate", "oldTimeSlot", "newTimeSlot")
+    assert {k: event[k] for k in keys} == {
+        "sessionId": str(world.session),
+        "oldDate": "2027-03-01",
+        "newDate": "2027-03-07",
+        "oldTimeSlot": "5:00 PM",
+        "newTimeSlot": "10:00 AM",
+    }
+    assert event["trainerId"] == str(world.trainer)
+    trainer = one(
+        conn,
+        "SELECT payload FROM business_events WHERE payload ->> 'role' = 'trainer' "
+        "AND payload ->> 'title' = 'Session Rescheduled'",
+    )["payload"]
+    assert trainer["userId"] == str(world.trainer)
+    assert trainer["body"] == (
+        'Your session of "Robotics with Arduino" with Asha on Monday, March 1, 2027 at 5:00 PM '
+        "has moved to Sunday, March 7, 2027 at 10:00 AM."
+    )
+
+
+def test_a_substitution_tells_both_trainers(conn: Conn, world: World) -> None:
+    sub = f.trainer(conn, name="Sub")
+    asked = request(conn, world.session, SAT, "10:00")
+    approve(conn, asked, substitute=True)
+    assert told(conn) == [
+        ("SESSION_RESCHEDULED", "student", None),
+        ("NOTIFICATION_REQUESTED", "student", "Session Rescheduled"),
+        ("SESSION_SUBSTITUTED", "student", None),
+        ("NOTIFICATION_REQUESTED", "student", "Trainer Substituted"),
+        ("NOTIFICATION_REQUESTED", "trainer", "Session Reassigned"),
+        ("NOTIFICATION_REQUESTED", "trainer", "Session Assigned"),
+    ]
+    event = one(conn, "SELECT payload FROM business_events WHERE type = 'SESSION_SUBSTITUTED'")[
+        "payload"
+    ]
+    assert (event["originalTrainerId"], event["substituteTrainerId"]) == (
+        str(world.trainer),
+        str(sub),
+    )
+    users = [
+        r["u"]
+        for r in conn.execute(
+            "SELECT payload ->> 'userId' AS u FROM business_events "
+            "WHERE payload ->> 'role' = 'trainer' ORDER BY seq DESC LIMIT 2"
+        )
+    ]
+    assert users == [str(sub), str(world.trainer)]

@@ -777,3 +777,90 @@ BEGIN
     EXECUTE format('SET LOCAL ROLE %I', current_setting('kc.migration_role'));
 END
 $$;
+
+-------------------------------------------------------------------------------------------------
+-- What the app hears of a move (docs/events.md)
+-------------------------------------------------------------------------------------------------
+
+-- An approved move writes, in its transaction: SESSION_RESCHEDULED and the student's
+-- "Session Rescheduled" (emit_session_rescheduled, 0017), the trainer's own notification, and
+-- with a substitute SESSION_SUBSTITUTED and the student's "Trainer Substituted"
+-- (emit_session_substituted), the original trainer's "Session Reassigned" and the
+-- substitute's "Session Assigned".
+CREATE FUNCTION trg_reschedules_approved() RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v       record;
+    v_event uuid;
+    v_old   text;
+    v_new   text;
+BEGIN
+    SELECT ts.trainer_id, ts.student_id, ts.course_id, ta.purchase_id, co.title,
+           st.full_name AS student, orig.full_name AS original, sub.full_name AS substitute
+    INTO v
+    FROM tutoring_sessions ts
+    JOIN trainer_allocations ta ON ta.id = ts.allocation_id
+    JOIN courses co ON co.id = ts.course_id
+    JOIN students st ON st.id = ts.student_id
+    JOIN trainers orig ON orig.id = NEW.trainer_id
+    LEFT JOIN trainers sub ON sub.id = NEW.substitute_trainer_id
+    WHERE ts.id = NEW.session_id;
+    v_event := emit_session_rescheduled(NEW.session_id, NEW.original_date, NEW.original_time);
+    v_old := kc_long_date(NEW.original_date) || ' at ' || kc_clock(NEW.original_time);
+    v_new := kc_long_date(NEW.new_date) || ' at ' || kc_clock(NEW.new_time);
+    IF NEW.substitute_trainer_id IS NULL THEN
+        PERFORM kc_store_events(ARRAY[v.purchase_id], ARRAY[kc_event_notification(
+            'session_rescheduled_trainer:' || v_event, NEW.trainer_id, 'trainer', 'session',
+            'Session Rescheduled',
+            format('Your session of "%s" with %s on %s has moved to %s.', v.title, v.student,
+                   v_old, v_new),
+            jsonb_build_object('studentName', v.student, 'courseName', v.title,
+                               'type', 'session_rescheduled', 'sessionId', NEW.session_id,
+                               'oldDate', NEW.original_date::text,
+                               'newDate', NEW.new_date::text,
+                               'oldTimeSlot', kc_clock(NEW.original_time),
+                               'newTimeSlot', kc_clock(NEW.new_time),
+                               'studentId', v.student_id, 'courseId', v.course_id,
+                               'purchaseId', v.purchase_id),
+            jsonb_build_object('purchaseId', v.purchase_id), now())]);
+    ELSE
+        v_event := emit_session_substituted(NEW.session_id, NEW.trainer_id);
+        PERFORM kc_store_events(ARRAY[v.purchase_id, v.purchase_id], ARRAY[
+            kc_event_notification(
+                'session_reassigned:' || v_event, NEW.trainer_id, 'trainer', 'session',
+                'Session Reassigned',
+                format('Your session of "%s" with %s on %s has moved to %s and will be taught '
+                       'by %s.', v.title, v.student, v_old, v_new, v.substitute),
+                jsonb_build_object('studentName', v.student, 'courseName', v.title,
+                                   'type', 'session_reassigned', 'sessionId', NEW.session_id,
+                                   'oldDate', NEW.original_date::text,
+                                   'oldTimeSlot', kc_clock(NEW.original_time),
+                                   'substituteTrainerId', NEW.substitute_trainer_id,
+                                   'studentId', v.student_id, 'courseId', v.course_id,
+                                   'purchaseId', v.purchase_id),
+                jsonb_build_object('purchaseId', v.purchase_id), now()),
+            kc_event_notification(
+                'session_assigned:' || v_event, NEW.substitute_trainer_id, 'trainer',
+                'session', 'Session Assigned',
+                format('You will teach "%s" for student %s on %s, in place of %s.', v.title,
+                       v.student, v_new, v.original),
+                jsonb_build_object('studentName', v.student, 'courseName', v.title,
+                                   'type', 'session_assigned', 'sessionId', NEW.session_id,
+                                   'date', NEW.new_date::text,
+                                   'timeSlot', kc_clock(NEW.new_time),
+                                   'originalTrainerId', NEW.trainer_id,
+                                   'studentId', v.student_id, 'courseId', v.course_id,
+                                   'purchaseId', v.purchase_id),
+                jsonb_build_object('purchaseId', v.purchase_id), now())]);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER trainer_reschedules_approved
+    AFTER UPDATE OF status ON trainer_reschedules
+    FOR EACH ROW WHEN (NEW.status = 'approved' AND OLD.status = 'pending')
+    EXECUTE FUNCTION trg_reschedules_approved();
+REVOKE EXECUTE ON FUNCTION trg_reschedules_approved() FROM PUBLIC;

@@ -757,11 +757,15 @@ WHERE ta.status = 'approved' AND why.reason IS NOT NULL
 -- Events: a session that changes trainer (docs/events.md)
 -------------------------------------------------------------------------------------------------
 
--- A scheduled session whose trainer_id changes and stays scheduled (a substitute, or the
--- trainer back when a leave is cancelled): SESSION_SUBSTITUTED (0017's builder) and three
--- notifications: the student, the trainer who had it, the trainer who has it now. The keys
--- are emit_session_substituted's, so a caller that still calls it adds nothing. A trigger of
--- its own beside tutoring_sessions_events_updated (which tells status changes), fired first
+-- A scheduled session whose trainer_id changes at its own date and time (a substitute, or
+-- the trainer back when a leave is cancelled): SESSION_SUBSTITUTED (0017's builder) and
+-- three notifications: the student's "Trainer Substituted", and, as migration 0018 tells a
+-- move's substitute, the trainer who had it "Session Reassigned" and the one who has it now
+-- "Session Assigned" (the same keys and types, so the app knows one kind). A move that also
+-- changes the trainer is told by 0018's trigger on its request (trainer_reschedules_approved),
+-- so a change of date or time is left to it. The event and the student's notification have
+-- emit_session_substituted's keys: a caller that still calls it adds nothing. A trigger of its
+-- own beside tutoring_sessions_events_updated (which tells status changes), fired first
 -- (trigger names sort).
 CREATE FUNCTION trg_events_sessions_substituted() RETURNS trigger
 LANGUAGE plpgsql
@@ -788,6 +792,7 @@ BEGIN
         JOIN trainers tn ON tn.id = n.trainer_id
         JOIN trainers tw ON tw.id = o.trainer_id
         WHERE n.trainer_id <> o.trainer_id AND n.status = 'scheduled' AND o.status = 'scheduled'
+          AND (n.scheduled_date, n.scheduled_time) = (o.scheduled_date, o.scheduled_time)
     ) ch
     CROSS JOIN LATERAL (
         SELECT jsonb_build_object('trainerName', ch.now_name,
@@ -813,15 +818,17 @@ BEGIN
                    d.what, ch.was_name),
             d.data, d.meta, now())),
         (3, ch.purchase_id, kc_event_notification(
-            d.key || ':original', ch.was_trainer, 'trainer', 'session', 'Session Covered',
-            format('Trainer %s will take your session of %s with student %s.', ch.now_name,
-                   d.what, ch.student_name),
-            d.data, d.meta, now())),
+            'session_reassigned:' || (ch.event ->> 'eventId'), ch.was_trainer, 'trainer',
+            'session', 'Session Reassigned',
+            format('Your session of %s with %s will be taught by %s.', d.what,
+                   ch.student_name, ch.now_name),
+            d.data || jsonb_build_object('type', 'session_reassigned'), d.meta, now())),
         (4, ch.purchase_id, kc_event_notification(
-            d.key || ':substitute', ch.now_trainer, 'trainer', 'session', 'Session Added',
-            format('You will teach the session of %s for student %s in place of %s. Check '
-                   'your schedule for details.', d.what, ch.student_name, ch.was_name),
-            d.data, d.meta, now()))
+            'session_assigned:' || (ch.event ->> 'eventId'), ch.now_trainer, 'trainer',
+            'session', 'Session Assigned',
+            format('You will teach %s for student %s, in place of %s.', d.what,
+                   ch.student_name, ch.was_name),
+            d.data || jsonb_build_object('type', 'session_assigned'), d.meta, now()))
     ) AS e(k, purchase_id, payload)
     HAVING count(*) > 0;
     RETURN NULL;

@@ -198,14 +198,15 @@ async def call(request: Request, query: LiteralString, params: Mapping[str, Any]
     async with console_of(request).pool.connection() as conn:
         try:
             row = await fetch_one(conn, query, params)
-        except psycopg.errors.OperationalError as exc:
-            # psycopg files SQLSTATE class 55 (object not in prerequisite state: a leave
-            # approved already, a session that has started) under OperationalError too: that
-            # is the function's refusal, not the database going away.
-            if not (exc.sqlstate or "").startswith("55"):
-                raise  # the database is away: the "unavailable" page
-            raise RequestRefused(refusal_status(exc), refusal_message(exc)) from exc
         except psycopg.Error as exc:
+            # psycopg files a refusal such as "object not in prerequisite state" (SQLSTATE
+            # 55000: a request decided already, a trainer who cannot take a move) under
+            # OperationalError too: only a lost connection or a server going away (no
+            # SQLSTATE, classes 08 and 57) is the "unavailable" page.
+            if isinstance(exc, psycopg.OperationalError) and (
+                exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57")
+            ):
+                raise
             raise RequestRefused(refusal_status(exc), refusal_message(exc)) from exc
     assert row is not None
     return row
@@ -416,3 +417,28 @@ async def substitute(request: Request) -> Response:
         back_to(form, "/leaves"),
         f"Session {session_id} is now trainer {row['substitute_id']}'s.",
     )
+
+
+async def decide_move(request: Request) -> Response:
+    """Approve (or with a substitute) or reject a request to move one session; the database
+    checks the rules for that one session, under its locks, and says which one failed."""
+    form = await checked_form(request)
+    request_id = uuid_field(form, "request_id", "move request")
+    back = back_to(form)
+    if form.get("decision") == "reject":
+        reason = text_field(form, "reason")
+        if reason is None:
+            raise RequestRefused(400, "Say why the move is rejected: the requester reads it.")
+        row = await call(
+            request,
+            q("move_reject"),
+            {"request_id": request_id, "reason": reason, "session": session_of(request)},
+        )
+        return done(request, back, str(row["outcome"]))
+    substitute = form.get("substitute") in ("on", "true", "1")
+    row = await call(
+        request,
+        q("move_approve"),
+        {"request_id": request_id, "substitute": substitute, "session": session_of(request)},
+    )
+    return done(request, back, f"Move request {request_id} approved: {row['outcome']}.")

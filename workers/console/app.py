@@ -318,6 +318,7 @@ def create_app(
         Route("/actions/leave-approve", actions.leave_approve, methods=["POST"]),
         Route("/actions/leave-cancel", actions.leave_cancel, methods=["POST"]),
         Route("/actions/substitute", actions.substitute, methods=["POST"]),
+        Route("/actions/move", actions.decide_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     middleware = [
