@@ -705,3 +705,52 @@ def test_a_substitution_tells_both_trainers(conn: Conn, world: World) -> None:
         )
     ]
     assert users == [str(sub), str(world.trainer)]
+
+
+def test_two_moves_to_one_trainer_s_hour_at_once_one_is_refused_with_the_rule(
+    conn: Conn, db_url: str, world: World
+) -> None:
+    """Two approvals moving two students' sessions into the same hour of Ravi's: the second
+    waits for Ravi's lock, then is told the rule (not the constraint's error), changing
+    nothing."""
+    import threading
+
+    from tests.helpers import wait_for
+
+    asha = request(conn, world.session, SUN, "12:00")
+    bela = request(conn, _session(conn, world.near, 1), SUN, "12:30")
+    results: list[str] = []
+    with psycopg.connect(db_url) as first, psycopg.connect(db_url, autocommit=True) as second:
+        first.execute("SELECT approve_session_move(%s)", (asha,))
+
+        def other() -> None:
+            try:
+                second.execute("SELECT approve_session_move(%s)", (bela,))
+                results.append("approved")
+            except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+                results.append(str(exc.diag.message_primary))
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        wait_for(
+            lambda: (
+                one(
+                    conn,
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'SELECT approve_session_move%%'",
+                )["n"]
+                == 1
+            ),
+            30,
+            "the second approval to wait for the trainer",
+        )
+        first.commit()
+        thread.join(30)
+    assert results == [
+        f"move request {bela} cannot be approved: no_free_slot: trainer Ravi already has a "
+        "session on Sunday, March 7, 2027 at 12:00 PM"
+    ]
+    statuses = {
+        r["id"]: r["status"] for r in conn.execute("SELECT id, status FROM trainer_reschedules")
+    }
+    assert statuses == {asha: "approved", bela: "pending"}

@@ -211,28 +211,43 @@ $$;
 -- not a course, so it takes no place among their live allocations.
 CREATE FUNCTION kc_best_substitute(p_session_id uuid, p_date date, p_start time)
 RETURNS uuid
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = public, pg_temp
 AS $$
-    SELECT t.id
-    FROM tutoring_sessions ts
-    JOIN students s ON s.id = ts.student_id
-    JOIN courses c ON c.id = ts.course_id
-    JOIN trainers t
-      ON t.status = 'active'
-     AND t.id <> ts.trainer_id
-     AND t.specialties_norm && array_remove(ARRAY[lower(btrim(c.category)),
-                                                  lower(btrim(c.subcategory))], NULL)
-    WHERE ts.id = p_session_id
-      AND kc_session_fit(p_session_id, t.id, p_date, p_start, true) IS NULL
-    ORDER BY lower(btrim(c.category)) = ANY (t.specialties_norm) DESC,
-             (SELECT count(*) FROM trainer_allocations ta
-               WHERE ta.trainer_id = t.id AND ta.status = 'approved'),
-             coalesce(t.rating, 0) DESC,
-             kc_haversine_km(s.home_lat, s.home_lng, t.base_lat, t.base_lng),
-             t.id
-    LIMIT 1
+DECLARE
+    v_candidate uuid;
+BEGIN
+    -- The ranking does not depend on the rules, so the candidates are ranked first and
+    -- kc_session_fit (which decides) runs in rank order until one fits: usually once, not
+    -- once per trainer who teaches the course. The specialty (through its index) and the
+    -- range pass over those who could not fit anyway.
+    FOR v_candidate IN
+        SELECT t.id
+        FROM tutoring_sessions ts
+        JOIN students s ON s.id = ts.student_id
+        JOIN courses c ON c.id = ts.course_id
+        JOIN trainers t
+          ON t.status = 'active'
+         AND t.id <> ts.trainer_id
+         AND t.specialties_norm && array_remove(ARRAY[lower(btrim(c.category)),
+                                                      lower(btrim(c.subcategory))], NULL)
+        WHERE ts.id = p_session_id
+          AND kc_haversine_km(s.home_lat, s.home_lng, t.base_lat, t.base_lng)
+              <= t.service_radius_km
+        ORDER BY lower(btrim(c.category)) = ANY (t.specialties_norm) DESC,
+                 (SELECT count(*) FROM trainer_allocations ta
+                   WHERE ta.trainer_id = t.id AND ta.status = 'approved'),
+                 coalesce(t.rating, 0) DESC,
+                 kc_haversine_km(s.home_lat, s.home_lng, t.base_lat, t.base_lng),
+                 t.id
+    LOOP
+        IF kc_session_fit(p_session_id, v_candidate, p_date, p_start, true) IS NULL THEN
+            RETURN v_candidate;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
 $$;
 
 REVOKE EXECUTE ON FUNCTION kc_time_refusal(date, time, integer),
