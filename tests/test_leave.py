@@ -717,3 +717,90 @@ def test_the_trace_tells_the_substitutes_and_the_cancellations(
     with console(db_url) as client:
         page = page_text(client.get(f"/trace/{daily}").text)
     assert "6 scheduled with a substitute" in page and "substituted" in page
+
+
+def test_done_when_a_three_day_leave_leaves_no_session_of_the_trainer_in_those_days(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    """Issue 24's done-when: Friday to Sunday, every session of Ravi's in those days either
+    with a substitute who fits every rule for it, or cancelled with its make-up."""
+    ravi = week["ravi"]
+    first = week["first"] + timedelta(days=3)  # Friday
+    last = first + timedelta(days=2)  # Sunday
+    leave = request(conn, ravi, first, last, "three days")
+    changes = approve(conn, leave)
+    assert changes and in_days(conn, ravi, first, last) == []
+    drain(db_url)
+    for c in changes:
+        s = one(
+            conn,
+            "SELECT ts.*, kc_session_fit(ts.id, ts.trainer_id, ts.scheduled_date, "
+            "ts.scheduled_time, true) AS unfit FROM tutoring_sessions ts WHERE id = %s",
+            c["session_id"],
+        )
+        if c["outcome"] == "substituted":
+            assert (s["status"], s["unfit"], s["original_trainer_id"]) == ("scheduled", None, ravi)
+        else:
+            assert c["outcome"] == "cancelled" and s["status"] == "cancelled"
+            made_up = one(
+                conn,
+                "SELECT count(*) FILTER (WHERE status <> 'cancelled') AS standing, "
+                "max(session_number) AS last FROM tutoring_sessions WHERE student_id = %s",
+                s["student_id"],
+            )
+            assert made_up["standing"] == 10 and made_up["last"] > 10
+    assert in_days(conn, ravi, first, last) == []
+    assert violations(conn) == {}
+
+
+def test_two_leaves_approved_at_once_share_one_substitute_without_double_booking(
+    conn: Conn, db_url: str
+) -> None:
+    """Two trainers' students at 10:00 on the same days, one free substitute: both leaves
+    approved at the same moment; each day she takes one of the two sessions."""
+    course = f.course(conn)
+    start = monday_ahead()
+    trainers = []
+    for i in range(2):
+        lat = f.HOME[0] + 0.5 * i
+        trainer = f.trainer(conn, name=f"T{i}", lat=lat + 0.01, lng=f.HOME[1])
+        student = f.student(conn, name=f"s{i}", lat=lat)
+        buy(
+            conn,
+            db_url,
+            student,
+            course,
+            scheduleMode="daily",
+            timeSlot="10:00",
+            startDate=start.isoformat(),
+        )
+        assert allocation_of(conn, student)["trainer_id"] == trainer
+        trainers.append(trainer)
+    sub = f.trainer(conn, name="Sub", slot=("09:00", "12:00"), radius_km=1000)
+    first, last = start + timedelta(days=1), start + timedelta(days=4)
+    leaves = [request(conn, t, first, last) for t in trainers]
+    barrier = threading.Barrier(2)
+    outcomes: list[list[str]] = []
+
+    def go(leave: int) -> None:
+        with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as mine:
+            barrier.wait()
+            rows = mine.execute("SELECT outcome FROM approve_leave(%s)", (leave,)).fetchall()
+            outcomes.append([r["outcome"] for r in rows])
+
+    threads = [threading.Thread(target=go, args=(leave,)) for leave in leaves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert (
+        sorted(o for each in outcomes for o in each) == ["cancelled"] * 4 + ["substituted"] * 4
+    ), outcomes
+    days = conn.execute(
+        "SELECT scheduled_date, count(*) AS n FROM tutoring_sessions WHERE trainer_id = %s "
+        "AND status = 'scheduled' GROUP BY scheduled_date",
+        (sub,),
+    ).fetchall()
+    assert len(days) == 4 and {d["n"] for d in days} == {1}
+    drain(db_url)
+    assert violations(conn) == {}
