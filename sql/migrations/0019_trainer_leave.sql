@@ -772,28 +772,39 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = public, pg_temp
 AS $$
+DECLARE
+    v_stored integer;
 BEGIN
-    PERFORM kc_store_events(array_agg(e.purchase_id ORDER BY ch.starts_at, ch.id, e.k),
-                            array_agg(e.payload ORDER BY ch.starts_at, ch.id, e.k))
-    FROM (
+    -- The changed rows first, on their own (MATERIALIZED): left to itself the planner built
+    -- every row's events before comparing old with new (10 s for an UPDATE of 240 sessions
+    -- that changed no trainer; 40 ms this way).
+    WITH changed AS MATERIALIZED (
         SELECT n.id, n.starts_at, n.scheduled_date, n.scheduled_time, n.student_id,
-               n.course_id, n.trainer_id AS now_trainer, o.trainer_id AS was_trainer,
-               ta.purchase_id, co.title, st.full_name AS student_name,
-               tn.full_name AS now_name, tw.full_name AS was_name,
-               kc_event_session_substituted(
-                   n.id, o.trainer_id, n.trainer_id, n.student_id, n.scheduled_date,
-                   n.scheduled_time, jsonb_build_object('purchaseId', ta.purchase_id), now())
-                   AS event
+               n.course_id, n.allocation_id, n.trainer_id AS now_trainer,
+               o.trainer_id AS was_trainer
         FROM new_sessions n
         JOIN old_sessions o ON o.id = n.id
-        JOIN trainer_allocations ta ON ta.id = n.allocation_id
-        JOIN courses co ON co.id = n.course_id
-        JOIN students st ON st.id = n.student_id
-        JOIN trainers tn ON tn.id = n.trainer_id
-        JOIN trainers tw ON tw.id = o.trainer_id
-        WHERE n.trainer_id <> o.trainer_id AND n.status = 'scheduled' AND o.status = 'scheduled'
+        WHERE n.trainer_id <> o.trainer_id AND n.status = 'scheduled'
+          AND o.status = 'scheduled'
           AND (n.scheduled_date, n.scheduled_time) = (o.scheduled_date, o.scheduled_time)
-    ) ch
+    ), ch AS MATERIALIZED (
+        SELECT c.*, ta.purchase_id, co.title, st.full_name AS student_name,
+               tn.full_name AS now_name, tw.full_name AS was_name,
+               kc_event_session_substituted(
+                   c.id, c.was_trainer, c.now_trainer, c.student_id, c.scheduled_date,
+                   c.scheduled_time, jsonb_build_object('purchaseId', ta.purchase_id), now())
+                   AS event
+        FROM changed c
+        JOIN trainer_allocations ta ON ta.id = c.allocation_id
+        JOIN courses co ON co.id = c.course_id
+        JOIN students st ON st.id = c.student_id
+        JOIN trainers tn ON tn.id = c.now_trainer
+        JOIN trainers tw ON tw.id = c.was_trainer
+    )
+    SELECT kc_store_events(array_agg(e.purchase_id ORDER BY ch.starts_at, ch.id, e.k),
+                           array_agg(e.payload ORDER BY ch.starts_at, ch.id, e.k))
+    INTO v_stored
+    FROM ch
     CROSS JOIN LATERAL (
         SELECT jsonb_build_object('trainerName', ch.now_name,
                                   'originalTrainerName', ch.was_name,
