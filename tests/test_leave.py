@@ -804,3 +804,46 @@ def test_two_leaves_approved_at_once_share_one_substitute_without_double_booking
     assert len(days) == 4 and {d["n"] for d in days} == {1}
     drain(db_url)
     assert violations(conn) == {}
+
+
+def test_the_commands_request_approve_list_cancel_and_substitute(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def kc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "workers", *args],
+            env={**os.environ, "DATABASE_URL": db_url, "KC_LOG_LEVEL": "WARNING"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    ravi, first, last = str(week["ravi"]), str(week["first"]), str(week["last"])
+    asked = kc("leave", "request", ravi, first, last, "--reason", "family wedding")
+    assert asked.returncode == 0 and "leave 1 requested" in asked.stdout, asked
+    refused = kc("leave", "request", ravi, last, last, "--reason", "again")
+    assert refused.returncode == 1 and "already has leave 1" in refused.stderr
+    approved = kc("leave", "approve", "1")
+    assert approved.returncode == 0, approved
+    assert approved.stdout.count(" substituted ") == 18  # a line per session
+    assert "leave 1 approved: approved: 18 substituted, 7 cancelled" in approved.stdout
+    again = kc("leave", "approve", "1")
+    assert again.returncode == 1 and "approved already" in again.stderr
+    listed = kc("leave", "list")
+    assert listed.returncode == 0 and "family wedding" in listed.stdout
+    late = one(
+        conn,
+        "SELECT id FROM tutoring_sessions WHERE trainer_id = %s AND "
+        "scheduled_time = '15:00' AND status = 'scheduled' ORDER BY starts_at LIMIT 1",
+        week["ravi"],
+    )["id"]
+    unfit = kc("substitute", str(late), str(week["sita"]))
+    assert unfit.returncode == 1 and "no_free_slot: trainer Sita" in unfit.stderr
+    cancelled = kc("leave", "cancel", "1")
+    assert cancelled.returncode == 0 and "cancelled: 18 given back, 0 kept" in cancelled.stdout
+    assert one(conn, "SELECT approved_by FROM trainer_leaves")["approved_by"] == conn.info.user
