@@ -394,6 +394,10 @@ def test_a_substitute_takes_the_session_when_asked(conn: Conn, world: World) -> 
     assert moved["trainer_id"] == sub and moved["scheduled_date"] == SAT
     done = one(conn, "SELECT * FROM trainer_reschedules WHERE id = %s", asked)
     assert (done["trainer_id"], done["substitute_trainer_id"]) == (world.trainer, sub)
+    # Ravi keeps the course: the substitute's Saturday is not Ravi's to be available for.
+    assert one(conn, "SELECT count(*) AS n FROM unfit_allocations")["n"] == 0
+    conn.execute("SELECT sweep_lifecycle()")
+    assert one(conn, "SELECT count(*) AS n FROM pgqueuer")["n"] == 0
     # Nobody fits: refused, changing nothing.
     other = request(conn, _session(conn, world.student, 2), SAT, "10:00")
     conn.execute("UPDATE trainers SET status = 'inactive' WHERE id = %s", (sub,))
