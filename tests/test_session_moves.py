@@ -606,6 +606,9 @@ def test_the_console_approves_and_rejects_moves(conn: Conn, db_url: str, world: 
     second = _session(conn, world.student, 2)
     page = f"/trace/{world.student}"
     with console(db_url) as client:
+        waiting = client.get("/waiting").text
+        assert "Moves waiting for a decision · 1" in waiting
+        assert 'href="/trace/' in waiting and "2027-03-01 17:00 → 2027-03-06 10:00" in waiting
         shown = client.get(page).text
         assert "the session of Mon 01 Mar 2027 17:00 -&gt; Sat 06 Mar 2027 10:00" in shown
         assert 'action="/actions/move"' not in shown  # not signed in: nothing to press
