@@ -918,7 +918,7 @@ VIEW unfit_allocations AS
                                 ts.scheduled_time AS slot_start,
                                 kc_slot_end(ts.scheduled_time, ts.duration_minutes::integer) AS slot_end
                                FROM tutoring_sessions ts
-                              WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'::text AND ts.starts_at > now()
+                              WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'::text AND ts.starts_at > now() AND ts.trainer_id = ta.trainer_id
                             UNION ALL
                              SELECT d.d,
                                 pu.preferred_time_slot,

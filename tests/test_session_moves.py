@@ -394,6 +394,10 @@ def test_a_substitute_takes_the_session_when_asked(conn: Conn, world: World) -> 
     assert moved["trainer_id"] == sub and moved["scheduled_date"] == SAT
     done = one(conn, "SELECT * FROM trainer_reschedules WHERE id = %s", asked)
     assert (done["trainer_id"], done["substitute_trainer_id"]) == (world.trainer, sub)
+    # Ravi keeps the course: the substitute's Saturday is not Ravi's to be available for.
+    assert one(conn, "SELECT count(*) AS n FROM unfit_allocations")["n"] == 0
+    conn.execute("SELECT sweep_lifecycle()")
+    assert one(conn, "SELECT count(*) AS n FROM pgqueuer")["n"] == 0
     # Nobody fits: refused, changing nothing.
     other = request(conn, _session(conn, world.student, 2), SAT, "10:00")
     conn.execute("UPDATE trainers SET status = 'inactive' WHERE id = %s", (sub,))
@@ -576,6 +580,22 @@ def test_the_commands(conn: Conn, db_url: str, world: World) -> None:
     assert rejected.stdout.strip() == f"move request {request_id} rejected: Ravi is away"
     row = one(conn, "SELECT status, reviewed_by FROM trainer_reschedules")
     assert row["status"] == "rejected"
+    # The purchase's story says it (make trace).
+    trace = subprocess.run(
+        [sys.executable, "-m", "workers", "trace", str(world.student)],
+        env={**os.environ, "DATABASE_URL": db_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert trace.returncode == 0, trace.stderr
+    login = one(conn, "SELECT session_user AS u")["u"]
+    assert (
+        f"move {request_id} by {login}: the session of Mon 01 Mar 2027 17:00 -> Sat 06 Mar "
+        f"2027 10:00, for the student: exam; rejected: Ravi is away ({login})"
+    ) in trace.stdout
+    assert "move_requested" in trace.stdout and "move_rejected" in trace.stdout
 
 
 def test_the_console_approves_and_rejects_moves(conn: Conn, db_url: str, world: World) -> None:
@@ -586,8 +606,11 @@ def test_the_console_approves_and_rejects_moves(conn: Conn, db_url: str, world: 
     second = _session(conn, world.student, 2)
     page = f"/trace/{world.student}"
     with console(db_url) as client:
+        waiting = client.get("/waiting").text
+        assert "Moves waiting for a decision · 1" in waiting
+        assert 'href="/trace/' in waiting and "2027-03-01 17:00 → 2027-03-06 10:00" in waiting
         shown = client.get(page).text
-        assert "session 1, Mon 01 Mar 2027 17:00 -&gt; Sat 06 Mar 2027 10:00" in shown
+        assert "the session of Mon 01 Mar 2027 17:00 -&gt; Sat 06 Mar 2027 10:00" in shown
         assert 'action="/actions/move"' not in shown  # not signed in: nothing to press
         sign_in(client, token)
         assert 'action="/actions/move"' in client.get(page).text

@@ -744,6 +744,68 @@ GRANT EXECUTE ON FUNCTION
     cancel_session_move(uuid, text)
     TO kc_operator;
 
+-- A session a substitute teaches is not its allocation's trainer's to be available for: the
+-- availability rule of unfit_allocations (0009) reads only the sessions the allocation's own
+-- trainer teaches. Without this, a substitution at a time the trainer cannot teach (the
+-- reason for most substitutions) made the whole allocation unfit, and the next check (a
+-- change of the trainer, sweep_lifecycle within ten minutes) moved the course away from them.
+CREATE OR REPLACE VIEW unfit_allocations AS
+SELECT ta.id AS allocation_id, ta.purchase_id, ta.student_id, ta.trainer_id, why.reason AS why,
+       CASE why.reason
+           WHEN 'inactive' THEN 'the trainer is inactive'
+           WHEN 'no_specialty' THEN 'the trainer no longer teaches ' || c.title
+           WHEN 'gender_mismatch' THEN 'the trainer no longer matches the student''s gender '
+                                       || 'preference'
+           WHEN 'out_of_range' THEN 'the student''s home is outside the trainer''s service radius'
+           ELSE 'the trainer''s availability no longer covers the slot on a session day'
+       END AS detail
+FROM trainer_allocations ta
+JOIN trainers t ON t.id = ta.trainer_id
+JOIN students s ON s.id = ta.student_id
+JOIN courses c ON c.id = ta.course_id
+JOIN student_course_purchases pu ON pu.id = ta.purchase_id
+CROSS JOIN LATERAL (
+    SELECT coalesce((ta.metadata #>> '{assignment,override}')::boolean, false) AS overridden
+) o
+CROSS JOIN LATERAL (
+    SELECT CASE
+        WHEN t.status <> 'active' THEN 'inactive'
+        WHEN NOT o.overridden AND NOT t.specialties_norm && array_remove(
+                 ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)
+            THEN 'no_specialty'
+        WHEN NOT o.overridden AND lower(btrim(t.gender)) <> lower(btrim(s.gender))
+            THEN 'gender_mismatch'
+        WHEN NOT o.overridden
+             AND kc_haversine_km(s.home_lat, s.home_lng, t.base_lat, t.base_lng)
+                 > t.service_radius_km
+            THEN 'out_of_range'
+        WHEN EXISTS (
+            SELECT 1
+            FROM (SELECT DISTINCT extract(isodow FROM ts.scheduled_date)::smallint AS weekday,
+                         ts.scheduled_time AS slot_start,
+                         kc_slot_end(ts.scheduled_time, ts.duration_minutes) AS slot_end
+                  FROM tutoring_sessions ts
+                  WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'
+                    AND ts.starts_at > now() AND ts.trainer_id = ta.trainer_id
+                  UNION ALL
+                  SELECT d, pu.preferred_time_slot,
+                         kc_slot_end(pu.preferred_time_slot, pu.session_duration_minutes)
+                  FROM unnest(kc_mode_weekdays(pu.schedule_mode)) AS d
+                  WHERE NOT EXISTS (SELECT 1 FROM tutoring_sessions x
+                                    WHERE x.allocation_id = ta.id)) need
+            WHERE NOT EXISTS (
+                SELECT 1 FROM trainer_availability av
+                WHERE av.trainer_id = ta.trainer_id AND av.weekday = need.weekday
+                  AND av.slot_start <= need.slot_start AND av.slot_end >= need.slot_end))
+            THEN 'unavailable'
+    END AS reason
+) why
+WHERE ta.status = 'approved' AND why.reason IS NOT NULL
+  AND (EXISTS (SELECT 1 FROM tutoring_sessions ts
+               WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'
+                 AND ts.starts_at > now())
+       OR NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id));
+
 -------------------------------------------------------------------------------------------------
 -- kc_app: the app's own services
 -------------------------------------------------------------------------------------------------

@@ -127,14 +127,12 @@ UNION ALL
 SELECT 'move', m.id::text, m.requested_by, m.created_at, m.status,
        coalesce(m.rejection_reason, m.outcome)
            || CASE WHEN m.reviewed_by IS NOT NULL THEN ' (' || m.reviewed_by || ')' ELSE '' END,
-       'session ' || ts.session_number || ', '
-           || to_char(m.original_date, 'Dy DD Mon YYYY') || ' '
+       'the session of ' || to_char(m.original_date, 'Dy DD Mon YYYY') || ' '
            || to_char(m.original_time, 'HH24:MI') || ' -> '
            || to_char(m.new_date, 'Dy DD Mon YYYY') || ' ' || to_char(m.new_time, 'HH24:MI')
            || ', for the ' || m.request_type || ': ' || m.reason,
        m.status = 'pending'
 FROM trainer_reschedules m
 JOIN trainer_allocations ta ON ta.id = m.allocation_id
-JOIN tutoring_sessions ts ON ts.id = m.session_id
 WHERE ta.purchase_id = %(purchase_id)s::uuid
 ORDER BY 4;

@@ -59,6 +59,7 @@ async def waiting(request: Request) -> Response:
     async with console_of(request).pool.connection() as conn:
         reasons = await fetch_all(conn, q("console_waiting_reasons"), {})
         rows = await fetch_all(conn, q("console_waiting"), {"limit": LIST_LIMIT})
+        moves = await fetch_all(conn, q("console_pending_moves"), {"limit": LIST_LIMIT})
         groups: dict[str, list[DictRow]] = {}
         for row in rows:
             groups.setdefault(row["reason"], []).append(row)
@@ -72,6 +73,7 @@ async def waiting(request: Request) -> Response:
                 "groups": groups,
                 "shown": len(rows),
                 "total": sum(r["n"] for r in reasons),
+                "moves": moves,
             },
         )
 
