@@ -152,7 +152,9 @@ def test_a_week_of_leave_substitutes_where_someone_fits_and_makes_up_the_rest(
         else:
             assert s["status"] == "cancelled" and s["trainer_id"] == ravi
             assert "nobody can take it during" in s["cancel_reason"]
-    # The courses stay Ravi's: a substitute takes no place among their live allocations.
+    # The courses stay Ravi's: a substitute takes no place among their live allocations, and
+    # sessions a substitute teaches do not make Ravi's allocations unfit (migration 0018).
+    assert one(conn, "SELECT count(*) AS n FROM unfit_allocations")["n"] == 0
     for student in week["students"]:
         assert allocation_of(conn, student)["trainer_id"] == ravi
     # The app's old table, by its names.

@@ -675,8 +675,9 @@ GRANT SELECT ON trainer_leaves, trainer_session_substitutions TO kc_app;
 -- A long leave hands the course over, as when a trainer leaves (migration 0009)
 -------------------------------------------------------------------------------------------------
 
--- unfit_allocations also names an approved allocation whose trainer is on a leave approved as
--- longer than the hand-over bound (handed_over) with a session of it ahead in those days
+-- unfit_allocations (as migration 0018 left it) also names an approved allocation whose
+-- trainer is on a leave approved as longer than the hand-over bound (handed_over) with a
+-- session of it ahead in those days
 -- (why = 'on_leave'): approve_leave enqueues it (kc_check_trainers), the allocation stage
 -- moves what is ahead to the best other trainer, and sweep_lifecycle catches what it missed.
 
@@ -733,7 +734,7 @@ CROSS JOIN LATERAL (
                          kc_slot_end(ts.scheduled_time, ts.duration_minutes) AS slot_end
                   FROM tutoring_sessions ts
                   WHERE ts.allocation_id = ta.id AND ts.status = 'scheduled'
-                    AND ts.starts_at > now()
+                    AND ts.starts_at > now() AND ts.trainer_id = ta.trainer_id
                   UNION ALL
                   SELECT d, pu.preferred_time_slot,
                          kc_slot_end(pu.preferred_time_slot, pu.session_duration_minutes)
