@@ -5,7 +5,9 @@ SELECT sessions_completed, courses_completed
 FROM complete_finished(%(grace)s::interval, %(limit)s::integer);
 
 -- name: sweep_lifecycle
-SELECT sweep_lifecycle(%(limit)s::integer) AS enqueued;
+-- Also closes the move requests whose session can no longer move (close_stale_moves).
+SELECT sweep_lifecycle(%(limit)s::integer) AS enqueued,
+       close_stale_moves(%(limit)s::integer) AS moves_closed;
 
 -- name: open_schedule_changes
 SELECT id, from_time_slot, to_time_slot, from_start_date, to_start_date, from_schedule_mode,
