@@ -982,52 +982,6 @@ BEGIN
     RETURN format('move request %s cancelled', p_request);
 END
 $function$
-CREATE OR REPLACE FUNCTION public.close_stale_moves(p_limit integer DEFAULT 500)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
-AS $function$
-DECLARE
-    v_closed integer;
-BEGIN
-    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
-        RAISE EXCEPTION 'limit is 1 .. 100000, not %', p_limit
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    WITH stale AS (
-        SELECT r.id, ta.purchase_id,
-               CASE WHEN NOT pu.is_active OR ta.status <> 'approved'
-                        THEN 'the purchase is no longer live'
-                    WHEN ts.status <> 'scheduled' THEN 'the session is ' || ts.status
-                    ELSE 'the session has started' END AS why
-        FROM trainer_reschedules r
-        JOIN tutoring_sessions ts ON ts.id = r.session_id
-        JOIN trainer_allocations ta ON ta.id = r.allocation_id
-        JOIN student_course_purchases pu ON pu.id = ta.purchase_id
-        WHERE r.status = 'pending'
-          AND (ts.status <> 'scheduled' OR ts.starts_at <= now() OR NOT pu.is_active
-               OR ta.status <> 'approved')
-        ORDER BY r.created_at
-        LIMIT p_limit
-        FOR UPDATE OF r SKIP LOCKED
-    ), closed AS (
-        UPDATE trainer_reschedules r
-        SET status = 'cancelled', reviewed_by = 'pipeline', reviewed_at = now(),
-            outcome = 'closed: ' || stale.why, updated_at = now()
-        FROM stale WHERE r.id = stale.id
-        RETURNING r.id, stale.purchase_id, stale.why
-    ), told AS (
-        INSERT INTO stage_history (stage, ref_id, event, detail)
-        SELECT 'allocation', c.purchase_id, 'move_cancelled',
-               format('request %s closed: %s', c.id, c.why)
-        FROM closed c
-        RETURNING 1
-    )
-    SELECT count(*) INTO v_closed FROM told;
-    RETURN v_closed;
-END
-$function$
 CREATE OR REPLACE FUNCTION public.complete_finished(p_grace interval DEFAULT '01:00:00'::interval, p_limit integer DEFAULT 2000)
  RETURNS TABLE(sessions_completed integer, courses_completed integer)
  LANGUAGE plpgsql
