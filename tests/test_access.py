@@ -359,3 +359,93 @@ def test_a_login_that_may_not_act_as_its_part_is_told_at_once(db_url: str, admin
     finally:
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f"DROP ROLE {name}")
+
+
+# -- the app's own services (kc_app) ----------------------------------------------------------
+
+
+def test_the_app_writes_its_tables_and_asks_for_moves_but_approves_nothing(
+    conn: Conn, db_url: str, admin_url: str
+) -> None:
+    """Issue 24: kc_app may write the input tables, mark attendance, read what the pipeline
+    decided and request (or withdraw) a move of one session; operators approve."""
+    name = f"kc_test_app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {name} LOGIN IN ROLE kc_app")
+    try:
+        app = as_user(db_url, name)
+        course = f.course(conn)
+        f.trainer(conn)
+        with psycopg.connect(app, autocommit=True) as a:
+            student = a.execute(
+                "INSERT INTO students (full_name, home_lat, home_lng) "
+                "VALUES ('Asha', %s, %s) RETURNING id",
+                f.HOME,
+            ).fetchone()
+            assert student is not None
+            a.execute(
+                "INSERT INTO payments (student_id, course_id, amount_cents, status, metadata) "
+                "VALUES (%s, %s, 100, 'succeeded', %s::jsonb)",
+                (student[0], course, json.dumps({**GOOD, "startDate": "2027-03-01"})),
+            )
+        drain(db_url)
+        first, second = (
+            r["id"]
+            for r in conn.execute(
+                "SELECT id FROM tutoring_sessions WHERE session_number IN (1, 2) "
+                "ORDER BY session_number"
+            )
+        )
+        with psycopg.connect(app, autocommit=True) as a:
+            asked = a.execute(
+                "SELECT request_session_move(%s, '2027-03-20', '10:00', 'student', 'exam')",
+                (first,),
+            ).fetchone()
+            assert asked is not None
+            a.execute("SELECT cancel_session_move(%s)", (asked[0],))
+            again = a.execute(
+                "SELECT request_session_move(%s, '2027-03-20', '10:00', 'trainer', 'ill')",
+                (first,),
+            ).fetchone()
+            assert again is not None
+            # Attendance, as the app marks it today.
+            a.execute("UPDATE tutoring_sessions SET status = 'cancelled' WHERE id = %s", (second,))
+        request = again[0]
+        assert refused(app, "SELECT approve_session_move(%s)", request)
+        assert refused(app, "SELECT reject_session_move(%s, 'no')", request)
+        assert refused(
+            app,
+            "SELECT request_session_move(%s, '2027-03-21', '10:00', 'operator', 'x')",
+            first,
+        )
+        assert refused(app, "UPDATE trainer_reschedules SET status = 'approved'")
+        assert refused(
+            app, "UPDATE tutoring_sessions SET scheduled_date = '2027-03-22' WHERE id = %s", first
+        )
+        assert refused(app, "UPDATE trainer_allocations SET status = 'cancelled'")
+        assert refused(app, "SELECT enqueue_stage('allocation', %s)", request)
+        assert refused(app, "SELECT replay_stage('purchase', %s)", request)
+        assert refused(app, "SELECT * FROM stage_history")
+        assert refused(app, "UPDATE kc_settings SET moves_auto_approve = true")
+        rows = conn.execute(
+            "SELECT status, request_type, requested_by, reviewed_by FROM trainer_reschedules "
+            "ORDER BY created_at"
+        ).fetchall()
+        assert rows == [
+            {
+                "status": "cancelled",
+                "request_type": "student",
+                "requested_by": name,
+                "reviewed_by": name,
+            },
+            {
+                "status": "pending",
+                "request_type": "trainer",
+                "requested_by": name,
+                "reviewed_by": None,
+            },
+        ]
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {name}")
+            admin.execute(f"DROP ROLE {name}")

@@ -337,7 +337,13 @@ def test_the_pipeline_logs_in_as_its_own_roles_never_as_the_superuser(tmp_path: 
                 "'CONNECT') FROM pg_database WHERE datname = %s",
                 (DATABASE_NAME,),
             ).fetchone()
+            # kc_app (0018), made by the server for the owner's login, which may not make
+            # roles: no part of the pipeline is a member.
+            app = admin.execute(
+                "SELECT count(*) FROM pg_auth_members WHERE roleid = 'kc_app'::regrole"
+            ).fetchone()
         assert rights == (LOGINS[OWNER_ROLE], False)  # migration 0015 closed it
+        assert app == (0,)
         # The operator commands and the workers' role check work as these logins.
         env = {**os.environ, "KC_EMBEDDED_DIR": str(server.root)}
         env.pop("DATABASE_URL", None)

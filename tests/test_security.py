@@ -320,6 +320,11 @@ HOSTILE = [
     ("test", "PYTEST_ARGS", "$(shell touch {marker})"),
     ("-n bench", "QUICK", "$(shell touch {marker})"),
     ("-n run-workers", "WORKERS", "$(shell touch {marker})"),
+    ("move-reject", "REASON", "$(touch {marker})"),
+    ("move-request", "TIME", "`touch {marker}`"),
+    ("leave", "REASON", "$(touch {marker})"),
+    ("leave-approve", "ID", "1; touch {marker}"),
+    ("substitute", "SESSION", "$(touch {marker})"),
 ]
 
 

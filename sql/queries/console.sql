@@ -159,3 +159,18 @@ WHERE t.status = 'active'
         ARRAY[lower(btrim(c.category)), lower(btrim(c.subcategory))], NULL)
 ORDER BY 6, t.id
 LIMIT %(limit)s::integer;
+
+-- name: console_pending_moves
+-- Requests to move one session that wait for an operator, oldest first (the trace of the
+-- purchase approves or rejects them).
+SELECT r.id, r.request_type, r.requested_by, r.reason, r.created_at, ta.purchase_id,
+       s.full_name AS student, s.timezone, c.title AS course, t.full_name AS trainer,
+       r.original_date, r.original_time, r.new_date, r.new_time
+FROM trainer_reschedules r
+JOIN trainer_allocations ta ON ta.id = r.allocation_id
+JOIN students s ON s.id = r.student_id
+JOIN courses c ON c.id = ta.course_id
+JOIN trainers t ON t.id = r.trainer_id
+WHERE r.status = 'pending'
+ORDER BY r.created_at
+LIMIT %(limit)s::integer;

@@ -64,3 +64,43 @@ FROM stage_overview WHERE oldest_waiting IS NOT NULL;
 -- Whether any login may connect (PUBLIC has CONNECT), which migration 0015 took away.
 SELECT current_database() AS database,
        has_database_privilege('public', current_database(), 'CONNECT') AS public_may_connect;
+
+-- name: move_request
+-- One session to another local date and time (sql/migrations/0018_session_moves.sql): checked
+-- at once; refused with the reason, changing nothing. session: the console's session id.
+SELECT request_session_move(%(session_id)s::uuid, %(new_date)s::date, %(new_time)s::text,
+                            %(request_type)s::text, %(reason)s::text, %(notes)s::text,
+                            %(session)s::text) AS request_id;
+
+-- name: move_approve
+SELECT approve_session_move(%(request_id)s::uuid, %(substitute)s::boolean,
+                            %(session)s::text) AS outcome;
+
+-- name: move_reject
+SELECT reject_session_move(%(request_id)s::uuid, %(reason)s::text, %(session)s::text)
+    AS outcome;
+
+-- name: move_cancel
+SELECT cancel_session_move(%(request_id)s::uuid, %(session)s::text) AS outcome;
+
+-- name: move_status
+SELECT id, status, reviewed_by, outcome, rejection_reason
+FROM trainer_reschedules WHERE id = %(request_id)s::uuid;
+
+-- name: moves_list
+-- Requests to move one session, the pending first (oldest first), then the latest decided.
+SELECT r.id, r.status, r.request_type AS asked_for, r.requested_by, st.full_name AS student,
+       ts.session_number AS session, t.full_name AS trainer,
+       to_char(r.original_date, 'Dy DD Mon') || ' ' || to_char(r.original_time, 'HH24:MI')
+           AS from_time,
+       to_char(r.new_date, 'Dy DD Mon') || ' ' || to_char(r.new_time, 'HH24:MI') AS to_time,
+       r.reason, r.created_at, r.reviewed_by,
+       coalesce(r.rejection_reason, r.outcome) AS outcome
+FROM trainer_reschedules r
+JOIN students st ON st.id = r.student_id
+JOIN tutoring_sessions ts ON ts.id = r.session_id
+JOIN trainers t ON t.id = r.trainer_id
+WHERE %(status)s::text IS NULL OR r.status = %(status)s::text
+ORDER BY r.status <> 'pending', CASE WHEN r.status = 'pending' THEN r.created_at END,
+         r.reviewed_at DESC
+LIMIT %(limit)s::integer;

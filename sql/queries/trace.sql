@@ -73,7 +73,10 @@ SELECT ta.id, ta.status, ta.reason, ta.reason_detail, ta.trainer_id, t.full_name
        count(s.id) FILTER (WHERE s.status = 'missed') AS missed,
        count(s.id) FILTER (WHERE s.status = 'cancelled') AS cancelled,
        count(s.id) FILTER (WHERE s.status = 'scheduled' AND s.starts_at > now()) AS ahead,
-       min(s.session_number) AS first_number, max(s.session_number) AS last_number
+       min(s.session_number) AS first_number, max(s.session_number) AS last_number,
+       -- sessions a substitute teaches (a trainer's leave, or an operator's substitute)
+       count(s.id) FILTER (WHERE s.status = 'scheduled' AND s.original_trainer_id IS NOT NULL)
+           AS substituted
 FROM trainer_allocations ta
 LEFT JOIN trainers t ON t.id = ta.trainer_id
 LEFT JOIN tutoring_sessions s ON s.allocation_id = ta.id
@@ -101,18 +104,35 @@ GROUP BY run, stage, event, ref_id, job_id, detail, actor
 ORDER BY min(at), min(id);
 
 -- name: trace_requests
--- An operator's requests for a purchase: assignments and reschedules, with their outcome.
-SELECT 'assign' AS kind, r.id, r.requested_by, r.requested_at, r.status, r.outcome,
+-- An operator's requests for a purchase: assignments and reschedules, with their outcome;
+-- and requests to move one of its sessions (the app's or an operator's; pending_move: one
+-- an operator may still approve or reject).
+SELECT 'assign' AS kind, r.id::text AS id, r.requested_by, r.requested_at, r.status,
+       r.outcome,
        'trainer ' || r.trainer_id || ' (' || t.full_name || ')'
-           || CASE WHEN r.override THEN ', override: ' || r.note ELSE '' END AS what
+           || CASE WHEN r.override THEN ', override: ' || r.note ELSE '' END AS what,
+       false AS pending_move
 FROM allocation_requests r
 JOIN trainers t ON t.id = r.trainer_id
 WHERE r.purchase_id = %(purchase_id)s::uuid
 UNION ALL
-SELECT 'reschedule', c.id, c.requested_by, c.requested_at, c.status, c.outcome,
+SELECT 'reschedule', c.id::text, c.requested_by, c.requested_at, c.status, c.outcome,
        c.from_schedule_mode || ' at ' || to_char(c.from_time_slot, 'HH24:MI') || ' from '
            || c.from_start_date || ' -> ' || c.to_schedule_mode || ' at '
-           || to_char(c.to_time_slot, 'HH24:MI') || ' from ' || c.to_start_date
+           || to_char(c.to_time_slot, 'HH24:MI') || ' from ' || c.to_start_date,
+       false
 FROM schedule_changes c
 WHERE c.purchase_id = %(purchase_id)s::uuid
+UNION ALL
+SELECT 'move', m.id::text, m.requested_by, m.created_at, m.status,
+       coalesce(m.rejection_reason, m.outcome)
+           || CASE WHEN m.reviewed_by IS NOT NULL THEN ' (' || m.reviewed_by || ')' ELSE '' END,
+       'the session of ' || to_char(m.original_date, 'Dy DD Mon YYYY') || ' '
+           || to_char(m.original_time, 'HH24:MI') || ' -> '
+           || to_char(m.new_date, 'Dy DD Mon YYYY') || ' ' || to_char(m.new_time, 'HH24:MI')
+           || ', for the ' || m.request_type || ': ' || m.reason,
+       m.status = 'pending'
+FROM trainer_reschedules m
+JOIN trainer_allocations ta ON ta.id = m.allocation_id
+WHERE ta.purchase_id = %(purchase_id)s::uuid
 ORDER BY 4;

@@ -1,5 +1,6 @@
 """What the console changes, and who may: signing in with an operator's own token, the CSRF
-token of every form, and the actions (replay, retry, assign, reschedule), each one call of an
+token of every form, and the actions (replay, retry, assign, reschedule; record, approve and
+cancel a trainer's leave, a substitute for one session), each one call of an
 operator function given the session's id, from which the database itself records
 `console:<operator>` as the actor.
 
@@ -40,6 +41,7 @@ REFUSAL_STATUS = {
     "42501": 403,  # insufficient_privilege: the session ended (signed out, expired, revoked)
     "22": 400,  # data exception: a value the function does not accept
     "55": 409,  # object not in prerequisite state: a finished or refunded purchase
+    "23P01": 409,  # exclusion_violation: another leave of the trainer's in those days
 }
 
 
@@ -196,9 +198,15 @@ async def call(request: Request, query: LiteralString, params: Mapping[str, Any]
     async with console_of(request).pool.connection() as conn:
         try:
             row = await fetch_one(conn, query, params)
-        except psycopg.errors.OperationalError:
-            raise  # the database is away: the "unavailable" page
         except psycopg.Error as exc:
+            # psycopg files a refusal such as "object not in prerequisite state" (SQLSTATE
+            # 55000: a request decided already, a trainer who cannot take a move) under
+            # OperationalError too: only a lost connection or a server going away (no
+            # SQLSTATE, classes 08 and 57) is the "unavailable" page.
+            if isinstance(exc, psycopg.OperationalError) and (
+                exc.sqlstate is None or exc.sqlstate[:2] in ("08", "57")
+            ):
+                raise
             raise RequestRefused(refusal_status(exc), refusal_message(exc)) from exc
     assert row is not None
     return row
@@ -320,3 +328,117 @@ async def reschedule(request: Request) -> Response:
     }
     row = await call(request, q("request_reschedule"), params)
     return await report(request, form, purchase, "Reschedule", row, "schedule_change_status")
+
+
+# -- leave and substitutes (migration 0019: each is carried out at once, in its call) ---------
+
+
+def leave_id_field(form: FormData) -> int:
+    value = text_field(form, "leave_id") or ""
+    if not value.isdigit() or len(value) > 18:
+        raise RequestRefused(400, f"{value[:40]!r} is not a leave number.")
+    return int(value)
+
+
+async def leave_request(request: Request) -> Response:
+    form = await checked_form(request)
+    trainer = uuid_field(form, "trainer_id", "trainer")
+    first, last = date_field(form, "first_day"), date_field(form, "last_day")
+    if first is None or last is None:
+        raise RequestRefused(400, "Give the leave's first and last day.")
+    row = await call(
+        request,
+        q("leave_request"),
+        {
+            "trainer_id": trainer,
+            "first_day": first,
+            "last_day": last,
+            "reason": text_field(form, "reason"),
+            "session": session_of(request),
+        },
+    )
+    leave = int(row["leave_id"])
+    if form.get("approve") in ("on", "true", "1"):
+        return await _approve(request, form, leave)
+    return done(request, back_to(form, "/leaves"), f"Leave {leave} recorded; approve it to act.")
+
+
+async def leave_approve(request: Request) -> Response:
+    form = await checked_form(request)
+    return await _approve(request, form, leave_id_field(form))
+
+
+async def _approve(request: Request, form: FormData, leave: int) -> Response:
+    row = await call(
+        request,
+        q("leave_approve_summary"),
+        {
+            "leave_id": leave,
+            "handover_days": console_of(request).leave_handover_days,
+            "session": session_of(request),
+        },
+    )
+    message = (
+        f"Leave {leave} approved: {row['substituted']} session(s) with a substitute, "
+        f"{row['cancelled']} cancelled (their make-ups follow)"
+    )
+    if row["handed_over"]:
+        message += f", {row['handed_over']} in courses handed over to other trainers"
+    return done(request, back_to(form, "/leaves"), message + ".")
+
+
+async def leave_cancel(request: Request) -> Response:
+    form = await checked_form(request)
+    leave = leave_id_field(form)
+    row = await call(
+        request,
+        q("leave_cancel_summary"),
+        {"leave_id": leave, "session": session_of(request)},
+    )
+    return done(
+        request,
+        back_to(form, "/leaves"),
+        f"Leave {leave} cancelled: {row['given_back']} session(s) back with their trainer, "
+        f"{row['kept']} kept by their substitute.",
+    )
+
+
+async def substitute(request: Request) -> Response:
+    form = await checked_form(request)
+    session_id = uuid_field(form, "session_id", "session")
+    trainer = uuid_field(form, "trainer_id", "trainer") if text_field(form, "trainer_id") else None
+    row = await call(
+        request,
+        q("substitute_session"),
+        {"session_id": session_id, "trainer_id": trainer, "session": session_of(request)},
+    )
+    return done(
+        request,
+        back_to(form, "/leaves"),
+        f"Session {session_id} is now trainer {row['substitute_id']}'s.",
+    )
+
+
+async def decide_move(request: Request) -> Response:
+    """Approve (or with a substitute) or reject a request to move one session; the database
+    checks the rules for that one session, under its locks, and says which one failed."""
+    form = await checked_form(request)
+    request_id = uuid_field(form, "request_id", "move request")
+    back = back_to(form)
+    if form.get("decision") == "reject":
+        reason = text_field(form, "reason")
+        if reason is None:
+            raise RequestRefused(400, "Say why the move is rejected: the requester reads it.")
+        row = await call(
+            request,
+            q("move_reject"),
+            {"request_id": request_id, "reason": reason, "session": session_of(request)},
+        )
+        return done(request, back, str(row["outcome"]))
+    substitute = form.get("substitute") in ("on", "true", "1")
+    row = await call(
+        request,
+        q("move_approve"),
+        {"request_id": request_id, "substitute": substitute, "session": session_of(request)},
+    )
+    return done(request, back, f"Move request {request_id} approved: {row['outcome']}.")

@@ -59,6 +59,7 @@ async def waiting(request: Request) -> Response:
     async with console_of(request).pool.connection() as conn:
         reasons = await fetch_all(conn, q("console_waiting_reasons"), {})
         rows = await fetch_all(conn, q("console_waiting"), {"limit": LIST_LIMIT})
+        moves = await fetch_all(conn, q("console_pending_moves"), {"limit": LIST_LIMIT})
         groups: dict[str, list[DictRow]] = {}
         for row in rows:
             groups.setdefault(row["reason"], []).append(row)
@@ -72,6 +73,7 @@ async def waiting(request: Request) -> Response:
                 "groups": groups,
                 "shown": len(rows),
                 "total": sum(r["n"] for r in reasons),
+                "moves": moves,
             },
         )
 
@@ -168,3 +170,16 @@ async def trace(request: Request) -> Response:
             "trace.html",
             {"title": f"Trace {ref}", "ref": ref, "cards": cards},
         )
+
+
+async def leaves(request: Request) -> Response:
+    """Trainers' leaves not cancelled and not over; signed in: record, approve, cancel, and
+    put a substitute on one session."""
+    async with console_of(request).pool.connection() as conn:
+        rows = await fetch_all(conn, q("leave_list"), {"trainer_id": None, "all": False})
+        context = {
+            "title": "Leave",
+            "leaves": rows,
+            "handover_days": console_of(request).leave_handover_days,
+        }
+        return await render(request, conn, "leaves.html", context)

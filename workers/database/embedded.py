@@ -68,9 +68,10 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "koding"
 OS_USER = "kcpg"
 SUPERUSER = "postgres"
-# Roles later migrations create, with the project role that is a member of each (0017:
-# kc_events, the readers of the business events; the relay reads as kc_worker).
-MIGRATION_ROLES = {"kc_events": WORKER_ROLE}
+# Roles later migrations create, with the project role that is a member of each, if any
+# (0017: kc_events, the readers of the business events; the relay reads as kc_worker. 0018:
+# kc_app, the app's own services: no part of the pipeline is one, the app's login is).
+MIGRATION_ROLES: dict[str, str | None] = {"kc_events": WORKER_ROLE, "kc_app": None}
 # The pipeline's logins on the embedded server, one per project role (a member of it).
 LOGINS = {
     OWNER_ROLE: "koding_owner",
@@ -338,9 +339,12 @@ class EmbeddedServer:
             for role, member in MIGRATION_ROLES.items():
                 if not _role_exists(conn, role):
                     conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
-                conn.execute(
-                    sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(member))
-                )
+                if member is not None:
+                    conn.execute(
+                        sql.SQL("GRANT {} TO {}").format(
+                            sql.Identifier(role), sql.Identifier(member)
+                        )
+                    )
             for role, login in LOGINS.items():
                 if not _role_exists(conn, login):
                     conn.execute(

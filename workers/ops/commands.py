@@ -11,7 +11,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -117,6 +117,59 @@ def replay(conn: SyncConn, stage: str, ref: UUID | None) -> str:
     params = {"stage": stage, "ref_id": ref, "session": None}
     row = conn.execute(q("replay_stage"), params).fetchone()
     return f"{stage} {ref} enqueued again as job {row['job_id'] if row else '?'}"
+
+
+def request_move(
+    conn: SyncConn,
+    session_id: UUID,
+    new_date: date,
+    new_time: str,
+    request_type: str,
+    reason: str,
+    notes: str | None,
+) -> str:
+    """Records a request to move one session (refused: a psycopg error saying why)."""
+    params = {
+        "session_id": session_id,
+        "new_date": new_date,
+        "new_time": new_time,
+        "request_type": request_type,
+        "reason": reason,
+        "notes": notes,
+        "session": None,  # no console session: the actor is the database login
+    }
+    row = conn.execute(q("move_request"), params).fetchone()
+    assert row is not None
+    status = conn.execute(q("move_status"), {"request_id": row["request_id"]}).fetchone()
+    assert status is not None
+    if status["status"] == "approved":  # kc_settings.moves_auto_approve
+        return f"move request {status['id']} approved at once ({status['reviewed_by']}): " + str(
+            status["outcome"]
+        )
+    return (
+        f"move request {status['id']} pending: an operator approves it "
+        f"(make move-approve ID={status['id']}) or rejects it"
+    )
+
+
+def decide_move(
+    conn: SyncConn, action: str, request_id: UUID, *, substitute: bool, reason: str | None
+) -> str:
+    """approve, reject or cancel one move request; the database's answer, or its refusal."""
+    if action == "approve":
+        params: dict[str, Any] = {"request_id": request_id, "substitute": substitute}
+    elif action == "reject":
+        params = {"request_id": request_id, "reason": reason}
+    else:
+        params = {"request_id": request_id}
+    row = conn.execute(q(f"move_{action}"), {**params, "session": None}).fetchone()
+    assert row is not None
+    return str(row["outcome"])
+
+
+def list_moves(conn: SyncConn, status: str | None, limit: int) -> str:
+    rows = conn.execute(q("moves_list"), {"status": status, "limit": limit}).fetchall()
+    return table(rows)
 
 
 def add_operator(conn: SyncConn, name: str) -> str:
