@@ -128,6 +128,8 @@ async def search_both_ways(
         holidays = await load_holidays(conn, purchase["start_date"])
         ours = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
         await make_fail(conn, trainer, course, rules, ours)
+        # The bookings' live allocations counted (trainer_load) as their commit would.
+        await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
         everyone = await search(conn, purchase, ours, ctx)
         alone = await search(conn, purchase, ours, ctx, only=trainer)
         ranked = await search_ranked(conn, purchase, ours, ctx)

@@ -259,7 +259,9 @@ WITH purchase AS (
       AND (a.every_lng OR t.base_lng BETWEEN a.lng_min AND a.lng_max)
 ), ranked AS MATERIALIZED (
     -- Those who pass the cheap rules, in the ranking's order. Live allocations are a rule's
-    -- fact (capacity) and a ranking key: counted here for each of them.
+    -- fact (capacity) and a ranking key: the database's count (trainer_load, migration 0020:
+    -- exact at every committed state; a trainer seeded with triggers off and never
+    -- recounted has no row, read as 0), one key lookup each instead of counting rows.
     SELECT r.*,
            row_number() OVER (ORDER BY (r.specialty_match = 'category') DESC,
                                        r.live_allocations,
@@ -268,9 +270,8 @@ WITH purchase AS (
                                        r.trainer_id) AS place,
            count(*) OVER () AS ranked
     FROM (SELECT b.*,
-                 (SELECT count(*) FROM trainer_allocations ta
-                   WHERE ta.trainer_id = b.trainer_id AND ta.status = 'approved')
-                     AS live_allocations
+                 coalesce((SELECT l.live_allocations::bigint FROM trainer_load l
+                            WHERE l.trainer_id = b.trainer_id), 0) AS live_allocations
           FROM base b
           WHERE b.specialty_match IS NOT NULL AND b.gender_ok
             AND b.distance_km <= b.service_radius_km) r
