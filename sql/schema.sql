@@ -370,6 +370,7 @@ CONSTRAINT trainer_allocations.trainer_allocations_attempts_check CHECK ((attemp
 CONSTRAINT trainer_allocations.trainer_allocations_check CHECK (((status <> 'pending'::text) OR ((reason IS NOT NULL) AND (reason_detail IS NOT NULL) AND (trainer_id IS NULL))));
 CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'approved'::text) OR ((trainer_id IS NOT NULL) AND (allocated_at IS NOT NULL) AND (first_session_date IS NOT NULL))));
 CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT trainer_allocations.trainer_allocations_id_student_course_key UNIQUE (id, student_id, course_id);
 CONSTRAINT trainer_allocations.trainer_allocations_load_settle_deleted TRIGGER DEFERRABLE INITIALLY DEFERRED;
 CONSTRAINT trainer_allocations.trainer_allocations_load_settle_inserted TRIGGER DEFERRABLE INITIALLY DEFERRED;
 CONSTRAINT trainer_allocations.trainer_allocations_load_settle_updated TRIGGER DEFERRABLE INITIALLY DEFERRED;
@@ -393,17 +394,15 @@ CONSTRAINT trainers.trainers_pkey PRIMARY KEY (id);
 CONSTRAINT trainers.trainers_rating_check CHECK (((rating >= (0)::numeric) AND (rating <= (5)::numeric)));
 CONSTRAINT trainers.trainers_service_radius_km_check CHECK ((service_radius_km > (0)::numeric));
 CONSTRAINT trainers.trainers_status_check CHECK ((status = ANY (ARRAY['active'::text, 'inactive'::text])));
-CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_fkey FOREIGN KEY (allocation_id, student_id, course_id) REFERENCES trainer_allocations(id, student_id, course_id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_session_number_key UNIQUE (allocation_id, session_number);
 CONSTRAINT tutoring_sessions.tutoring_sessions_check CHECK ((ends_at = (starts_at + make_interval(mins => (duration_minutes)::integer))));
-CONSTRAINT tutoring_sessions.tutoring_sessions_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_delivery_check CHECK ((delivery = ANY (ARRAY['home'::text, 'online'::text])));
 CONSTRAINT tutoring_sessions.tutoring_sessions_duration_minutes_check CHECK (((duration_minutes >= 15) AND (duration_minutes <= 240)));
 CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (trainer_id WITH =, tstzrange(starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
 CONSTRAINT tutoring_sessions.tutoring_sessions_pkey PRIMARY KEY (id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_session_number_check CHECK ((session_number >= 1));
 CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'completed'::text, 'missed'::text, 'cancelled'::text])));
-CONSTRAINT tutoring_sessions.tutoring_sessions_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
 
 -- INDEXES
@@ -459,6 +458,7 @@ CREATE UNIQUE INDEX student_course_purchases_one_active_idx ON public.student_co
 CREATE UNIQUE INDEX student_course_purchases_payment_id_key ON public.student_course_purchases USING btree (payment_id);
 CREATE UNIQUE INDEX student_course_purchases_pkey ON public.student_course_purchases USING btree (id);
 CREATE UNIQUE INDEX students_pkey ON public.students USING btree (id);
+CREATE UNIQUE INDEX trainer_allocations_id_student_course_key ON public.trainer_allocations USING btree (id, student_id, course_id);
 CREATE UNIQUE INDEX trainer_allocations_one_live_idx ON public.trainer_allocations USING btree (purchase_id) WHERE (status = ANY (ARRAY['pending'::text, 'approved'::text]));
 CREATE INDEX trainer_allocations_pending_idx ON public.trainer_allocations USING btree (created_at) WHERE (status = 'pending'::text);
 CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING btree (id);

@@ -187,3 +187,18 @@ REVOKE EXECUTE ON FUNCTION trg_trainers_load_row(), trg_allocations_load_touch()
     trg_allocations_load_settle(), kc_load_touch(uuid[]) FROM PUBLIC;
 -- The stage's search reads it (kc_operator reads every table by default privilege).
 GRANT SELECT ON trainer_load TO kc_worker;
+
+-- Sessions: one composite foreign key to their allocation checks at once that it exists and
+-- that the session's student and course are the allocation's (issue 25). A session row then
+-- costs two foreign-key checks instead of four (the trainer keeps its own: a substitute may
+-- teach a session of someone else's allocation). The allocation's own keys to students and
+-- courses still stand behind the student and the course.
+ALTER TABLE trainer_allocations
+    ADD CONSTRAINT trainer_allocations_id_student_course_key UNIQUE (id, student_id, course_id);
+ALTER TABLE tutoring_sessions
+    ADD CONSTRAINT tutoring_sessions_allocation_fkey
+        FOREIGN KEY (allocation_id, student_id, course_id)
+        REFERENCES trainer_allocations (id, student_id, course_id),
+    DROP CONSTRAINT tutoring_sessions_allocation_id_fkey,
+    DROP CONSTRAINT tutoring_sessions_student_id_fkey,
+    DROP CONSTRAINT tutoring_sessions_course_id_fkey;
