@@ -9,6 +9,7 @@ explanation says how the winner was found."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import date, datetime, time, timedelta
 from typing import Any
@@ -20,8 +21,8 @@ import pytest
 from psycopg.rows import DictRow, dict_row
 
 from tests import factories as f
-from tests.helpers import drain, worker_settings
-from workers.database.sql import q
+from tests.helpers import drain, one, worker_settings
+from workers.database.sql import all_queries, q
 from workers.rules.matching import Decision, capacity_for
 from workers.runtime.runner import StageContext, load_holidays
 from workers.stages import allocation
@@ -311,3 +312,51 @@ def test_the_allocation_says_how_the_winner_was_found(conn: Conn, db_url: str) -
     # measured (the first batch: all four here).
     assert match["eliminated"] == {"gender_mismatch": 1, "at_capacity": 1, "no_free_slot": 1}
     assert str(far) not in {c["trainerId"] for c in match["ranking"]}
+
+
+def test_the_ranked_search_uses_its_indexes(conn: Conn) -> None:
+    """In the prepared statement's generic plan: the box around the student's home (not every
+    teacher of the course in the country), the largest radius, trainer_load by key, the
+    availability key and the trainer's sessions by index; no sequential scan of a table."""
+    course = f.course(conn)
+    f.trainer(conn)
+    student = f.student(conn)
+    payment = f.payment(conn, student, course, GOOD, status="initiated")
+    purchase = one(
+        conn,
+        """INSERT INTO student_course_purchases (payment_id, student_id,
+        course_id, purchase_tier, start_date, preferred_time_slot, schedule_mode,
+        session_duration_minutes) VALUES (%s, %s, %s, 10, current_date + 1, '16:00',
+        'daily', 60) RETURNING id""",
+        payment,
+        student,
+        course,
+    )["id"]
+    query = all_queries()["ranked_candidate_facts"]
+    conn.execute("SET enable_seqscan = off")
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    conn.execute(f"PREPARE ranked AS {query.positional()}")
+    literals = {
+        "purchase_id": f"'{UUID(str(purchase))}'",
+        "starts": "'{2030-01-01 10:30+00}'",
+        "ends": "'{2030-01-01 11:30+00}'",
+        "at_home": "'{true}'",
+        "weekdays": "'{1,2,3,4,5,6,7}'",
+        "slot_start": "'16:00'",
+        "slot_end": "'17:00'",
+        "max_sequential_km": "5.0",
+        "skip": "0",
+        "take": "8",
+    }
+    args = ", ".join(literals[name] for name in query.parameter_names())
+    plan = one(conn, f"EXPLAIN (FORMAT JSON) EXECUTE ranked({args})")
+    text = json.dumps(plan)
+    for index in (
+        "trainers_active_base_idx",
+        "trainers_active_radius_idx",
+        "trainer_load_pkey",
+        "trainer_availability_pkey",
+    ):
+        assert index in text, f"the ranked search does not use {index}"
+    assert "trainers_active_specialties_idx" not in text  # every teacher of the course
+    assert '"Seq Scan"' not in text
