@@ -20,7 +20,8 @@ STAMP  := $(VENV)/.installed
 $(foreach name,$(.VARIABLES),$(if $(filter command line,$(origin $(name))),$(eval override export $(name) := $$(value $(name)))))
 
 .PHONY: help install venv-check run-workers test lint format migrate psql db-start db-stop db-remove \
-	schema clean status trace failures replay reschedule doctor console operator-add operators \
+	schema clean status trace failures replay reschedule leave leave-approve leave-cancel leaves \
+	substitute doctor console operator-add operators \
 	operator-revoke screenshots bench embedded-smoke moves move-request move-approve move-reject
 
 help: ## list the targets
@@ -87,7 +88,7 @@ db-remove: $(STAMP) ## stop the embedded PostgreSQL and delete its data: a clean
 status: $(STAMP) ## per stage: backlog, in flight, failed, latency; counts of problems
 	@$(PY) -m workers status
 
-# ID, STAGE, SLOT, DATE, MODE and NAME reach the commands through the environment ("$$ID"),
+# ID, STAGE, SLOT, DATE, MODE, NAME, TRAINER, FIRST, LAST, REASON and SESSION reach the commands through the environment ("$$ID"),
 # never as make or shell text (see the top of this file). The CLI validates them.
 trace: $(STAMP) ## where is it, and why: make trace ID=<payment|purchase|allocation|student id>
 	@test -n "$$ID" || { echo "usage: make trace ID=<uuid>"; exit 2; }
@@ -108,6 +109,25 @@ reschedule: $(STAMP) ## move what is ahead: make reschedule ID=<purchase> [SLOT=
 	if [ -n "$$DATE" ]; then args+=(--start-date "$$DATE"); fi; \
 	if [ -n "$$MODE" ]; then args+=(--mode "$$MODE"); fi; \
 	$(PY) -m workers reschedule "$${args[@]}"
+
+leave: $(STAMP) ## record a trainer's leave: make leave TRAINER=<id> FIRST=YYYY-MM-DD LAST=YYYY-MM-DD REASON="..."
+	@test -n "$$TRAINER" -a -n "$$FIRST" -a -n "$$LAST" -a -n "$$REASON" || { echo 'usage: make leave TRAINER=<trainer id> FIRST=YYYY-MM-DD LAST=YYYY-MM-DD REASON="why"'; exit 2; }
+	@$(PY) -m workers leave request "$$TRAINER" "$$FIRST" "$$LAST" --reason "$$REASON"
+
+leave-approve: $(STAMP) ## approve a leave: substitutes for its sessions now: make leave-approve ID=<leave id>
+	@test -n "$$ID" || { echo "usage: make leave-approve ID=<leave id>"; exit 2; }
+	@$(PY) -m workers leave approve "$$ID"
+
+leave-cancel: $(STAMP) ## cancel a leave; sessions ahead go back to the trainer: make leave-cancel ID=<leave id>
+	@test -n "$$ID" || { echo "usage: make leave-cancel ID=<leave id>"; exit 2; }
+	@$(PY) -m workers leave cancel "$$ID"
+
+leaves: $(STAMP) ## trainers' leaves not cancelled and not over
+	@$(PY) -m workers leave list
+
+substitute: $(STAMP) ## a substitute for one session: make substitute SESSION=<session id> [TRAINER=<id>, else the best]
+	@test -n "$$SESSION" || { echo "usage: make substitute SESSION=<session id> [TRAINER=<trainer id>]"; exit 2; }
+	@$(PY) -m workers substitute "$$SESSION" $${TRAINER:+"$$TRAINER"}
 
 moves: $(STAMP) ## requests to move one session: the pending first (STATUS=pending|approved|rejected|cancelled)
 	@$(PY) -m workers move list $${STATUS:+--status "$$STATUS"}

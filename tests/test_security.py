@@ -322,6 +322,9 @@ HOSTILE = [
     ("-n run-workers", "WORKERS", "$(shell touch {marker})"),
     ("move-reject", "REASON", "$(touch {marker})"),
     ("move-request", "TIME", "`touch {marker}`"),
+    ("leave", "REASON", "$(touch {marker})"),
+    ("leave-approve", "ID", "1; touch {marker}"),
+    ("substitute", "SESSION", "$(touch {marker})"),
 ]
 
 

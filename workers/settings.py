@@ -122,6 +122,14 @@ class Settings(BaseSettings):
         validation_alias="KC_LIFECYCLE_BATCH",
         description="Most sessions, and most courses, the lifecycle job completes per run.",
     )
+    leave_handover_days: int = Field(
+        default=14,
+        ge=1,
+        le=365,
+        validation_alias="KC_LEAVE_HANDOVER_DAYS",
+        description="A trainer's leave longer than this many days hands their courses over "
+        "to other trainers (as when a trainer leaves) instead of a substitute per session.",
+    )
     retention_days: int = Field(
         default=30,
         ge=1,

@@ -73,7 +73,10 @@ SELECT ta.id, ta.status, ta.reason, ta.reason_detail, ta.trainer_id, t.full_name
        count(s.id) FILTER (WHERE s.status = 'missed') AS missed,
        count(s.id) FILTER (WHERE s.status = 'cancelled') AS cancelled,
        count(s.id) FILTER (WHERE s.status = 'scheduled' AND s.starts_at > now()) AS ahead,
-       min(s.session_number) AS first_number, max(s.session_number) AS last_number
+       min(s.session_number) AS first_number, max(s.session_number) AS last_number,
+       -- sessions a substitute teaches (a trainer's leave, or an operator's substitute)
+       count(s.id) FILTER (WHERE s.status = 'scheduled' AND s.original_trainer_id IS NOT NULL)
+           AS substituted
 FROM trainer_allocations ta
 LEFT JOIN trainers t ON t.id = ta.trainer_id
 LEFT JOIN tutoring_sessions s ON s.allocation_id = ta.id

@@ -1,5 +1,6 @@
 """What the console changes, and who may: signing in with an operator's own token, the CSRF
-token of every form, and the actions (replay, retry, assign, reschedule), each one call of an
+token of every form, and the actions (replay, retry, assign, reschedule; record, approve and
+cancel a trainer's leave, a substitute for one session), each one call of an
 operator function given the session's id, from which the database itself records
 `console:<operator>` as the actor.
 
@@ -40,6 +41,7 @@ REFUSAL_STATUS = {
     "42501": 403,  # insufficient_privilege: the session ended (signed out, expired, revoked)
     "22": 400,  # data exception: a value the function does not accept
     "55": 409,  # object not in prerequisite state: a finished or refunded purchase
+    "23P01": 409,  # exclusion_violation: another leave of the trainer's in those days
 }
 
 
@@ -326,6 +328,95 @@ async def reschedule(request: Request) -> Response:
     }
     row = await call(request, q("request_reschedule"), params)
     return await report(request, form, purchase, "Reschedule", row, "schedule_change_status")
+
+
+# -- leave and substitutes (migration 0019: each is carried out at once, in its call) ---------
+
+
+def leave_id_field(form: FormData) -> int:
+    value = text_field(form, "leave_id") or ""
+    if not value.isdigit() or len(value) > 18:
+        raise RequestRefused(400, f"{value[:40]!r} is not a leave number.")
+    return int(value)
+
+
+async def leave_request(request: Request) -> Response:
+    form = await checked_form(request)
+    trainer = uuid_field(form, "trainer_id", "trainer")
+    first, last = date_field(form, "first_day"), date_field(form, "last_day")
+    if first is None or last is None:
+        raise RequestRefused(400, "Give the leave's first and last day.")
+    row = await call(
+        request,
+        q("leave_request"),
+        {
+            "trainer_id": trainer,
+            "first_day": first,
+            "last_day": last,
+            "reason": text_field(form, "reason"),
+            "session": session_of(request),
+        },
+    )
+    leave = int(row["leave_id"])
+    if form.get("approve") in ("on", "true", "1"):
+        return await _approve(request, form, leave)
+    return done(request, back_to(form, "/leaves"), f"Leave {leave} recorded; approve it to act.")
+
+
+async def leave_approve(request: Request) -> Response:
+    form = await checked_form(request)
+    return await _approve(request, form, leave_id_field(form))
+
+
+async def _approve(request: Request, form: FormData, leave: int) -> Response:
+    row = await call(
+        request,
+        q("leave_approve_summary"),
+        {
+            "leave_id": leave,
+            "handover_days": console_of(request).leave_handover_days,
+            "session": session_of(request),
+        },
+    )
+    message = (
+        f"Leave {leave} approved: {row['substituted']} session(s) with a substitute, "
+        f"{row['cancelled']} cancelled (their make-ups follow)"
+    )
+    if row["handed_over"]:
+        message += f", {row['handed_over']} in courses handed over to other trainers"
+    return done(request, back_to(form, "/leaves"), message + ".")
+
+
+async def leave_cancel(request: Request) -> Response:
+    form = await checked_form(request)
+    leave = leave_id_field(form)
+    row = await call(
+        request,
+        q("leave_cancel_summary"),
+        {"leave_id": leave, "session": session_of(request)},
+    )
+    return done(
+        request,
+        back_to(form, "/leaves"),
+        f"Leave {leave} cancelled: {row['given_back']} session(s) back with their trainer, "
+        f"{row['kept']} kept by their substitute.",
+    )
+
+
+async def substitute(request: Request) -> Response:
+    form = await checked_form(request)
+    session_id = uuid_field(form, "session_id", "session")
+    trainer = uuid_field(form, "trainer_id", "trainer") if text_field(form, "trainer_id") else None
+    row = await call(
+        request,
+        q("substitute_session"),
+        {"session_id": session_id, "trainer_id": trainer, "session": session_of(request)},
+    )
+    return done(
+        request,
+        back_to(form, "/leaves"),
+        f"Session {session_id} is now trainer {row['substitute_id']}'s.",
+    )
 
 
 async def decide_move(request: Request) -> Response:

@@ -64,6 +64,7 @@ class Console:
     templates: Jinja2Templates
     outcome_wait: float  # seconds an assignment or a reschedule waits for its outcome
     access: Access
+    leave_handover_days: int = 14  # KC_LEAVE_HANDOVER_DAYS, for approve_leave
 
 
 def console_of(request: Request) -> Console:
@@ -278,6 +279,7 @@ def create_app(
     outcome_wait: float = 10.0,
     pool_timeout: float = 5.0,
     throttle: Throttle | None = None,
+    leave_handover_days: int = 14,
 ) -> Starlette:
     """The console on the database at `url`. `read_needs_sign_in`: every page needs a
     signed-in operator (beyond loopback), not only the actions. `allowed_hosts`: the Host
@@ -304,6 +306,7 @@ def create_app(
         Route("/failures", pages.failures),
         Route("/search", pages.search),
         Route("/trace/{ref}", pages.trace),
+        Route("/leaves", pages.leaves),
         Route("/signin", actions.signin_form, methods=["GET"]),
         Route("/signin", actions.signin, methods=["POST"]),
         Route("/signout", actions.signout, methods=["POST"]),
@@ -311,6 +314,10 @@ def create_app(
         Route("/actions/replay-failed", actions.replay_failed, methods=["POST"]),
         Route("/actions/assign", actions.assign, methods=["POST"]),
         Route("/actions/reschedule", actions.reschedule, methods=["POST"]),
+        Route("/actions/leave-request", actions.leave_request, methods=["POST"]),
+        Route("/actions/leave-approve", actions.leave_approve, methods=["POST"]),
+        Route("/actions/leave-cancel", actions.leave_cancel, methods=["POST"]),
+        Route("/actions/substitute", actions.substitute, methods=["POST"]),
         Route("/actions/move", actions.decide_move, methods=["POST"]),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
@@ -333,5 +340,5 @@ def create_app(
         lifespan=lifespan,
     )
     rules = Access(read_needs_sign_in, throttle=throttle or Throttle())
-    app.state.console = Console(pool, make_templates(), outcome_wait, rules)
+    app.state.console = Console(pool, make_templates(), outcome_wait, rules, leave_handover_days)
     return app

@@ -170,3 +170,16 @@ async def trace(request: Request) -> Response:
             "trace.html",
             {"title": f"Trace {ref}", "ref": ref, "cards": cards},
         )
+
+
+async def leaves(request: Request) -> Response:
+    """Trainers' leaves not cancelled and not over; signed in: record, approve, cancel, and
+    put a substitute on one session."""
+    async with console_of(request).pool.connection() as conn:
+        rows = await fetch_all(conn, q("leave_list"), {"trainer_id": None, "all": False})
+        context = {
+            "title": "Leave",
+            "leaves": rows,
+            "handover_days": console_of(request).leave_handover_days,
+        }
+        return await render(request, conn, "leaves.html", context)

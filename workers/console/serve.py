@@ -114,7 +114,12 @@ def serve(url: str, settings: Settings, host: str, port: int) -> int:
     operators = check_database(url)
     check_address(host, operators)
     loopback = is_loopback(host)
-    app = create_app(url, read_needs_sign_in=not loopback, allowed_hosts=allowed_hosts(host))
+    app = create_app(
+        url,
+        read_needs_sign_in=not loopback,
+        allowed_hosts=allowed_hosts(host),
+        leave_handover_days=settings.leave_handover_days,
+    )
     shown = f"[{host}]" if ":" in host else host
     if operators is None:
         who = "operators: the database does not answer yet"

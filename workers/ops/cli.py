@@ -241,6 +241,100 @@ def cmd_reschedule(args: argparse.Namespace, settings: Settings) -> int:
     return _submit(settings, "request_reschedule", params, "schedule_change_status", args.wait)
 
 
+def _run_leave_query(settings: Settings, query: str, params: dict[str, Any]) -> list[Any] | None:
+    """Run one of the leave functions; None (the refusal printed) when the database refused."""
+    import psycopg
+
+    from workers.database.sql import q
+
+    with _ops_connection(settings) as conn:
+        try:
+            return conn.execute(q(query), {**params, "session": None}).fetchall()
+        except psycopg.Error as exc:
+            print(f"refused: {exc.diag.message_primary or exc}", file=sys.stderr)
+            return None
+
+
+def cmd_leave_request(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _run_leave_query(
+        settings,
+        "leave_request",
+        {
+            "trainer_id": args.trainer,
+            "first_day": args.first_day,
+            "last_day": args.last_day,
+            "reason": args.reason,
+        },
+    )
+    if rows is None:
+        return 1
+    print(
+        f"leave {rows[0]['leave_id']} requested; an operator approves it: "
+        f"python -m workers leave approve {rows[0]['leave_id']}"
+    )
+    return 0
+
+
+def cmd_leave_approve(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ops import commands as ops
+
+    days = args.handover_days or settings.leave_handover_days
+    rows = _run_leave_query(
+        settings, "leave_approve", {"leave_id": args.leave, "handover_days": days}
+    )
+    if rows is None:
+        return 1
+    print(ops.table(rows, ["scheduled_date", "scheduled_time", "outcome", "trainer_id", "detail"]))
+    return _print_leave(settings, args.leave)
+
+
+def cmd_leave_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.ops import commands as ops
+
+    rows = _run_leave_query(settings, "leave_cancel", {"leave_id": args.leave})
+    if rows is None:
+        return 1
+    if rows:
+        print(
+            ops.table(rows, ["scheduled_date", "scheduled_time", "outcome", "trainer_id", "detail"])
+        )
+    return _print_leave(settings, args.leave)
+
+
+def _print_leave(settings: Settings, leave_id: int) -> int:
+    from workers.database.sql import q
+
+    with _ops_connection(settings) as conn:
+        row = conn.execute(q("leave_get"), {"leave_id": leave_id}).fetchone()
+    assert row is not None
+    print(f"leave {row['id']} {row['status']}: {row['outcome']}")
+    return 0
+
+
+def cmd_leave_list(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.database.sql import q
+    from workers.ops import commands as ops
+
+    with _ops_connection(settings) as conn:
+        rows = conn.execute(
+            q("leave_list"), {"trainer_id": args.trainer, "all": args.all}
+        ).fetchall()
+    print(
+        ops.table(rows, ["id", "trainer", "first_day", "last_day", "status", "reason", "outcome"])
+    )
+    return 0
+
+
+def cmd_substitute(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _run_leave_query(
+        settings, "substitute_session", {"session_id": args.session, "trainer_id": args.trainer}
+    )
+    if rows is None:
+        return 1
+    print(f"session {args.session} is now trainer {rows[0]['substitute_id']}'s")
+    return 0
+
+
 def cmd_move(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
 
@@ -410,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_commands(sub)
     _add_assign(sub)
     _add_reschedule(sub)
+    _add_leave(sub)
     _add_move(sub)
     _add_operator_commands(sub)
     _add_operators(sub)
@@ -566,6 +661,59 @@ def _add_reschedule(sub: Subcommands[argparse.ArgumentParser]) -> None:
     resched.add_argument("--mode", help="daily, weekdays or sunday_only")
     _add_wait(resched)
     resched.set_defaults(func=cmd_reschedule)
+
+
+def _add_leave(sub: Subcommands[argparse.ArgumentParser]) -> None:
+    leave = sub.add_parser(
+        "leave",
+        help="a trainer's leave: request, approve (substitutes), cancel, list",
+        description="A trainer's leave (docs/lifecycle.md, Leave and substitutes). Approving "
+        "it gives each of the trainer's sessions in those days (the students' local dates) "
+        "the best other trainer who fits that one session, or cancels it (its make-up "
+        "follows); a leave longer than KC_LEAVE_HANDOVER_DAYS hands the courses over "
+        "instead. Cancelling an approved leave gives the sessions ahead back where the "
+        "trainer is free. Exit 1 when the database refuses, with its reason.",
+    )
+    actions = leave.add_subparsers(dest="action", required=True, metavar="ACTION")
+    request = actions.add_parser("request", help="record a leave (SQL: request_leave)")
+    request.add_argument("trainer", type=UUID, help="trainers.id")
+    request.add_argument("first_day", type=date.fromisoformat, help="YYYY-MM-DD")
+    request.add_argument("last_day", type=date.fromisoformat, help="YYYY-MM-DD (inclusive)")
+    request.add_argument("--reason", required=True, help="why (recorded with the leave)")
+    request.set_defaults(func=cmd_leave_request)
+    approve = actions.add_parser(
+        "approve", help="approve a requested leave: substitutes now (SQL: approve_leave)"
+    )
+    approve.add_argument("leave", type=int, help="trainer_leaves.id")
+    approve.add_argument(
+        "--handover-days",
+        type=int,
+        metavar="N",
+        help="a leave longer than N days hands the courses over (default: "
+        "KC_LEAVE_HANDOVER_DAYS, 14)",
+    )
+    approve.set_defaults(func=cmd_leave_approve)
+    cancel = actions.add_parser(
+        "cancel", help="cancel a leave; sessions ahead go back (SQL: cancel_leave)"
+    )
+    cancel.add_argument("leave", type=int, help="trainer_leaves.id")
+    cancel.set_defaults(func=cmd_leave_cancel)
+    listing = actions.add_parser("list", help="leaves not cancelled and not over")
+    listing.add_argument("--trainer", type=UUID, help="only this trainer's")
+    listing.add_argument("--all", action="store_true", help="cancelled and past ones too")
+    listing.set_defaults(func=cmd_leave_list)
+
+    substitute = sub.add_parser(
+        "substitute",
+        help="put a substitute on one session, without leave (named, or the best)",
+        description="Gives one scheduled session that has not started to another trainer "
+        "(SQL: substitute_session): the named one, checked by every matching rule for that "
+        "one session (refused with the rule's sentence), or the best who fits. The course "
+        "stays the trainer's; exit 1 when refused.",
+    )
+    substitute.add_argument("session", type=UUID, help="tutoring_sessions.id")
+    substitute.add_argument("trainer", type=UUID, nargs="?", help="trainers.id (default: the best)")
+    substitute.set_defaults(func=cmd_substitute)
 
 
 def _add_move(sub: Subcommands[argparse.ArgumentParser]) -> None:

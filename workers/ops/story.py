@@ -189,6 +189,8 @@ def allocation_sessions(allocation: Row) -> str:
         for k in ("completed", "missed", "cancelled", "ahead")
         if allocation[k] or k in ("completed", "ahead")
     ]
+    if allocation.get("substituted"):
+        parts.append(f"{allocation['substituted']} scheduled with a substitute")
     return f"{plural(total, 'session')} ({numbers}): {', '.join(parts)}"
 
 
