@@ -92,6 +92,17 @@ def table(results: dict[str, Any]) -> str:
         "sessions) p50/p95/p99 ms",
         _ms(search),
     )
+    if search.get("when_found"):
+        row(
+            f"  of them: found a trainer ({search['found_a_trainer']}) / nobody p50/p95/p99 ms",
+            f"{_ms(search['when_found'])}; {_ms(search.get('when_nobody', {}))}",
+        )
+    if "full_search" in search:
+        row(
+            f"  trainers measured: rank first {search.get('mean_measured', '-')}, full search "
+            f"{search['mean_candidates']}; full search p50/p95/p99 ms",
+            _ms(search["full_search"]),
+        )
     if "scarce" in results:
         lines.extend(scarce_rows(results["scarce"]))
     if len(results["backlog"]) >= 2:

@@ -1,4 +1,6 @@
-"""Trainer search timing: the allocation stage's candidate query plus the pure decision."""
+"""Trainer search timing: the allocation stage's search for a new purchase (rank first, then
+check: `search_ranked`) and, on the same purchases, the full search that measures everyone
+within reach (`search`, what the stage ran before issue 25)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from workers.database.connections import fetch_all, fetch_one
 from workers.database.sql import q
 from workers.runtime.runner import StageContext, load_holidays
 from workers.settings import Settings
-from workers.stages.allocation import remaining_plan, search
+from workers.stages.allocation import remaining_plan, search, search_ranked
 
 # Purchases to search for: the fixed world's students without a payment, by their number
 # (`Student <n>`), each with a course, slot (07:00-19:00) and mode that follow from n, so
@@ -66,7 +68,11 @@ async def _time_searches(url: str, samples: int) -> dict[str, Any]:
     settings = Settings(DATABASE_URL=url)  # type: ignore[call-arg]
     ctx = StageContext(settings)
     timings: list[float] = []
+    full_timings: list[float] = []
     candidates: list[int] = []
+    measured: list[int] = []
+    found: list[float] = []  # the stage's search, when it found a trainer
+    nobody: list[float] = []  # and when it found nobody (everyone within reach measured)
     chosen = 0
     async with (
         await psycopg.AsyncConnection.connect(url, row_factory=dict_row) as conn,
@@ -85,14 +91,29 @@ async def _time_searches(url: str, samples: int) -> dict[str, Any]:
             holidays = await load_holidays(conn, purchase["start_date"])
             plan = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
             started = time.perf_counter()
-            decision = await search(conn, purchase, plan, ctx)
+            decision = await search_ranked(conn, purchase, plan, ctx)
             timings.append(time.perf_counter() - started)
-            candidates.append(len(decision.candidates))
+            assert decision.search is not None
+            measured.append(len(decision.search.places))
             chosen += decision.chosen is not None
+            (found if decision.chosen is not None else nobody).append(timings[-1])
+            started = time.perf_counter()
+            full = await search(conn, purchase, plan, ctx)
+            full_timings.append(time.perf_counter() - started)
+            candidates.append(len(full.candidates))
+    full_figures = percentiles(full_timings)
     return {
         "searches": len(timings),
         **{k: v for k, v in percentiles(timings).items() if k != "n"},
         "max_ms": round(max(timings) * 1000, 2),
+        # Trainers measured on the costly rules by the stage's search, and the candidates
+        # within reach that the full search measures.
+        "mean_measured": round(statistics.mean(measured), 1),
         "mean_candidates": round(statistics.mean(candidates), 1),
         "found_a_trainer": chosen,
+        # The stage's search split by outcome: a purchase that finds nobody measures everyone.
+        "when_found": {k: v for k, v in percentiles(found).items() if k != "n"},
+        "when_nobody": {k: v for k, v in percentiles(nobody).items() if k != "n"},
+        "full_search": {k: v for k, v in full_figures.items() if k != "n"}
+        | {"max_ms": round(max(full_timings) * 1000, 2)},
     }

@@ -274,6 +274,10 @@ TABLE trainer_leaves (
     handed_over boolean NOT NULL DEFAULT false,
     outcome text
 );
+TABLE trainer_load (
+    trainer_id uuid NOT NULL,
+    live_allocations integer NOT NULL DEFAULT 0
+);
 TABLE trainer_reschedules (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     session_id uuid NOT NULL,
@@ -420,6 +424,10 @@ CONSTRAINT trainer_allocations.trainer_allocations_attempts_check CHECK ((attemp
 CONSTRAINT trainer_allocations.trainer_allocations_check CHECK (((status <> 'pending'::text) OR ((reason IS NOT NULL) AND (reason_detail IS NOT NULL) AND (trainer_id IS NULL))));
 CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'approved'::text) OR ((trainer_id IS NOT NULL) AND (allocated_at IS NOT NULL) AND (first_session_date IS NOT NULL))));
 CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT trainer_allocations.trainer_allocations_id_student_course_key UNIQUE (id, student_id, course_id);
+CONSTRAINT trainer_allocations.trainer_allocations_load_settle_deleted TRIGGER DEFERRABLE INITIALLY DEFERRED;
+CONSTRAINT trainer_allocations.trainer_allocations_load_settle_inserted TRIGGER DEFERRABLE INITIALLY DEFERRED;
+CONSTRAINT trainer_allocations.trainer_allocations_load_settle_updated TRIGGER DEFERRABLE INITIALLY DEFERRED;
 CONSTRAINT trainer_allocations.trainer_allocations_pkey PRIMARY KEY (id);
 CONSTRAINT trainer_allocations.trainer_allocations_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
 CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'trainer_inactive'::text, 'refunded'::text, 'reassigned'::text, 'trainer_left'::text, 'rescheduled'::text])));
@@ -439,6 +447,9 @@ CONSTRAINT trainer_leaves.trainer_leaves_pkey PRIMARY KEY (id);
 CONSTRAINT trainer_leaves.trainer_leaves_reason_check CHECK (((btrim(reason) <> ''::text) AND (length(reason) <= 500)));
 CONSTRAINT trainer_leaves.trainer_leaves_status_check CHECK ((status = ANY (ARRAY['requested'::text, 'approved'::text, 'cancelled'::text])));
 CONSTRAINT trainer_leaves.trainer_leaves_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CONSTRAINT trainer_load.trainer_load_live_allocations_check CHECK ((live_allocations >= 0));
+CONSTRAINT trainer_load.trainer_load_pkey PRIMARY KEY (trainer_id);
+CONSTRAINT trainer_load.trainer_load_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id) ON DELETE CASCADE;
 CONSTRAINT trainer_reschedules.trainer_reschedules_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
 CONSTRAINT trainer_reschedules.trainer_reschedules_check CHECK (((status = 'pending'::text) = (reviewed_at IS NULL)));
 CONSTRAINT trainer_reschedules.trainer_reschedules_check1 CHECK (((status = 'pending'::text) = (reviewed_by IS NULL)));
@@ -462,10 +473,9 @@ CONSTRAINT trainers.trainers_pkey PRIMARY KEY (id);
 CONSTRAINT trainers.trainers_rating_check CHECK (((rating >= (0)::numeric) AND (rating <= (5)::numeric)));
 CONSTRAINT trainers.trainers_service_radius_km_check CHECK ((service_radius_km > (0)::numeric));
 CONSTRAINT trainers.trainers_status_check CHECK ((status = ANY (ARRAY['active'::text, 'inactive'::text])));
-CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_fkey FOREIGN KEY (allocation_id, student_id, course_id) REFERENCES trainer_allocations(id, student_id, course_id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_session_number_key UNIQUE (allocation_id, session_number);
 CONSTRAINT tutoring_sessions.tutoring_sessions_check CHECK ((ends_at = (starts_at + make_interval(mins => (duration_minutes)::integer))));
-CONSTRAINT tutoring_sessions.tutoring_sessions_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_delivery_check CHECK ((delivery = ANY (ARRAY['home'::text, 'online'::text])));
 CONSTRAINT tutoring_sessions.tutoring_sessions_duration_minutes_check CHECK (((duration_minutes >= 15) AND (duration_minutes <= 240)));
 CONSTRAINT tutoring_sessions.tutoring_sessions_no_trainer_overlap EXCLUDE USING gist (trainer_id WITH =, tstzrange(starts_at, ends_at) WITH &&) WHERE ((status = 'scheduled'::text));
@@ -473,7 +483,6 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_original_trainer_id_fkey FOREIGN 
 CONSTRAINT tutoring_sessions.tutoring_sessions_pkey PRIMARY KEY (id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_session_number_check CHECK ((session_number >= 1));
 CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY (ARRAY['scheduled'::text, 'completed'::text, 'missed'::text, 'cancelled'::text])));
-CONSTRAINT tutoring_sessions.tutoring_sessions_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_substitute_check CHECK (((original_trainer_id IS DISTINCT FROM trainer_id) AND ((original_trainer_id IS NULL) = (substituted_at IS NULL)) AND ((substitution_leave_id IS NULL) OR (original_trainer_id IS NOT NULL) OR (status = 'cancelled'::text))));
 CONSTRAINT tutoring_sessions.tutoring_sessions_substitution_leave_id_fkey FOREIGN KEY (substitution_leave_id) REFERENCES trainer_leaves(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
@@ -532,6 +541,7 @@ CREATE UNIQUE INDEX student_course_purchases_one_active_idx ON public.student_co
 CREATE UNIQUE INDEX student_course_purchases_payment_id_key ON public.student_course_purchases USING btree (payment_id);
 CREATE UNIQUE INDEX student_course_purchases_pkey ON public.student_course_purchases USING btree (id);
 CREATE UNIQUE INDEX students_pkey ON public.students USING btree (id);
+CREATE UNIQUE INDEX trainer_allocations_id_student_course_key ON public.trainer_allocations USING btree (id, student_id, course_id);
 CREATE UNIQUE INDEX trainer_allocations_one_live_idx ON public.trainer_allocations USING btree (purchase_id) WHERE (status = ANY (ARRAY['pending'::text, 'approved'::text]));
 CREATE INDEX trainer_allocations_pending_idx ON public.trainer_allocations USING btree (created_at) WHERE (status = 'pending'::text);
 CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING btree (id);
@@ -542,6 +552,7 @@ CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USI
 CREATE INDEX trainer_leaves_approved_idx ON public.trainer_leaves USING btree (trainer_id, first_day) WHERE (status = 'approved'::text);
 CREATE INDEX trainer_leaves_no_overlap ON public.trainer_leaves USING gist (trainer_id, daterange(first_day, last_day, '[]'::text)) WHERE (status <> 'cancelled'::text);
 CREATE UNIQUE INDEX trainer_leaves_pkey ON public.trainer_leaves USING btree (id);
+CREATE UNIQUE INDEX trainer_load_pkey ON public.trainer_load USING btree (trainer_id);
 CREATE INDEX trainer_reschedules_allocation_idx ON public.trainer_reschedules USING btree (allocation_id);
 CREATE UNIQUE INDEX trainer_reschedules_one_pending_idx ON public.trainer_reschedules USING btree (session_id) WHERE (status = 'pending'::text);
 CREATE INDEX trainer_reschedules_pending_idx ON public.trainer_reschedules USING btree (created_at) WHERE (status = 'pending'::text);
@@ -1064,52 +1075,6 @@ BEGIN
     FROM trainer_allocations ta WHERE ta.id = r.allocation_id;
     PERFORM kc_end_acting();
     RETURN format('move request %s cancelled', p_request);
-END
-$function$
-CREATE OR REPLACE FUNCTION public.close_stale_moves(p_limit integer DEFAULT 500)
- RETURNS integer
- LANGUAGE plpgsql
- SECURITY DEFINER
- SET search_path TO 'public', 'pg_temp'
-AS $function$
-DECLARE
-    v_closed integer;
-BEGIN
-    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
-        RAISE EXCEPTION 'limit is 1 .. 100000, not %', p_limit
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    WITH stale AS (
-        SELECT r.id, ta.purchase_id,
-               CASE WHEN NOT pu.is_active OR ta.status <> 'approved'
-                        THEN 'the purchase is no longer live'
-                    WHEN ts.status <> 'scheduled' THEN 'the session is ' || ts.status
-                    ELSE 'the session has started' END AS why
-        FROM trainer_reschedules r
-        JOIN tutoring_sessions ts ON ts.id = r.session_id
-        JOIN trainer_allocations ta ON ta.id = r.allocation_id
-        JOIN student_course_purchases pu ON pu.id = ta.purchase_id
-        WHERE r.status = 'pending'
-          AND (ts.status <> 'scheduled' OR ts.starts_at <= now() OR NOT pu.is_active
-               OR ta.status <> 'approved')
-        ORDER BY r.created_at
-        LIMIT p_limit
-        FOR UPDATE OF r SKIP LOCKED
-    ), closed AS (
-        UPDATE trainer_reschedules r
-        SET status = 'cancelled', reviewed_by = 'pipeline', reviewed_at = now(),
-            outcome = 'closed: ' || stale.why, updated_at = now()
-        FROM stale WHERE r.id = stale.id
-        RETURNING r.id, stale.purchase_id, stale.why
-    ), told AS (
-        INSERT INTO stage_history (stage, ref_id, event, detail)
-        SELECT 'allocation', c.purchase_id, 'move_cancelled',
-               format('request %s closed: %s', c.id, c.why)
-        FROM closed c
-        RETURNING 1
-    )
-    SELECT count(*) INTO v_closed FROM told;
-    RETURN v_closed;
 END
 $function$
 CREATE OR REPLACE FUNCTION public.complete_finished(p_grace interval DEFAULT '01:00:00'::interval, p_limit integer DEFAULT 2000)
@@ -2681,6 +2646,27 @@ BEGIN
                    v_database);
 END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_load_touch(p_trainers uuid[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    IF cardinality(p_trainers) = 0 THEN
+        RETURN;
+    END IF;
+    PERFORM set_config(
+        'kc.load_touched',
+        array_to_string(ARRAY(
+            SELECT DISTINCT t
+            FROM unnest(string_to_array(nullif(current_setting('kc.load_touched', true), ''),
+                                        ',')
+                        || p_trainers::text[]) t
+            WHERE t IS NOT NULL), ','),
+        true);
+END
+$function$
 CREATE OR REPLACE FUNCTION public.kc_lock_sessions(p_sessions uuid[])
  RETURNS void
  LANGUAGE plpgsql
@@ -2868,6 +2854,22 @@ BEGIN
     END IF;
     RETURN v_stored;
 END
+$function$
+CREATE OR REPLACE FUNCTION public.kc_recount_trainer_load()
+ RETURNS bigint
+ LANGUAGE sql
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+    WITH counted AS (
+        INSERT INTO trainer_load (trainer_id, live_allocations)
+        SELECT t.id, (SELECT count(*) FROM trainer_allocations ta
+                      WHERE ta.trainer_id = t.id AND ta.status = 'approved')
+        FROM trainers t
+        ORDER BY t.id
+        ON CONFLICT (trainer_id) DO UPDATE SET live_allocations = EXCLUDED.live_allocations
+        WHERE trainer_load.live_allocations IS DISTINCT FROM EXCLUDED.live_allocations
+        RETURNING 1)
+    SELECT count(*) FROM counted;
 $function$
 CREATE OR REPLACE FUNCTION public.kc_replay_stage(p_stage text, p_ref uuid)
  RETURNS bigint
@@ -3937,6 +3939,67 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_allocations_load_settle()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+DECLARE
+    v_touched uuid[];
+BEGIN
+    v_touched := ARRAY(SELECT DISTINCT t::uuid
+                       FROM unnest(string_to_array(
+                                nullif(current_setting('kc.load_touched', true), ''), ',')) t
+                       ORDER BY 1);
+    IF cardinality(v_touched) = 0 THEN
+        RETURN NULL;
+    END IF;
+    PERFORM set_config('kc.load_touched', '', true);
+    -- Trainers created in this transaction before 0020's trigger existed have no row yet.
+    INSERT INTO trainer_load (trainer_id)
+    SELECT t FROM unnest(v_touched) t
+    WHERE EXISTS (SELECT 1 FROM trainers WHERE id = t)
+    ORDER BY 1
+    ON CONFLICT (trainer_id) DO NOTHING;
+    PERFORM 1 FROM trainer_load WHERE trainer_id = ANY (v_touched)
+    ORDER BY trainer_id FOR UPDATE;
+    -- A statement of its own after the locks: it sees every commit that held them before.
+    UPDATE trainer_load l
+    SET live_allocations = (SELECT count(*) FROM trainer_allocations ta
+                            WHERE ta.trainer_id = l.trainer_id AND ta.status = 'approved')
+    WHERE l.trainer_id = ANY (v_touched);
+    RETURN NULL;
+END
+$function$
+CREATE OR REPLACE FUNCTION public.trg_allocations_load_touch()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        PERFORM kc_load_touch(ARRAY(SELECT DISTINCT n.trainer_id FROM new_allocations n
+                                    WHERE n.status = 'approved' AND n.trainer_id IS NOT NULL));
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM kc_load_touch(ARRAY(SELECT DISTINCT o.trainer_id FROM old_allocations o
+                                    WHERE o.status = 'approved' AND o.trainer_id IS NOT NULL));
+    ELSE
+        PERFORM kc_load_touch(ARRAY(
+            SELECT DISTINCT t
+            FROM old_allocations o
+            JOIN new_allocations n ON n.id = o.id
+            CROSS JOIN LATERAL (VALUES (CASE WHEN o.status = 'approved' THEN o.trainer_id END),
+                                       (CASE WHEN n.status = 'approved' THEN n.trainer_id END))
+                 v(t)
+            WHERE t IS NOT NULL
+              AND (o.status IS DISTINCT FROM n.status
+                   OR o.trainer_id IS DISTINCT FROM n.trainer_id)));
+    END IF;
+    RETURN NULL;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_allocations_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4536,6 +4599,19 @@ BEGIN
     RETURN NULL;
 END
 $function$
+CREATE OR REPLACE FUNCTION public.trg_trainers_load_row()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'public', 'pg_temp'
+AS $function$
+BEGIN
+    INSERT INTO trainer_load (trainer_id)
+    SELECT n.id FROM new_trainers n
+    ON CONFLICT (trainer_id) DO NOTHING;
+    RETURN NULL;
+END
+$function$
 CREATE OR REPLACE FUNCTION public.trg_trainers_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4580,6 +4656,12 @@ CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF sta
 CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
 CREATE TRIGGER trainer_allocations_events_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_inserted();
 CREATE TRIGGER trainer_allocations_events_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_updated();
+CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_deleted AFTER DELETE ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((old.status = 'approved'::text)) EXECUTE FUNCTION trg_allocations_load_settle();
+CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_inserted AFTER INSERT ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((new.status = 'approved'::text)) EXECUTE FUNCTION trg_allocations_load_settle();
+CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_updated AFTER UPDATE OF status, trainer_id ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((((old.status = 'approved'::text) OR (new.status = 'approved'::text)) AND ((old.status IS DISTINCT FROM new.status) OR (old.trainer_id IS DISTINCT FROM new.trainer_id)))) EXECUTE FUNCTION trg_allocations_load_settle();
+CREATE TRIGGER trainer_allocations_load_touch_deleted AFTER DELETE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
+CREATE TRIGGER trainer_allocations_load_touch_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
+CREATE TRIGGER trainer_allocations_load_touch_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
 CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_retry_pending();
 CREATE TRIGGER trainer_availability_added_retry_pending AFTER INSERT ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
 CREATE TRIGGER trainer_availability_changed_retry_pending AFTER UPDATE ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
@@ -4589,6 +4671,7 @@ CREATE TRIGGER trainer_reschedules_approved AFTER UPDATE OF status ON public.tra
 CREATE TRIGGER trainers_added_retry_pending AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER trainers_changed_retry_pending AFTER UPDATE ON public.trainers REFERENCING OLD TABLE AS old_trainers NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
 CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
+CREATE TRIGGER trainers_load_row AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_load_row();
 CREATE TRIGGER tutoring_sessions_check_delivery BEFORE UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
 CREATE TRIGGER tutoring_sessions_check_delivery_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
 CREATE TRIGGER tutoring_sessions_events_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_inserted();

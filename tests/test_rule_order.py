@@ -23,7 +23,7 @@ from workers.rules.matching import RULE_ORDER, CandidateFacts, Decision, Reason
 from workers.rules.schedule import PlannedSession
 from workers.runtime.runner import Stage, StageContext, load_holidays
 from workers.settings import REPO_ROOT
-from workers.stages.allocation import remaining_plan, search
+from workers.stages.allocation import remaining_plan, search, search_ranked
 
 Conn = psycopg.Connection[DictRow]
 AsyncConn = psycopg.AsyncConnection[DictRow]
@@ -116,9 +116,10 @@ async def make_fail(
 
 async def search_both_ways(
     db_url: str, purchase_id: UUID, trainer: UUID, course: UUID, rules: set[Reason]
-) -> tuple[Decision, Decision]:
-    """In one transaction: plan the purchase, make the trainer fail `rules`, then search as the
-    stage does (every candidate) and for the trainer alone (an admin's or student's choice)."""
+) -> tuple[Decision, Decision, Decision]:
+    """In one transaction: plan the purchase, make the trainer fail `rules`, then search every
+    candidate (the full search), for the trainer alone (an admin's or student's choice), and
+    as the stage does for a new purchase (rank first, then check)."""
     ctx = StageContext(worker_settings(db_url))
     async with await psycopg.AsyncConnection.connect(db_url, row_factory=dict_row) as conn:
         cursor = await conn.execute(q("lock_purchase_for_allocation"), {"purchase_id": purchase_id})
@@ -127,10 +128,13 @@ async def search_both_ways(
         holidays = await load_holidays(conn, purchase["start_date"])
         ours = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
         await make_fail(conn, trainer, course, rules, ours)
+        # The bookings' live allocations counted (trainer_load) as their commit would.
+        await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
         everyone = await search(conn, purchase, ours, ctx)
         alone = await search(conn, purchase, ours, ctx, only=trainer)
+        ranked = await search_ranked(conn, purchase, ours, ctx)
         await conn.rollback()
-    return everyone, alone
+    return everyone, alone, ranked
 
 
 @pytest.mark.parametrize(("first", "second"), PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
@@ -146,7 +150,7 @@ def test_a_trainer_failing_two_rules_is_out_at_the_earlier(
 
     # Raises ValueError ("a rule needs a fact that was not measured") when the SQL filter
     # and RULE_ORDER disagree.
-    everyone, alone = asyncio.run(
+    everyone, alone, ranked = asyncio.run(
         search_both_ways(db_url, purchase["id"], trainer, course, {first, second})
     )
 
@@ -167,6 +171,14 @@ def test_a_trainer_failing_two_rules_is_out_at_the_earlier(
         assert candidate.first_failed_rule() is first
         assert everyone.reason is first
         assert everyone.eliminated == {first.value: 1}
+    # Rank first, then check: the same answer (a trainer out at a cheap rule is counted, one
+    # who passes them is measured in rule order).
+    assert (ranked.chosen, ranked.reason, ranked.eliminated, ranked.sentence) == (
+        everyone.chosen,
+        everyone.reason,
+        everyone.eliminated,
+        everyone.sentence,
+    )
 
 
 def test_candidate_facts_columns_are_the_dataclass_fields(conn: Conn) -> None:

@@ -802,37 +802,3 @@ def test_an_approval_checks_again_and_its_refusal_changes_nothing(
         with pytest.raises(psycopg.Error, match=match):
             approve(conn, asked, substitute)
     assert everything(conn) == before
-
-
-def test_the_sweep_closes_requests_whose_session_can_no_longer_move(
-    conn: Conn, db_url: str, world: World
-) -> None:
-    from tests.helpers import run_periodic
-    from workers.stages.lifecycle import sweep
-
-    cancelled = request(conn, world.session, SUN, "10:00")
-    kept = request(conn, _session(conn, world.student, 2), SUN, "12:00")
-    _cancel_asha_session(conn, world)
-    run_periodic(db_url, sweep)
-    rows = {
-        r["id"]: (r["status"], r["reviewed_by"], r["outcome"])
-        for r in conn.execute("SELECT id, status, reviewed_by, outcome FROM trainer_reschedules")
-    }
-    assert rows == {
-        cancelled: ("cancelled", "pipeline", "closed: the session is cancelled"),
-        kept: ("pending", None, None),
-    }
-    # The workers' role runs it (it runs the sweep), through the owner's function only.
-    assert one(
-        conn,
-        "SELECT has_function_privilege('kc_worker', 'close_stale_moves(integer)', 'EXECUTE') "
-        "AND NOT has_table_privilege('kc_worker', 'trainer_reschedules', 'UPDATE') AS ok",
-    )["ok"]
-    # The cancelled session's make-up may be in the queue; the request's line is history.
-    assert (
-        one(
-            conn,
-            "SELECT detail FROM stage_history WHERE event = 'move_cancelled'",
-        )["detail"]
-        == f"request {cancelled} closed: the session is cancelled"
-    )

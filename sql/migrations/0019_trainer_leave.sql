@@ -340,40 +340,6 @@ CREATE TYPE kc_leave_change AS (
     detail         text
 );
 
--- One session (locked by the caller) of a trainer on leave: the best substitute, or
--- cancelled with the reason (its make-up follows); a history line either way.
-CREATE FUNCTION kc_cover_session(p_session_id uuid, p_leave bigint, p_trainer uuid)
-RETURNS kc_leave_change
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_row kc_leave_change;
-    v_sub record;
-BEGIN
-    SELECT ts.id, ts.student_id, ts.scheduled_date, ts.scheduled_time, NULL, ts.trainer_id, NULL
-    INTO v_row FROM tutoring_sessions ts WHERE ts.id = p_session_id;
-    v_sub := kc_substitute_one(p_session_id, NULL, p_leave);
-    IF v_sub.substitute IS NOT NULL THEN
-        v_row.outcome := 'substituted';
-        v_row.trainer_id := v_sub.substitute;
-        v_row.detail := format('%s in place of %s', kc_trainer_label(v_sub.substitute),
-                               kc_trainer_label(p_trainer));
-        PERFORM kc_session_history(p_session_id, 'substituted',
-                                   format('%s, leave %s', v_row.detail, p_leave));
-    ELSE
-        v_row.outcome := 'cancelled';
-        v_row.detail := format('nobody can take it during %s''s leave %s: %s',
-                               kc_trainer_label(p_trainer), p_leave, v_sub.why);
-        -- Recorded before the cancellation, whose make-up line follows it.
-        PERFORM kc_session_history(p_session_id, 'leave', 'cancelled, ' || v_row.detail);
-        UPDATE tutoring_sessions
-        SET status = 'cancelled', cancel_reason = v_row.detail, substitution_leave_id = p_leave
-        WHERE id = p_session_id;
-    END IF;
-    RETURN v_row;
-END
-$$;
-
 CREATE FUNCTION kc_approve_leave(p_leave bigint, p_handover_days integer, p_actor text)
 RETURNS SETOF kc_leave_change
 LANGUAGE plpgsql
@@ -383,6 +349,7 @@ DECLARE
     v_handover boolean;
     v_sessions uuid[];
     v_s        record;
+    v_sub      record;
     v_counts   integer[] := '{0,0,0}';  -- substituted, cancelled, handed over
     v_row      kc_leave_change;
 BEGIN
@@ -437,10 +404,25 @@ BEGIN
             RETURN NEXT v_row;
             CONTINUE;
         END IF;
-        v_row := kc_cover_session(v_s.id, p_leave, v_leave.trainer_id);
-        IF v_row.outcome = 'substituted' THEN
+        v_sub := kc_substitute_one(v_s.id, NULL, p_leave);
+        IF v_sub.substitute IS NOT NULL THEN
+            v_row.outcome := 'substituted';
+            v_row.trainer_id := v_sub.substitute;
+            v_row.detail := format('%s in place of %s', kc_trainer_label(v_sub.substitute),
+                                   kc_trainer_label(v_leave.trainer_id));
+            PERFORM kc_session_history(v_s.id, 'substituted',
+                                       format('%s, leave %s', v_row.detail, p_leave));
             v_counts[1] := v_counts[1] + 1;
         ELSE
+            v_row.outcome := 'cancelled';
+            v_row.detail := format('nobody can take it during %s''s leave %s: %s',
+                                   kc_trainer_label(v_leave.trainer_id), p_leave, v_sub.why);
+            -- Recorded before the cancellation, whose make-up line follows it.
+            PERFORM kc_session_history(v_s.id, 'leave', 'cancelled, ' || v_row.detail);
+            UPDATE tutoring_sessions
+            SET status = 'cancelled', cancel_reason = v_row.detail,
+                substitution_leave_id = p_leave
+            WHERE id = v_s.id;
             v_counts[2] := v_counts[2] + 1;
         END IF;
         RETURN NEXT v_row;
@@ -549,61 +531,6 @@ BEGIN
 END
 $$;
 
--- The safety net: sessions written for a trainer on approved leave after its approval (a new
--- course or a make-up: the course matching does not read leave) get covered as the approval
--- would have: a substitute, or cancelled with the make-up. Sessions of a course a long leave
--- hands over are left to the allocation stage. Run by the worker with sweep_lifecycle (every
--- ten minutes); returns how many sessions it covered.
-CREATE FUNCTION kc_cover_leaves(p_limit integer)
-RETURNS integer
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_due   uuid[];
-    v_s     record;
-    v_done  integer := 0;
-BEGIN
-    SELECT array_agg(d.id ORDER BY d.starts_at, d.id) INTO v_due
-    FROM (SELECT ts.id, ts.starts_at
-          FROM tutoring_sessions ts
-          JOIN trainer_leaves l
-            ON l.trainer_id = ts.trainer_id AND l.status = 'approved'
-           AND ts.scheduled_date BETWEEN l.first_day AND l.last_day
-          JOIN trainer_allocations ta ON ta.id = ts.allocation_id
-          WHERE ts.status = 'scheduled' AND ts.starts_at > now()
-            AND l.last_day >= kc_leave_today()
-            AND NOT (l.handed_over AND ta.trainer_id = ts.trainer_id)
-          ORDER BY ts.starts_at, ts.id
-          LIMIT p_limit) d;
-    IF v_due IS NULL THEN
-        RETURN 0;
-    END IF;
-    PERFORM kc_lock_substitutions();
-    PERFORM kc_lock_sessions(v_due);
-    FOR v_s IN
-        SELECT ts.id, l.id AS leave_id, l.trainer_id
-        FROM unnest(v_due) WITH ORDINALITY AS u(id, n)
-        JOIN tutoring_sessions ts ON ts.id = u.id
-        JOIN trainer_leaves l
-          ON l.trainer_id = ts.trainer_id AND l.status = 'approved'
-         AND ts.scheduled_date BETWEEN l.first_day AND l.last_day
-        WHERE ts.status = 'scheduled' AND ts.starts_at > now()
-        ORDER BY u.n
-    LOOP
-        PERFORM kc_cover_session(v_s.id, v_s.leave_id, v_s.trainer_id);
-        v_done := v_done + 1;
-    END LOOP;
-    RETURN v_done;
-END
-$$;
-
-CREATE FUNCTION cover_leaves(p_limit integer DEFAULT 200)
-RETURNS integer
-LANGUAGE sql
-SECURITY DEFINER
-SET search_path = public, pg_temp
-AS $$ SELECT kc_cover_leaves(p_limit) $$;
-
 -- An operator's substitute for one session, without leave: p_trainer (every rule checked;
 -- refused with the rule's sentence), or the best when NULL. Returns the substitute.
 CREATE FUNCTION kc_substitute_session(p_session_id uuid, p_trainer uuid)
@@ -665,10 +592,8 @@ REVOKE EXECUTE ON FUNCTION kc_substitute_fit(uuid, uuid, boolean), kc_session_hi
     kc_trainer_label(uuid), kc_lock_substitutions(), kc_lock_sessions(uuid[]),
     kc_substitute_one(uuid, uuid, bigint), kc_request_leave(uuid, date, date, text, text),
     kc_lock_trainer_leaves(uuid), kc_approve_leave(bigint, integer, text),
-    kc_cancel_leave(bigint, text), kc_substitute_session(uuid, uuid),
-    kc_cover_session(uuid, bigint, uuid), kc_cover_leaves(integer), cover_leaves(integer)
+    kc_cancel_leave(bigint, text), kc_substitute_session(uuid, uuid)
     FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION cover_leaves(integer) TO kc_worker;
 
 -------------------------------------------------------------------------------------------------
 -- The operator functions (and the app's request), acting as who asks (migration 0014)

@@ -197,6 +197,148 @@ SELECT '00000000-0000-0000-0000-000000000000'::uuid, 'category', f.gender_ok,
 FROM far f
 CROSS JOIN area a;
 
+-- name: ranked_candidate_facts
+-- Rank first, then check (docs/matching.md, "How the search finds the winner"): the
+-- trainers within reach who pass the cheap rules (active, specialty, gender, range) are
+-- ranked here, in SQL, by the ranking of matching.CandidateFacts.rank_key (category before
+-- subcategory, fewer live allocations, higher rating (NULL as 0), shorter distance, id), and
+-- only those at places skip+1 .. skip+take of that ranking are measured on the costly rules,
+-- in matching.RULE_ORDER (capacity, then availability and overlaps, then neighbours: a fact
+-- is measured only when every rule before the one that reads it passed). The columns are
+-- CandidateFacts' fields in their order, then the trainer's place in the ranking and the
+-- ranking's length. With skip = 0 it also returns, as group rows (nil id, `trainers` saying
+-- how many), the trainers within reach who fail the gender or the range rule: what the full
+-- search (candidate_facts) would have counted for them.
+WITH purchase AS (
+    SELECT s.home_lat, s.home_lng, lower(btrim(s.gender)) AS gender,
+           lower(btrim(c.category)) AS category, lower(btrim(c.subcategory)) AS subcategory
+    FROM student_course_purchases pu
+    JOIN students s ON s.id = pu.student_id
+    JOIN courses c ON c.id = pu.course_id
+    WHERE pu.id = %(purchase_id)s::uuid
+), bounds AS MATERIALIZED (
+    SELECT min(t.starts_at) AS first_start, max(t.ends_at) AS last_end,
+           range_agg(tstzrange(t.starts_at, t.ends_at)) AS busy,
+           range_agg(tstzrange(t.starts_at - interval '1 hour', t.ends_at + interval '1 hour'))
+               FILTER (WHERE t.at_home) AS near
+    FROM unnest(%(starts)s::timestamptz[], %(ends)s::timestamptz[], %(at_home)s::boolean[])
+         AS t(starts_at, ends_at, at_home)
+), area AS MATERIALIZED (
+    -- The same box as candidate_facts': beyond it no active trainer's radius reaches.
+    SELECT p.home_lat - d.lat AS lat_min, p.home_lat + d.lat AS lat_max,
+           p.home_lng - d.lng AS lng_min, p.home_lng + d.lng AS lng_max,
+           d.lng >= 180 OR abs(p.home_lng) + d.lng > 180 AS every_lng
+    FROM purchase p
+    CROSS JOIN (SELECT coalesce(max(CASE WHEN status = 'active' THEN service_radius_km END),
+                                0)::float8 AS km
+                FROM trainers) r
+    CROSS JOIN LATERAL (
+        SELECT degrees(r.km / 6371.0) + 1e-6 AS lat,
+               CASE WHEN sin(r.km / 6371.0) >= cos(radians(p.home_lat)) THEN 180
+                    ELSE least(180, degrees(asin(sin(r.km / 6371.0)
+                                                 / cos(radians(p.home_lat)))) + 1e-6)
+               END AS lng) d
+), base AS MATERIALIZED (
+    -- Every active trainer based inside the box who teaches the course, with the cheap facts.
+    SELECT t.id AS trainer_id,
+           CASE WHEN p.category = ANY (t.specialties_norm) THEN 'category'
+                WHEN p.subcategory = ANY (t.specialties_norm) THEN 'subcategory' END
+               AS specialty_match,
+           (t.gender IS NULL OR p.gender IS NULL OR lower(btrim(t.gender)) = p.gender)
+               AS gender_ok,
+           kc_haversine_km(p.home_lat, p.home_lng, t.base_lat, t.base_lng) AS distance_km,
+           t.service_radius_km::float8 AS service_radius_km,
+           t.rating,
+           p.home_lat, p.home_lng
+    FROM trainers t
+    CROSS JOIN purchase p
+    CROSS JOIN area a
+    WHERE t.status = 'active'
+      AND t.specialties_norm && array_remove(ARRAY[p.category, p.subcategory], NULL)
+      AND t.base_lat BETWEEN a.lat_min AND a.lat_max
+      AND (a.every_lng OR t.base_lng BETWEEN a.lng_min AND a.lng_max)
+), ranked AS MATERIALIZED (
+    -- Those who pass the cheap rules, in the ranking's order. Live allocations are a rule's
+    -- fact (capacity) and a ranking key: the database's count (trainer_load, migration 0020:
+    -- exact at every committed state; a trainer seeded with triggers off and never
+    -- recounted has no row, read as 0), one key lookup each instead of counting rows.
+    SELECT r.*,
+           row_number() OVER (ORDER BY (r.specialty_match = 'category') DESC,
+                                       r.live_allocations,
+                                       coalesce(r.rating, 0) DESC,
+                                       r.distance_km,
+                                       r.trainer_id) AS place,
+           count(*) OVER () AS ranked
+    FROM (SELECT b.*,
+                 coalesce((SELECT l.live_allocations::bigint FROM trainer_load l
+                            WHERE l.trainer_id = b.trainer_id), 0) AS live_allocations
+          FROM base b
+          WHERE b.specialty_match IS NOT NULL AND b.gender_ok
+            AND b.distance_km <= b.service_radius_km) r
+), picked AS MATERIALIZED (
+    SELECT r.*
+    FROM ranked r
+    WHERE r.place > %(skip)s::bigint AND r.place <= %(skip)s::bigint + %(take)s::bigint
+), cheap AS MATERIALIZED (
+    -- Availability, for those under capacity.
+    SELECT c.*,
+           CASE WHEN c.live_allocations < kc_trainer_capacity(c.rating)
+           THEN (SELECT count(DISTINCT a.weekday)
+                   FROM trainer_availability a
+                  WHERE a.trainer_id = c.trainer_id
+                    AND a.weekday = ANY (%(weekdays)s::smallint[])
+                    AND a.slot_start <= %(slot_start)s::time
+                    AND a.slot_end >= %(slot_end)s::time
+                ) = cardinality(%(weekdays)s::smallint[])
+           END AS available
+    FROM picked c
+), timed AS MATERIALIZED (
+    SELECT c.*,
+           CASE WHEN c.available
+           THEN (SELECT count(*)
+                   FROM tutoring_sessions ts, bounds b
+                  WHERE ts.trainer_id = c.trainer_id
+                    AND ts.status = 'scheduled'
+                    AND ts.starts_at < b.last_end
+                    AND ts.ends_at > b.first_start
+                    AND tstzrange(ts.starts_at, ts.ends_at) && b.busy)
+           END AS overlapping_sessions
+    FROM cheap c
+)
+SELECT t.trainer_id, t.specialty_match, t.gender_ok, t.distance_km, t.service_radius_km,
+       t.available, t.overlapping_sessions, t.live_allocations, t.rating,
+       CASE WHEN t.overlapping_sessions = 0
+       THEN (SELECT count(*)
+               FROM tutoring_sessions ts
+               JOIN students other ON other.id = ts.student_id, bounds b
+              WHERE ts.trainer_id = t.trainer_id
+                AND ts.status = 'scheduled'
+                AND ts.delivery = 'home'
+                AND ts.starts_at < b.last_end + interval '1 hour'
+                AND ts.ends_at > b.first_start - interval '1 hour'
+                AND tstzrange(ts.starts_at, ts.ends_at) && b.near
+                AND kc_haversine_km(other.home_lat, other.home_lng, t.home_lat, t.home_lng)
+                    > %(max_sequential_km)s::float8)
+       END AS far_neighbours,
+       true AS active,
+       1 AS trainers,
+       t.place,
+       t.ranked
+FROM timed t
+UNION ALL
+-- Within reach but out at a cheap rule: one row per rule (gender, then range), counted.
+SELECT '00000000-0000-0000-0000-000000000000'::uuid, 'category', NOT g.gender, g.distance,
+       0::float8, NULL::boolean, NULL::bigint, NULL::bigint, NULL::numeric, NULL::bigint,
+       true, g.trainers, 0::bigint, 0::bigint
+FROM (SELECT NOT b.gender_ok AS gender,
+             CASE WHEN b.gender_ok THEN 'Infinity'::float8 ELSE 0::float8 END AS distance,
+             count(*) AS trainers
+      FROM base b
+      WHERE %(skip)s::bigint = 0 AND b.specialty_match IS NOT NULL
+        AND NOT (b.gender_ok AND b.distance_km <= b.service_radius_km)
+      GROUP BY 1, 2) g
+ORDER BY place;
+
 -- name: lock_trainer
 -- Every approval for a trainer is serialised on this transaction-scoped lock (here and in the
 -- capacity trigger). The re-check must be a separate statement: in READ COMMITTED a statement

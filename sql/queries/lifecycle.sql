@@ -5,9 +5,7 @@ SELECT sessions_completed, courses_completed
 FROM complete_finished(%(grace)s::interval, %(limit)s::integer);
 
 -- name: sweep_lifecycle
--- Also closes the move requests whose session can no longer move (close_stale_moves).
-SELECT sweep_lifecycle(%(limit)s::integer) AS enqueued,
-       close_stale_moves(%(limit)s::integer) AS moves_closed;
+SELECT sweep_lifecycle(%(limit)s::integer) AS enqueued;
 
 -- name: open_schedule_changes
 SELECT id, from_time_slot, to_time_slot, from_start_date, to_start_date, from_schedule_mode,

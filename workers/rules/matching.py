@@ -229,6 +229,48 @@ _SENTENCES: dict[Reason, str] = {Reason.NO_TRAINER: "There is no active trainer 
 
 
 @dataclass(frozen=True)
+class RankedSearch:
+    """How a rank-first search went (None on a Decision: every candidate was measured)."""
+
+    ranked: int  # trainers within reach who pass the cheap rules: the ranking's length
+    places: dict[UUID, int]  # each measured trainer's place in the ranking (1 = best)
+    batches: int  # queries that measured the costly rules
+    exhaustive: bool  # every ranked trainer was measured (so eliminated counts are complete)
+
+    def above(self, chosen: CandidateFacts, measured: Sequence[CandidateFacts]) -> dict[str, Any]:
+        """The winner's place, and the rule each trainer ranked above it failed (an eligible
+        one above it was taken or held by another purchase when tried)."""
+        place = self.places[chosen.trainer_id]
+        ahead = sorted(
+            (
+                c
+                for c in measured
+                if c.trainers == 1 and self.places.get(c.trainer_id, place) < place
+            ),
+            key=lambda c: self.places[c.trainer_id],
+        )
+        rules = [c.first_failed_rule() for c in ahead]
+        failed = Counter("taken" if rule is None else rule.value for rule in rules)
+        return {
+            "method": "ranked",
+            "place": place,
+            "ranked": self.ranked,
+            "measured": len(self.places),
+            "batches": self.batches,
+            "above": len(ahead),
+            "aboveFailed": dict(sorted(failed.items())),
+            "aboveTrainers": [
+                {
+                    "trainerId": str(c.trainer_id),
+                    "place": self.places[c.trainer_id],
+                    "failed": "taken" if rule is None else rule.value,
+                }
+                for c, rule in list(zip(ahead, rules, strict=True))[:10]
+            ],
+        }
+
+
+@dataclass(frozen=True)
 class Decision:
     """The ranked eligible trainers (best first) or, when there are none, why."""
 
@@ -237,10 +279,18 @@ class Decision:
     sentence: str
     eliminated: dict[str, int] = field(default_factory=dict)
     candidates: tuple[CandidateFacts, ...] = ()
+    # Set when the decision came from the rank-first search (only part of the ranking
+    # measured, unless `exhaustive`); None: the full search measured everyone within reach.
+    search: RankedSearch | None = None
 
     @property
     def chosen(self) -> CandidateFacts | None:
         return self.ranked[0] if self.ranked else None
+
+    @property
+    def partial(self) -> bool:
+        """Only the top of the ranking was measured: more eligible trainers may exist."""
+        return self.search is not None and not self.search.exhaustive
 
     def explain(self, chosen: CandidateFacts | None = None) -> dict[str, Any]:
         chosen = chosen if chosen is not None else self.chosen
@@ -251,10 +301,26 @@ class Decision:
             "ranking": [c.summary() | {"rank": i + 1} for i, c in enumerate(self.ranked[:5])],
         }
         if chosen is not None:
-            out["chosen"] = chosen.summary() | {"rank": self.ranked.index(chosen) + 1}
+            # A trainer held when tried may come from an earlier (partial) decision.
+            rank = next(
+                (i + 1 for i, c in enumerate(self.ranked) if c.trainer_id == chosen.trainer_id),
+                None,
+            )
+            out["chosen"] = chosen.summary() | {"rank": rank}
+            if self.search is not None and chosen.trainer_id in self.search.places:
+                out["found"] = self.search.above(chosen, self.candidates)
+            else:
+                out["found"] = {"method": "everyone", "measured": len(self.candidates)}
         else:
             out["reason"] = self.reason.value if self.reason else None
             out["sentence"] = self.sentence
+            if self.search is not None:
+                out["found"] = {
+                    "method": "ranked",
+                    "ranked": self.search.ranked,
+                    "measured": len(self.search.places),
+                    "batches": self.search.batches,
+                }
         return out
 
 

@@ -24,7 +24,9 @@ nobody (tests/test_scarce_trainers.py runs real workers against this).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, time
 from itertools import pairwise
 from typing import Any, Literal, overload
@@ -47,6 +49,7 @@ from workers.rules.matching import (
     CandidateFacts,
     Decision,
     Preference,
+    RankedSearch,
     Reason,
     capacity_for,
     decide,
@@ -166,6 +169,19 @@ async def allocate(conn: AsyncConn, purchase_id: UUID, ctx: StageContext) -> Out
     sessions = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
     if not sessions:
         return Outcome("skipped", "no sessions remain to be scheduled")
+    if purchase["preferred_trainer_id"] is None:
+        # Rank first, then check: usually one query measuring a few trainers. When every
+        # trainer it found eligible is taken meanwhile, the full search supplies the rest.
+        decision = await search_ranked(conn, purchase, sessions, ctx)
+        return await allocate_best(
+            conn,
+            purchase,
+            sessions,
+            decision,
+            replacing=None,
+            everyone=lambda: search(conn, purchase, sessions, ctx),
+        )
+    # The student's choice is judged by every rule and ranked among everyone: the full search.
     decision = await search(conn, purchase, sessions, ctx)
     preference = await preferred_trainer(conn, purchase, sessions, decision, ctx)
     return await allocate_best(
@@ -203,14 +219,24 @@ async def allocate_best(
     *,
     replacing: UUID | None,
     preference: Preference | None = None,
+    everyone: Callable[[], Awaitable[Decision]] | None = None,
 ) -> Outcome:
     """Book the first ranked trainer (the student's choice first, when eligible) who still
     fits under their row lock. When nobody does, the purchase waits in its one pending row,
-    with the reason; an allocation being replaced (`replacing`) is kept instead."""
+    with the reason; an allocation being replaced (`replacing`) is kept instead.
+
+    A rank-first decision (`decision.partial`) holds only the top of the ranking: when every
+    eligible trainer in it is taken or held by another transaction, `everyone` (the full
+    search) supplies the rest of the ranking, tried in the same way before any held one is
+    waited for."""
     lost: list[Reason] = []
     held: list[CandidateFacts] = []  # locked by another transaction when tried
-    for waiting, candidates in ((False, try_order(decision, preference)), (True, held)):
-        for candidate in list(candidates):
+    tried: set[UUID] = set()
+    queue = try_order(decision, preference)
+    waiting = False
+    while True:
+        for candidate in list(queue):
+            tried.add(candidate.trainer_id)
             chosen = preference is not None and candidate.trainer_id == preference.trainer_id
             # The student's choice is waited for; another trainer a concurrent transaction
             # holds is passed over for now and waited for only when every free one failed.
@@ -254,6 +280,13 @@ async def allocate_best(
                 purchase["id"],
                 why.value,
             )
+        if not waiting and decision.partial and everyone is not None:
+            decision, everyone = await everyone(), None
+            queue = [c for c in try_order(decision, preference) if c.trainer_id not in tried]
+            continue
+        if waiting:
+            break
+        waiting, queue = True, held
     if lost:  # every ranked trainer was taken by another purchase after the search
         decision = _all_taken(decision, lost, purchase)
     if replacing is not None:
@@ -478,9 +511,11 @@ async def search(
     only: UUID | None = None,
     exclude: UUID | None = None,
 ) -> Decision:
-    """Every trainer within reach measured and decided on. When nobody is eligible, the
-    trainers beyond reach are counted too (a second, cheap query), so that the pending
-    sentence and the eliminated counts name everyone who teaches the course."""
+    """The full search ("explain everyone"): every trainer within reach measured and decided
+    on (an admin's or a student's choice, reschedules and moves, and the rest of the ranking
+    when a rank-first winner was taken). When nobody is eligible, the trainers beyond reach
+    are counted too (a second, cheap query), so that the pending sentence and the eliminated
+    counts name everyone who teaches the course."""
     near = await _candidates(conn, purchase, sessions, ctx, only, exclude, count_far=False)
     course, slot = purchase["course_title"], _slot_text(purchase)
     decision = decide(near, active_trainers=len(near), course=course, slot=slot)
@@ -497,6 +532,88 @@ async def search(
     return decide(near + far, active_trainers=active, course=course, slot=slot)
 
 
+# Rank first, then check: the first query measures the costly rules for this many trainers
+# at the top of the ranking; each further one for BATCH_GROWTH times as many as the one
+# before, so a search where nobody fits measures everyone within reach in a few queries.
+FIRST_BATCH = 8
+BATCH_GROWTH = 4
+
+
+async def search_ranked(
+    conn: AsyncConn, purchase: DictRow, sessions: list[PlannedSession], ctx: StageContext
+) -> Decision:
+    """The same winner as `search` (the best by rank_key among the eligible), measuring the
+    costly rules only for the trainers at the top of the ranking, a batch at a time, until
+    one passes every rule. When nobody does, everyone within reach has been measured, and
+    the decision (reason, counts, sentence) is the full search's."""
+    course, slot = purchase["course_title"], _slot_text(purchase)
+    measured: list[CandidateFacts] = []
+    places: dict[UUID, int] = {}
+    skip, take, batches, ranked = 0, FIRST_BATCH, 0, 0
+    while True:
+        for facts, place, total in await _ranked_candidates(
+            conn, purchase, sessions, ctx, skip=skip, take=take
+        ):
+            measured.append(facts)
+            if place > 0:  # a trainer (0: a group row, out at a cheap rule)
+                places[facts.trainer_id] = place
+                ranked = total
+        batches += 1
+        skip += take
+        exhaustive = skip >= ranked
+        decision = decide(measured, active_trainers=len(measured), course=course, slot=slot)
+        if decision.chosen is not None or exhaustive:
+            break
+        take *= BATCH_GROWTH
+    how = RankedSearch(ranked=ranked, places=places, batches=batches, exhaustive=exhaustive)
+    if decision.chosen is None:
+        # As `search`: the trainers beyond reach are counted, and whether anyone is active.
+        far = await _candidates(conn, purchase, sessions, ctx, None, None, count_far=True)
+        row = await fetch_one(conn, q("count_active_trainers"), {})
+        active = row["active"] if row else 0
+        decision = decide(measured + far, active_trainers=active, course=course, slot=slot)
+    return dataclasses.replace(decision, search=how)
+
+
+async def _ranked_candidates(
+    conn: AsyncConn,
+    purchase: DictRow,
+    sessions: list[PlannedSession],
+    ctx: StageContext,
+    *,
+    skip: int,
+    take: int,
+) -> list[tuple[CandidateFacts, int, int]]:
+    """Places skip+1 .. skip+take of the ranking, measured: (facts, place, ranking length);
+    with skip = 0, also the group rows of those within reach out at a cheap rule."""
+    columns, rows = await fetch_tuples(
+        conn,
+        q("ranked_candidate_facts"),
+        _search_params(purchase, sessions, ctx) | {"skip": skip, "take": take},
+    )
+    n = len(columns) - 2
+    facts = CandidateFacts.from_rows(columns[:n], (row[:n] for row in rows))
+    return [(f, int(row[n]), int(row[n + 1])) for f, row in zip(facts, rows, strict=True)]
+
+
+def _search_params(
+    purchase: DictRow, sessions: list[PlannedSession], ctx: StageContext
+) -> dict[str, Any]:
+    slot: time = purchase["preferred_time_slot"]
+    # A session that ends exactly at midnight needs availability until 24:00.
+    end = slot_end(slot, purchase["session_duration_minutes"]) or "24:00"
+    return {
+        "purchase_id": purchase["id"],
+        "starts": [s.starts_at for s in sessions],
+        "ends": [s.ends_at for s in sessions],
+        "at_home": [s.delivery is Delivery.HOME for s in sessions],
+        "weekdays": sorted(allowed_weekdays(ScheduleMode(purchase["schedule_mode"]))),
+        "slot_start": slot,
+        "slot_end": end,
+        "max_sequential_km": ctx.settings.max_sequential_distance_km,
+    }
+
+
 async def _candidates(
     conn: AsyncConn,
     purchase: DictRow,
@@ -509,24 +626,10 @@ async def _candidates(
 ) -> list[CandidateFacts]:
     """The trainers within reach, measured; with count_far, only the group rows of those
     beyond it."""
-    slot: time = purchase["preferred_time_slot"]
-    # A session that ends exactly at midnight needs availability until 24:00.
-    end = slot_end(slot, purchase["session_duration_minutes"]) or "24:00"
     columns, rows = await fetch_tuples(
         conn,
         q("candidate_facts"),
-        {
-            "purchase_id": purchase["id"],
-            "starts": [s.starts_at for s in sessions],
-            "ends": [s.ends_at for s in sessions],
-            "at_home": [s.delivery is Delivery.HOME for s in sessions],
-            "weekdays": sorted(allowed_weekdays(ScheduleMode(purchase["schedule_mode"]))),
-            "slot_start": slot,
-            "slot_end": end,
-            "max_sequential_km": ctx.settings.max_sequential_distance_km,
-            "only_trainer": only,
-            "count_far": count_far,
-        },
+        _search_params(purchase, sessions, ctx) | {"only_trainer": only, "count_far": count_far},
     )
     return [c for c in CandidateFacts.from_rows(columns, rows) if c.trainer_id != exclude]
 

@@ -65,10 +65,9 @@ async def complete(pool: AsyncConnectionPool[AsyncConn], settings: Settings) -> 
 
 async def sweep(pool: AsyncConnectionPool[AsyncConn], settings: Settings) -> int:
     """sweep_lifecycle() (every ten minutes: it reads every live allocation's sessions ahead,
-    ~0.45 s for 5,000 allocations with 100k sessions, and the triggers do the real work), and
-    close_stale_moves(): move requests whose session can no longer move are closed; then, in
-    a transaction of its own, cover_leaves(): sessions written for a trainer on approved leave
-    after its approval get a substitute or are cancelled (migration 0019)."""
+    ~0.45 s for 5,000 allocations with 100k sessions, and the triggers do the real work);
+    then, in a transaction of its own, cover_leaves(): sessions written for a trainer on
+    approved leave after its approval get a substitute or are cancelled (migration 0022)."""
     async with transaction(pool) as conn:
         row = await fetch_one(conn, q("sweep_lifecycle"), {"limit": settings.lifecycle_batch})
     assert row is not None
