@@ -1939,6 +1939,11 @@ AS $function$
         THEN substr(p_dedupe_key, length(p_entrypoint) + 2)::uuid
     END
 $function$
+CREATE OR REPLACE FUNCTION public.kc_latest_start(p_today date)
+ RETURNS date
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT least((p_today + interval '1 year')::date, date '9999-12-31') $function$
 CREATE OR REPLACE FUNCTION public.kc_limit_database_access()
  RETURNS void
  LANGUAGE plpgsql
@@ -1999,6 +2004,21 @@ CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  IMMUTABLE PARALLEL SAFE STRICT
 AS $function$ SELECT coalesce(array_agg(lower(btrim(item)) ORDER BY ord), '{}')
       FROM unnest(items) WITH ORDINALITY AS t(item, ord) WHERE item IS NOT NULL $function$
+CREATE OR REPLACE FUNCTION public.kc_mode_of(p_word text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT CASE regexp_replace(translate(p_word, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
+                                                   'abcdefghijklmnopqrstuvwxyz'),
+                                 '[ \t\n\r\f\v_-]+', '', 'g')
+                 WHEN 'daily' THEN 'daily'
+                 WHEN 'everyday' THEN 'daily'
+                 WHEN 'weekdaydaily' THEN 'daily'
+                 WHEN 'weekdays' THEN 'weekdays'
+                 WHEN 'sundayonly' THEN 'sunday_only'
+                 WHEN 'sunday' THEN 'sunday_only'
+                 WHEN 'sundayfocus' THEN 'sunday_only' END
+      WHERE length(p_word) <= 200 $function$
 CREATE OR REPLACE FUNCTION public.kc_mode_weekdays(p_mode text)
  RETURNS smallint[]
  LANGUAGE sql
@@ -2182,10 +2202,10 @@ BEGIN
     END IF;
 
     v_slot := coalesce(kc_parse_clock(p_time_slot), v_purchase.preferred_time_slot);
-    v_mode := coalesce(replace(replace(lower(btrim(p_schedule_mode)), '-', '_'), ' ', '_'),
-                       v_purchase.schedule_mode);
-    IF v_mode NOT IN ('daily', 'weekdays', 'sunday_only') THEN
-        RAISE EXCEPTION 'schedule mode % is not one of daily, weekdays, sunday_only',
+    v_mode := coalesce(kc_mode_of(p_schedule_mode), v_purchase.schedule_mode);
+    IF p_schedule_mode IS NOT NULL AND kc_mode_of(p_schedule_mode) IS NULL THEN
+        RAISE EXCEPTION 'schedule mode % is not one of daily, weekdays, sunday_only (or a word '
+                        'a payment may use: everyday, weekday_daily, sunday, sunday_focus)',
             quote_literal(left(p_schedule_mode, 80)) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT (now() AT TIME ZONE s.timezone)::date INTO v_today
@@ -2194,15 +2214,15 @@ BEGIN
         RAISE EXCEPTION 'start date % is in the past (today is % in the student''s time zone)',
             p_start_date, v_today USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The bound a payment's startDate has (workers/rules/metadata.py, latest_start): a year
-    -- ahead, 28 February for 29 February; same sentence.
-    IF p_start_date > (v_today + interval '1 year')::date THEN
+    -- The bound a payment's startDate has (workers/rules/metadata.py, latest_start); same
+    -- sentence.
+    IF p_start_date > kc_latest_start(v_today) THEN
         RAISE EXCEPTION 'start date % is more than a year ahead; the latest start accepted '
-                        'today is %', p_start_date, (v_today + interval '1 year')::date
+                        'today is %', p_start_date, kc_latest_start(v_today)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_start := coalesce(p_start_date, v_purchase.start_date);
-    IF extract(epoch FROM v_slot) + 60 * v_purchase.session_duration_minutes > 86400 THEN
+    IF kc_slot_end(v_slot, v_purchase.session_duration_minutes) IS NULL THEN
         RAISE EXCEPTION 'a %-minute session at % would end after midnight',
             v_purchase.session_duration_minutes, to_char(v_slot, 'HH24:MI')
             USING ERRCODE = 'invalid_parameter_value';
@@ -2387,8 +2407,9 @@ CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_
  RETURNS time without time zone
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes >= 86400 THEN time '24:00'
-                  ELSE p_start + make_interval(mins => p_minutes) END $function$
+AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes = 86400 THEN time '24:00'
+                  WHEN extract(epoch FROM p_start) + 60 * p_minutes < 86400
+                  THEN p_start + make_interval(mins => p_minutes) END $function$
 CREATE OR REPLACE FUNCTION public.kc_store_events(p_purchases uuid[], p_events jsonb[])
  RETURNS integer
  LANGUAGE plpgsql
