@@ -10,7 +10,7 @@ instead of calling its home.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import date, time
 from decimal import Decimal
 
@@ -19,11 +19,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg.rows import DictRow, dict_row
+from pydantic import ValidationError
 
 from tests.conftest import with_database
-from workers.errors import ScheduleError
+from workers.errors import InvalidPurchaseError, ScheduleError
 from workers.rules.matching import capacity_for
-from workers.rules.metadata import MODE_WORDS, latest_start, mode_of, parse_clock
+from workers.rules.metadata import (
+    FIELDS,
+    MODE_WORDS,
+    latest_start,
+    mode_of,
+    parse_clock,
+    plan_purchase,
+)
 from workers.rules.schedule import (
     LearningMode,
     ScheduleMode,
@@ -196,6 +204,69 @@ DELIVERIES = [(mode, number) for mode in LearningMode for number in range(0, 33)
 def test_delivery(rules: Conn, mode: LearningMode, number: int) -> None:
     sql = sql_value(rules, "SELECT kc_session_delivery(%s::text, %s::integer) AS v", mode, number)
     assert sql == delivery_for(mode, number).value
+
+
+# --- a purchase's values: metadata's validators / the CHECKs on student_course_purchases ------
+# The metadata refuses a bad value with a sentence; the CHECK is the last line of defence for
+# a row written any other way. Both must accept the same values (canonical spellings: the
+# metadata lower-cases a mode before it is stored).
+PURCHASE_VALUES: list[tuple[str, str, object]] = [
+    ("sessionCount", "purchase_tier", v) for v in (0, 1, 9, 10, 11, 20, 29, 30, 31)
+]
+PURCHASE_VALUES += [("sessionDuration", "session_duration_minutes", v) for v in (14, 15, 240, 241)]
+PURCHASE_VALUES += [("sessionDuration", "session_duration_minutes", v) for v in (0, 60, 80)]
+PURCHASE_VALUES += [("groupSize", "group_size", v) for v in (0, 1, 2, 3, 4)]
+PURCHASE_VALUES += [("learningMode", "learning_mode", v) for v in ("home", "hybrid", "online")]
+PURCHASE_VALUES += [("scheduleMode", "schedule_mode", v) for v in (*ScheduleMode, "weekly")]
+
+
+def check_accepts(conn: Conn, changes: Mapping[str, object]) -> bool:
+    """Whether the CHECKs of student_course_purchases accept a valid row with `changes`."""
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS purchase_checks "
+        "(LIKE student_course_purchases INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+    )
+    sets = ", ".join(f"{column} = %s" for column in changes)
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute(
+                "INSERT INTO purchase_checks (payment_id, student_id, course_id, purchase_tier, "
+                "start_date, preferred_time_slot, schedule_mode, session_duration_minutes) "
+                "VALUES (gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 30, "
+                "'2027-01-04', '16:00', 'daily', 60)"
+            )
+            conn.execute(f"UPDATE purchase_checks SET {sets}", list(changes.values()))
+    except psycopg.errors.CheckViolation:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("field", "column", "value"), PURCHASE_VALUES, ids=str)
+def test_purchase_values(rules: Conn, field: str, column: str, value: object) -> None:
+    (spec,) = [spec for spec in FIELDS if spec.name == field]
+    try:
+        spec.adapter.validate_python(value)
+        python = True
+    except ValidationError:
+        python = False
+    assert check_accepts(rules, {column: value}) == python
+
+
+# --- hybrid is exactly 30 sessions: the metadata's cross-field rule / student_course_purchases
+# _hybrid_is_30 ----------------------------------------------------------------------------------
+HYBRID = [(mode, count) for mode in LearningMode for count in (10, 20, 30)]
+
+
+@pytest.mark.parametrize(("mode", "count"), HYBRID)
+def test_hybrid_is_30(rules: Conn, mode: LearningMode, count: int) -> None:
+    metadata = {"sessionCount": count, "learningMode": mode.value}
+    try:
+        plan_purchase(metadata, today=date(2027, 1, 4), holidays=(), default_time_slot=time(16))
+        python = True
+    except InvalidPurchaseError:
+        python = False
+    changes = {"learning_mode": mode.value, "purchase_tier": count}
+    assert check_accepts(rules, changes) == python
 
 
 # --- one SQL home: no function spells a rule out again -------------------------------------
