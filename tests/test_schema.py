@@ -14,7 +14,7 @@ from workers.database.sql import SQL_DIR, all_queries
 from workers.rules.matching import Reason
 from workers.rules.metadata import RejectReason
 from workers.rules.schedule import ScheduleMode
-from workers.runtime.runner import Stage
+from workers.stages.contract import Stage
 
 Conn = psycopg.Connection[DictRow]
 
