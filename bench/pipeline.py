@@ -247,7 +247,7 @@ def workers(url: str, count: int, log: Path, **env: str) -> Iterator[list[subpro
 
 
 def log_levels(log: Path) -> dict[str, int]:
-    """WARNING and ERROR lines in a worker log (workers/ops/cli.py's format: date, time,
+    """WARNING and ERROR lines in a worker log (workers/cli.py's format: date, time,
     level); a traceback's lines are not counted."""
     found = {"WARNING": 0, "ERROR": 0}
     for line in log.read_text(errors="replace").splitlines():

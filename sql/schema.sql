@@ -1,5 +1,8 @@
 -- The whole schema as the migrations leave it: regenerate with `make schema`.
 -- Read-only reference; change the schema with a new migration in sql/migrations/.
+-- Each object's comment (COMMENT ON, from the migrations) is written above it, and a
+-- table is followed by its constraints, indexes and triggers. pgqueuer's own objects
+-- carry no comment: they are its business (sql/pgqueuer/).
 
 -- EXTENSIONS
 EXTENSION btree_gist SCHEMA extensions;
@@ -7,51 +10,115 @@ EXTENSION btree_gist SCHEMA extensions;
 -- TYPES
 TYPE pgqueuer_status AS ENUM ('queued', 'picked', 'successful', 'exception', 'canceled', 'deleted', 'failed');
 
--- TABLES
+-- TABLES, each with its constraints, indexes and triggers
 TABLE alembic_version (
     version_num character varying(32) NOT NULL
 );
+CONSTRAINT alembic_version.alembic_version_pkc PRIMARY KEY (version_num);
+CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
+
+-- An admin's assignment of a trainer to a purchase: the allocation stage carries it out with
+-- the same rules (all but the ones an override sets aside) and closes it with the outcome. Kept
+-- forever as the record of who asked for what.
 TABLE allocation_requests (
     id bigint NOT NULL IDENTITY,
     purchase_id uuid NOT NULL,
     trainer_id uuid NOT NULL,
+    -- Set aside the rules an admin may override (specialty, gender, range;
+    -- workers/stages/allocation.py OVERRIDABLE); never activity or capacity.
     override boolean NOT NULL DEFAULT false,
     note text,
+    -- Who asked: set by assign_trainer (a console operator as 'console:<name>'), never by a
+    -- writer of the table (trg_requested_by_guard).
     requested_by text NOT NULL DEFAULT SESSION_USER,
     requested_at timestamp with time zone NOT NULL DEFAULT now(),
+    -- open until the allocation stage decides it: done, refused (the trainer fails a rule that
+    -- was not overridden) or superseded (a later request for the same purchase).
     status text NOT NULL DEFAULT 'open'::text,
+    -- What the allocation stage did with the request, in a sentence.
     outcome text,
     decided_at timestamp with time zone,
     allocation_id uuid
 );
+CONSTRAINT allocation_requests.allocation_requests_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT allocation_requests.allocation_requests_check CHECK (((NOT override) OR (note IS NOT NULL)));
+CONSTRAINT allocation_requests.allocation_requests_check1 CHECK (((status = 'open'::text) = (decided_at IS NULL)));
+CONSTRAINT allocation_requests.allocation_requests_pkey PRIMARY KEY (id);
+CONSTRAINT allocation_requests.allocation_requests_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text, 'superseded'::text])));
+CONSTRAINT allocation_requests.allocation_requests_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CREATE UNIQUE INDEX allocation_requests_one_open_idx ON public.allocation_requests USING btree (purchase_id) WHERE (status = 'open'::text);
+CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
+-- requested_by is the operator function's to set (trg_requested_by_guard).
+CREATE TRIGGER allocation_requests_requested_by BEFORE UPDATE OF requested_by ON public.allocation_requests FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
+
+-- Each registered reader of the business events and the last position it has handled; an event
+-- is pruned only once every consumer has passed it.
 TABLE business_event_consumers (
     consumer text NOT NULL,
     position bigint NOT NULL,
     registered_at timestamp with time zone NOT NULL DEFAULT now(),
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
+CONSTRAINT business_event_consumers.business_event_consumers_consumer_check CHECK ((consumer ~ '^[a-z0-9][a-z0-9_.:-]{0,62}$'::text));
+CONSTRAINT business_event_consumers.business_event_consumers_pkey PRIMARY KEY (consumer);
+CONSTRAINT business_event_consumers.business_event_consumers_position_check CHECK (("position" >= 0));
+CREATE UNIQUE INDEX business_event_consumers_pkey ON public.business_event_consumers USING btree (consumer);
+
+-- Each committed business event's place in the feed, in commit order (kc_sequence_events);
+-- consumers read by position, never by seq.
 TABLE business_event_positions (
     position bigint NOT NULL,
     event_id uuid NOT NULL
 );
+CONSTRAINT business_event_positions.business_event_positions_event_id_key UNIQUE (event_id);
+CONSTRAINT business_event_positions.business_event_positions_pkey PRIMARY KEY ("position");
+CREATE UNIQUE INDEX business_event_positions_event_id_key ON public.business_event_positions USING btree (event_id);
+CREATE UNIQUE INDEX business_event_positions_pkey ON public.business_event_positions USING btree ("position");
+
+-- One row: the snapshot of the sequencer's last run and the last position it gave, so each run
+-- numbers exactly the events committed since.
 TABLE business_event_sequencer (
     singleton boolean NOT NULL DEFAULT true,
+    -- The transactions in flight at the last run: their events are numbered once they commit.
     snapshot pg_snapshot NOT NULL,
     last_position bigint NOT NULL DEFAULT 0,
     sequenced_at timestamp with time zone NOT NULL DEFAULT now()
 );
+CONSTRAINT business_event_sequencer.business_event_sequencer_pkey PRIMARY KEY (singleton);
+CONSTRAINT business_event_sequencer.business_event_sequencer_singleton_check CHECK (singleton);
+CREATE UNIQUE INDEX business_event_sequencer_pkey ON public.business_event_sequencer USING btree (singleton);
+
+-- The outbox of business events for the app (docs/events.md): written by the triggers in the
+-- transaction of each change, append-only, relayed to Redis; pruned by prune_business_events.
 TABLE business_events (
+    -- Stable for the same change (kc_event_id of the event's key): a change written twice is
+    -- stored once.
     event_id uuid NOT NULL,
+    -- Insertion order; not commit order, so consumers read business_event_positions instead.
     seq bigint NOT NULL IDENTITY,
+    -- The writing transaction, for the sequencer to know when it has committed.
     xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
     type text NOT NULL,
     purchase_id uuid,
     occurred_at timestamp with time zone NOT NULL DEFAULT now(),
+    -- The event exactly as the app reads it (type, eventId, timestamp, userId, role, metadata
+    -- and its fields).
     payload jsonb NOT NULL
 );
+CONSTRAINT business_events.business_events_check CHECK ((((payload ->> 'type'::text) = type) AND (((payload ->> 'eventId'::text))::uuid = event_id)));
+CONSTRAINT business_events.business_events_pkey PRIMARY KEY (event_id);
+CONSTRAINT business_events.business_events_type_check CHECK ((type = ANY (ARRAY['PURCHASE_CREATED'::text, 'COURSE_ACCESS_GRANTED'::text, 'TRAINER_ALLOCATED'::text, 'SESSIONS_GENERATED'::text, 'STUDENT_DEALLOCATED'::text, 'SESSION_RESCHEDULED'::text, 'SESSION_SUBSTITUTED'::text, 'SESSION_COMPLETED'::text, 'COURSE_PROGRESS_UPDATED'::text, 'COURSE_COMPLETED'::text, 'ADMIN_OVERRIDE'::text, 'NOTIFICATION_REQUESTED'::text])));
+CREATE UNIQUE INDEX business_events_pkey ON public.business_events USING btree (event_id);
+CREATE INDEX business_events_purchase_idx ON public.business_events USING btree (purchase_id);
+CREATE INDEX business_events_xid_idx ON public.business_events USING btree (xid);
+
+-- The people who may sign in to the operations console: a name and the hash of their token;
+-- revoked operators stay as the record.
 TABLE console_operators (
     id bigint NOT NULL IDENTITY,
     name text NOT NULL,
+    -- SHA-256 of the operator's token; the token itself is never stored.
     token_hash bytea NOT NULL,
     token_issued_at timestamp with time zone NOT NULL DEFAULT now(),
     created_at timestamp with time zone NOT NULL DEFAULT now(),
@@ -59,14 +126,35 @@ TABLE console_operators (
     revoked_at timestamp with time zone,
     revoked_by text
 );
+CONSTRAINT console_operators.console_operators_name_check CHECK (((name = btrim(name)) AND ((length(name) >= 1) AND (length(name) <= 60)) AND (name !~ '[[:cntrl:]]'::text)));
+CONSTRAINT console_operators.console_operators_pkey PRIMARY KEY (id);
+CONSTRAINT console_operators.console_operators_token_hash_check CHECK ((length(token_hash) = 32));
+CONSTRAINT console_operators.console_operators_token_hash_key UNIQUE (token_hash);
+CREATE UNIQUE INDEX console_operators_name_key ON public.console_operators USING btree (lower(name));
+CREATE UNIQUE INDEX console_operators_pkey ON public.console_operators USING btree (id);
+CREATE UNIQUE INDEX console_operators_token_hash_key ON public.console_operators USING btree (token_hash);
+
+-- Console sign-ins: the hash of the session id kept in the browser's cookie, whose operator it
+-- is and until when (12 hours).
 TABLE console_sessions (
+    -- SHA-256 of the session id; the id itself is only in the browser.
     id_hash bytea NOT NULL,
     operator_id bigint NOT NULL,
     signed_in_at timestamp with time zone NOT NULL DEFAULT now(),
     expires_at timestamp with time zone NOT NULL,
     ended_at timestamp with time zone,
+    -- The browser's address and agent at sign-in, for the record.
     client text
 );
+CONSTRAINT console_sessions.console_sessions_client_check CHECK ((length(client) <= 100));
+CONSTRAINT console_sessions.console_sessions_id_hash_check CHECK ((length(id_hash) = 32));
+CONSTRAINT console_sessions.console_sessions_operator_id_fkey FOREIGN KEY (operator_id) REFERENCES console_operators(id);
+CONSTRAINT console_sessions.console_sessions_pkey PRIMARY KEY (id_hash);
+CREATE INDEX console_sessions_operator_idx ON public.console_sessions USING btree (operator_id) WHERE (ended_at IS NULL);
+CREATE UNIQUE INDEX console_sessions_pkey ON public.console_sessions USING btree (id_hash);
+
+-- The courses students buy; a trainer teaches a course when one of their specialties is its
+-- category or subcategory.
 TABLE courses (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     title text NOT NULL,
@@ -74,10 +162,24 @@ TABLE courses (
     subcategory text,
     created_at timestamp with time zone NOT NULL DEFAULT now()
 );
+CONSTRAINT courses.courses_category_check CHECK ((btrim(category) <> ''::text));
+CONSTRAINT courses.courses_pkey PRIMARY KEY (id);
+CONSTRAINT courses.courses_subcategory_check CHECK ((btrim(subcategory) <> ''::text));
+CONSTRAINT courses.courses_title_check CHECK ((btrim(title) <> ''::text));
+CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
+
+-- Days on which no session is scheduled: a schedule skips them and runs longer, keeping its
+-- count.
 TABLE holidays (
     day date NOT NULL,
     reason text NOT NULL
 );
+CONSTRAINT holidays.holidays_pkey PRIMARY KEY (day);
+CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
+CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
+
+-- Every start of a pipeline job, counted before the stage runs and committed on its own, so an
+-- attempt cut short by a crash still counts (pgqueuer re-picks such a job without counting).
 TABLE job_starts (
     job_id bigint NOT NULL,
     stage text NOT NULL,
@@ -87,11 +189,23 @@ TABLE job_starts (
     last_started_at timestamp with time zone NOT NULL DEFAULT now(),
     last_worker uuid
 );
+CONSTRAINT job_starts.job_starts_pkey PRIMARY KEY (job_id);
+CREATE UNIQUE INDEX job_starts_pkey ON public.job_starts USING btree (job_id);
+
+-- Who the operator function running in a backend acts for; a row lives only inside that
+-- function's transaction (kc_begin_acting, kc_end_acting) and is the only source of
+-- stage_history.actor.
 TABLE kc_acting (
     pid integer NOT NULL,
     actor text NOT NULL,
     previous_setting text
 );
+CONSTRAINT kc_acting.kc_acting_pkey PRIMARY KEY (pid);
+CREATE UNIQUE INDEX kc_acting_pkey ON public.kc_acting USING btree (pid);
+
+-- One typed row of the values the moves' rules read (cut-off, auto-approval, the distance
+-- between neighbouring sessions): the app and operators call the move functions straight in
+-- SQL, with no worker environment in between. The owner changes them.
 TABLE kc_settings (
     singleton boolean NOT NULL DEFAULT true,
     max_sequential_km double precision NOT NULL DEFAULT 5,
@@ -99,27 +213,64 @@ TABLE kc_settings (
     move_cutoff interval NOT NULL DEFAULT '12:00:00'::interval,
     moves_auto_approve boolean NOT NULL DEFAULT false
 );
+CONSTRAINT kc_settings.kc_settings_max_sequential_km_check CHECK ((max_sequential_km > (0)::double precision));
+CONSTRAINT kc_settings.kc_settings_move_cutoff_check CHECK (((move_cutoff >= '00:00:00'::interval) AND (move_cutoff <= '30 days'::interval)));
+CONSTRAINT kc_settings.kc_settings_pkey PRIMARY KEY (singleton);
+CONSTRAINT kc_settings.kc_settings_singleton_check CHECK (singleton);
+CREATE UNIQUE INDEX kc_settings_pkey ON public.kc_settings USING btree (singleton);
+
+-- A succeeded payment whose metadata cannot make a purchase, with every problem found. Kept and
+-- replayable: fix payments.metadata (the payments trigger retries) or replay_stage('purchase',
+-- id).
 TABLE payment_rejections (
     payment_id uuid NOT NULL,
     reason text NOT NULL,
+    -- Every problem found in one pass: a list of {field, message}.
     errors jsonb NOT NULL DEFAULT '[]'::jsonb,
     metadata jsonb,
+    -- How many times this payment was tried and refused.
     rejections integer NOT NULL DEFAULT 1,
     rejected_at timestamp with time zone NOT NULL DEFAULT now(),
+    -- When a later try made the purchase.
     resolved_at timestamp with time zone
 );
+CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
+CONSTRAINT payment_rejections.payment_rejections_pkey PRIMARY KEY (payment_id);
+CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
+
+-- Payments as the payment service writes them: the pipeline's input. A payment that becomes
+-- succeeded starts the pipeline; one that becomes refunded ends its purchase.
 TABLE payments (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     student_id uuid NOT NULL,
     course_id uuid NOT NULL,
     amount_cents bigint NOT NULL,
     currency text NOT NULL DEFAULT 'INR'::text,
+    -- initiated, succeeded, failed or refunded: succeeded starts the pipeline
+    -- (payments_enqueue_purchase), refunded ends the purchase (payments_refunded).
     status text NOT NULL,
+    -- The app's payment form (session count, slot, start date, mode ...); read by
+    -- workers/rules/metadata.py, names and rules in docs/payment-metadata.md.
     metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
     confirmed_at timestamp with time zone,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
+CONSTRAINT payments.payments_amount_cents_check CHECK ((amount_cents >= 0));
+CONSTRAINT payments.payments_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT payments.payments_currency_check CHECK ((currency ~ '^[A-Z]{3}$'::text));
+CONSTRAINT payments.payments_pkey PRIMARY KEY (id);
+CONSTRAINT payments.payments_status_check CHECK ((status = ANY (ARRAY['initiated'::text, 'succeeded'::text, 'failed'::text, 'refunded'::text])));
+CONSTRAINT payments.payments_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CREATE UNIQUE INDEX payments_pkey ON public.payments USING btree (id);
+CREATE INDEX payments_student_course_idx ON public.payments USING btree (student_id, course_id);
+-- A succeeded payment starts the pipeline (trg_payments_enqueue_purchase).
+CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
+-- A refunded payment ends its purchase (trg_payments_refunded).
+CREATE TRIGGER payments_refunded AFTER UPDATE OF status ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_refunded();
+-- Keeps updated_at current (trg_payments_touch).
+CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_touch();
+
 TABLE pgqueuer (
     id bigint NOT NULL DEFAULT nextval('pgqueuer_id_seq'::regclass),
     priority integer NOT NULL,
@@ -136,6 +287,21 @@ TABLE pgqueuer (
     attempts integer NOT NULL DEFAULT 0,
     slot bigint
 );
+CONSTRAINT pgqueuer.pgqueuer_pkey PRIMARY KEY (id);
+CREATE INDEX pgqueuer_ep_ea_idx ON public.pgqueuer USING btree (entrypoint, execute_after) WHERE (status = 'queued'::pgqueuer_status);
+CREATE INDEX pgqueuer_ep_prio_id_idx ON public.pgqueuer USING btree (entrypoint, priority DESC, id) WHERE (status = 'queued'::pgqueuer_status);
+CREATE INDEX pgqueuer_picked_heartbeat_idx ON public.pgqueuer USING btree (heartbeat) WHERE (status = 'picked'::pgqueuer_status);
+CREATE UNIQUE INDEX pgqueuer_picked_slot_idx ON public.pgqueuer USING btree (entrypoint, slot) WHERE ((status = 'picked'::pgqueuer_status) AND (slot IS NOT NULL));
+CREATE UNIQUE INDEX pgqueuer_pkey ON public.pgqueuer USING btree (id);
+CREATE INDEX pgqueuer_priority_id_id1_idx ON public.pgqueuer USING btree (priority, id DESC) INCLUDE (id) WHERE (status = 'queued'::pgqueuer_status);
+CREATE INDEX pgqueuer_queue_manager_id_idx ON public.pgqueuer USING btree (queue_manager_id) WHERE (queue_manager_id IS NOT NULL);
+CREATE UNIQUE INDEX pgqueuer_unique_dedupe_key ON public.pgqueuer USING btree (dedupe_key) WHERE ((status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND (dedupe_key IS NOT NULL));
+CREATE INDEX pgqueuer_updated_id_id1_idx ON public.pgqueuer USING btree (updated, id DESC) INCLUDE (id) WHERE (status = 'picked'::pgqueuer_status);
+-- The project's trigger on pgqueuer's table: follow-ups of finished jobs
+-- (trg_pgqueuer_followups).
+CREATE TRIGGER pgqueuer_followups AFTER DELETE ON public.pgqueuer REFERENCING OLD TABLE AS finished FOR EACH STATEMENT EXECUTE FUNCTION trg_pgqueuer_followups();
+CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
+
 TABLE pgqueuer_log (
     id bigint NOT NULL IDENTITY,
     created timestamp with time zone NOT NULL DEFAULT now(),
@@ -146,6 +312,13 @@ TABLE pgqueuer_log (
     traceback jsonb,
     aggregated boolean DEFAULT false
 );
+CONSTRAINT pgqueuer_log.pgqueuer_log_pkey PRIMARY KEY (id);
+CREATE INDEX pgqueuer_log_created ON public.pgqueuer_log USING btree (created);
+CREATE INDEX pgqueuer_log_job_id_status ON public.pgqueuer_log USING btree (job_id, created DESC);
+CREATE INDEX pgqueuer_log_not_aggregated ON public.pgqueuer_log USING btree ((1)) WHERE (NOT aggregated);
+CREATE UNIQUE INDEX pgqueuer_log_pkey ON public.pgqueuer_log USING btree (id);
+CREATE INDEX pgqueuer_log_status ON public.pgqueuer_log USING btree (status);
+
 TABLE pgqueuer_schedules (
     id bigint NOT NULL DEFAULT nextval('pgqueuer_schedules_id_seq'::regclass),
     expression text NOT NULL,
@@ -157,6 +330,11 @@ TABLE pgqueuer_schedules (
     last_run timestamp with time zone,
     status pgqueuer_status DEFAULT 'queued'::pgqueuer_status
 );
+CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_expression_entrypoint_key UNIQUE (expression, entrypoint);
+CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_pkey PRIMARY KEY (id);
+CREATE UNIQUE INDEX pgqueuer_schedules_expression_entrypoint_key ON public.pgqueuer_schedules USING btree (expression, entrypoint);
+CREATE UNIQUE INDEX pgqueuer_schedules_pkey ON public.pgqueuer_schedules USING btree (id);
+
 TABLE pgqueuer_statistics (
     id bigint NOT NULL DEFAULT nextval('pgqueuer_statistics_id_seq'::regclass),
     created timestamp with time zone NOT NULL DEFAULT date_trunc('sec'::text, now()),
@@ -165,14 +343,31 @@ TABLE pgqueuer_statistics (
     status pgqueuer_status NOT NULL,
     entrypoint text NOT NULL
 );
+CONSTRAINT pgqueuer_statistics.pgqueuer_statistics_pkey PRIMARY KEY (id);
+CREATE UNIQUE INDEX pgqueuer_statistics_pkey ON public.pgqueuer_statistics USING btree (id);
+CREATE UNIQUE INDEX pgqueuer_statistics_unique_count ON public.pgqueuer_statistics USING btree (priority, date_trunc('sec'::text, timezone('UTC'::text, created)), status, entrypoint);
+
+-- An upgrade payment that raised an existing purchase's tier: one row per upgrade payment keeps
+-- the purchase stage idempotent for it (the purchase keeps its first payment_id).
 TABLE purchase_upgrades (
     payment_id uuid NOT NULL,
     purchase_id uuid NOT NULL,
     from_tier smallint NOT NULL,
     to_tier smallint NOT NULL,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
+    -- When the upgrade payment was refunded and the tier went back.
     reverted_at timestamp with time zone
 );
+CONSTRAINT purchase_upgrades.purchase_upgrades_check CHECK ((to_tier > from_tier));
+CONSTRAINT purchase_upgrades.purchase_upgrades_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
+CONSTRAINT purchase_upgrades.purchase_upgrades_pkey PRIMARY KEY (payment_id);
+CONSTRAINT purchase_upgrades.purchase_upgrades_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CREATE UNIQUE INDEX purchase_upgrades_pkey ON public.purchase_upgrades USING btree (payment_id);
+CREATE INDEX purchase_upgrades_purchase_idx ON public.purchase_upgrades USING btree (purchase_id);
+
+-- reschedule() requests: the purchase's slot, start date or mode before and after. The
+-- allocation stage re-plans the future sessions and closes the request; kept as the record of
+-- who asked for what.
 TABLE schedule_changes (
     id bigint NOT NULL IDENTITY,
     purchase_id uuid NOT NULL,
@@ -182,82 +377,241 @@ TABLE schedule_changes (
     to_start_date date NOT NULL,
     from_schedule_mode text NOT NULL,
     to_schedule_mode text NOT NULL,
+    -- Who asked: set by reschedule (a console operator as 'console:<name>'), never by a writer
+    -- of the table (trg_requested_by_guard).
     requested_by text NOT NULL DEFAULT SESSION_USER,
     requested_at timestamp with time zone NOT NULL DEFAULT now(),
+    -- open until the allocation stage has re-planned the sessions, then done.
     status text NOT NULL DEFAULT 'open'::text,
     outcome text,
     decided_at timestamp with time zone,
     allocation_id uuid
 );
+CONSTRAINT schedule_changes.schedule_changes_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
+CONSTRAINT schedule_changes.schedule_changes_check CHECK (((status = 'open'::text) = (decided_at IS NULL)));
+CONSTRAINT schedule_changes.schedule_changes_pkey PRIMARY KEY (id);
+CONSTRAINT schedule_changes.schedule_changes_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT schedule_changes.schedule_changes_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text])));
+CREATE INDEX schedule_changes_open_idx ON public.schedule_changes USING btree (purchase_id, id) WHERE (status = 'open'::text);
+CREATE UNIQUE INDEX schedule_changes_pkey ON public.schedule_changes USING btree (id);
+-- requested_by is the operator function's to set (trg_requested_by_guard).
+CREATE TRIGGER schedule_changes_requested_by BEFORE UPDATE OF requested_by ON public.schedule_changes FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
+
+-- An enqueue that arrived while the row's job was already running: when that job leaves
+-- pgqueuer's table, trg_pgqueuer_followups enqueues the stage again, so the change is not lost.
 TABLE stage_followups (
     stage text NOT NULL,
     ref_id uuid NOT NULL,
     asked_at timestamp with time zone NOT NULL DEFAULT now()
 );
+CONSTRAINT stage_followups.stage_followups_pkey PRIMARY KEY (stage, ref_id);
+CONSTRAINT stage_followups.stage_followups_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
+CREATE UNIQUE INDEX stage_followups_pkey ON public.stage_followups USING btree (stage, ref_id);
+
+-- What happened to each row at each stage (pgqueuer deletes a job when it succeeds); kept until
+-- prune_history's retention.
 TABLE stage_history (
     id bigint NOT NULL IDENTITY,
     stage text NOT NULL,
+    -- The row the stage works on: a payment (purchase), a purchase (allocation) or an
+    -- allocation (sessions).
     ref_id uuid NOT NULL,
+    -- What happened: enqueued, succeeded, skipped, rejected, failed, replayed, healed, or the
+    -- cause of an enqueue (refunded, completed, trainer_changed, rescheduled, makeup,
+    -- assign_requested).
     event text NOT NULL,
     job_id bigint,
     detail text,
     error jsonb,
     at timestamp with time zone NOT NULL DEFAULT clock_timestamp(),
+    -- The operator a replay or request acted for; set only by trg_stage_history_actor from
+    -- kc_acting, never by the writer.
     actor text
 );
+CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text, 'assign_requested'::text, 'move_requested'::text, 'move_approved'::text, 'move_rejected'::text, 'move_cancelled'::text, 'substituted'::text, 'substitute_ended'::text, 'leave'::text])));
+CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
+CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
+CREATE UNIQUE INDEX stage_history_pkey ON public.stage_history USING btree (id);
+CREATE INDEX stage_history_ref_idx ON public.stage_history USING btree (ref_id, at);
+CREATE INDEX stage_history_stage_at_idx ON public.stage_history USING btree (stage, at);
+-- The actor comes from kc_acting only (trg_stage_history_actor).
+CREATE TRIGGER stage_history_actor BEFORE INSERT ON public.stage_history FOR EACH ROW WHEN (((new.actor IS NOT NULL) OR (current_setting('kc.acting'::text, true) = 'on'::text))) EXECUTE FUNCTION trg_stage_history_actor();
+
+-- A student's course: the plan the purchase stage made from a payment's metadata, one per
+-- payment. Output of the purchase stage, input of the allocation stage.
 TABLE student_course_purchases (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     payment_id uuid NOT NULL,
     student_id uuid NOT NULL,
     course_id uuid NOT NULL,
+    -- Sessions owed: 10, 20 or 30 (hybrid courses exactly 30); an upgrade raises it.
     purchase_tier smallint NOT NULL,
     start_date date NOT NULL,
+    -- The wall-clock start of every session in the student's zone; the session ends by midnight
+    -- (kc_slot_end).
     preferred_time_slot time without time zone NOT NULL,
+    -- daily, weekdays or sunday_only (kc_mode_weekdays; the words a payment may use:
+    -- kc_mode_of).
     schedule_mode text NOT NULL,
     session_duration_minutes smallint NOT NULL,
+    -- The fields the metadata left out and the pipeline filled with a default, by name.
     defaults_applied text[] NOT NULL DEFAULT '{}'::text[],
+    -- false once refunded (deactivated_at) or finished (completed_at).
     is_active boolean NOT NULL DEFAULT true,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     deactivated_at timestamp with time zone,
+    -- home: every session at home; hybrid: 30 sessions, 1-6 online then alternating
+    -- (kc_session_delivery).
     learning_mode text NOT NULL DEFAULT 'home'::text,
     group_size smallint NOT NULL DEFAULT 1,
     preferred_trainer_id uuid,
+    -- The metadata keys the pipeline does not read, kept as sent.
     unused_metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
     unused_keys text[] NOT NULL DEFAULT '{}'::text[],
+    -- When every owed session was delivered (complete_finished).
     completed_at timestamp with time zone
 );
+CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
+CONSTRAINT student_course_purchases.student_course_purchases_completed_check CHECK (((completed_at IS NULL) OR ((NOT is_active) AND (deactivated_at IS NOT NULL))));
+CONSTRAINT student_course_purchases.student_course_purchases_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT student_course_purchases.student_course_purchases_group_size_check CHECK (((group_size >= 1) AND (group_size <= 3)));
+CONSTRAINT student_course_purchases.student_course_purchases_hybrid_is_30 CHECK (((learning_mode <> 'hybrid'::text) OR (purchase_tier = 30)));
+CONSTRAINT student_course_purchases.student_course_purchases_learning_mode_check CHECK ((learning_mode = ANY (ARRAY['home'::text, 'hybrid'::text])));
+CONSTRAINT student_course_purchases.student_course_purchases_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
+CONSTRAINT student_course_purchases.student_course_purchases_payment_id_key UNIQUE (payment_id);
+CONSTRAINT student_course_purchases.student_course_purchases_pkey PRIMARY KEY (id);
+CONSTRAINT student_course_purchases.student_course_purchases_purchase_tier_check CHECK ((purchase_tier = ANY (ARRAY[10, 20, 30])));
+CONSTRAINT student_course_purchases.student_course_purchases_schedule_mode_check CHECK ((schedule_mode = ANY (ARRAY['daily'::text, 'weekdays'::text, 'sunday_only'::text])));
+CONSTRAINT student_course_purchases.student_course_purchases_session_duration_minutes_check CHECK (((session_duration_minutes >= 15) AND (session_duration_minutes <= 240)));
+CONSTRAINT student_course_purchases.student_course_purchases_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT student_course_purchases.student_course_purchases_unused_metadata_check CHECK ((jsonb_typeof(unused_metadata) = 'object'::text));
+CREATE UNIQUE INDEX student_course_purchases_one_active_idx ON public.student_course_purchases USING btree (student_id, course_id) WHERE is_active;
+CREATE UNIQUE INDEX student_course_purchases_payment_id_key ON public.student_course_purchases USING btree (payment_id);
+CREATE UNIQUE INDEX student_course_purchases_pkey ON public.student_course_purchases USING btree (id);
+-- A new purchase goes to the allocation stage (trg_purchases_enqueue_allocation).
+CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
+-- Business events of new purchases (trg_events_purchases_inserted).
+CREATE TRIGGER student_course_purchases_events_inserted AFTER INSERT ON public.student_course_purchases REFERENCING NEW TABLE AS new_purchases FOR EACH STATEMENT EXECUTE FUNCTION trg_events_purchases_inserted();
+-- Business events of finished courses (trg_events_purchases_updated).
+CREATE TRIGGER student_course_purchases_events_updated AFTER UPDATE ON public.student_course_purchases REFERENCING OLD TABLE AS old_purchases NEW TABLE AS new_purchases FOR EACH STATEMENT EXECUTE FUNCTION trg_events_purchases_updated();
+-- An upgrade asks for the extra sessions (trg_purchases_tier_raised).
+CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
+
+-- The students, with their home (for trainers' service radius and travel) and their IANA time
+-- zone (for the local schedule).
 TABLE students (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     full_name text NOT NULL,
     gender text,
     home_lat double precision NOT NULL,
     home_lng double precision NOT NULL,
+    -- An IANA zone name: session dates and times are wall-clock values in it.
     timezone text NOT NULL DEFAULT 'Asia/Kolkata'::text,
     created_at timestamp with time zone NOT NULL DEFAULT now()
 );
+CONSTRAINT students.students_full_name_check CHECK ((btrim(full_name) <> ''::text));
+CONSTRAINT students.students_home_lat_check CHECK (((home_lat >= ('-90'::integer)::double precision) AND (home_lat <= (90)::double precision)));
+CONSTRAINT students.students_home_lng_check CHECK (((home_lng >= ('-180'::integer)::double precision) AND (home_lng <= (180)::double precision)));
+CONSTRAINT students.students_pkey PRIMARY KEY (id);
+CREATE UNIQUE INDEX students_pkey ON public.students USING btree (id);
+
+-- A purchase's trainer (approved) or why it has none yet (pending, with the matching rule that
+-- stopped it); cancelled or completed when it ends. One live allocation per purchase.
 TABLE trainer_allocations (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     purchase_id uuid NOT NULL,
     student_id uuid NOT NULL,
     course_id uuid NOT NULL,
     trainer_id uuid,
+    -- pending (no trainer fits yet), approved (live, counts toward capacity), cancelled or
+    -- completed.
     status text NOT NULL,
+    -- Why pending, or why it ended: a code of workers.rules.matching.Reason (the CHECK keeps
+    -- them in step).
     reason text,
     reason_detail text,
+    -- The decision's explanation: rules, eliminated counts, ranking, the chosen trainer, an
+    -- admin's assignment and how the allocation ended.
     metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- How many times the allocation stage tried to find a trainer; the sweep waits longer after
+    -- each (sweep_pending_allocations).
     attempts integer NOT NULL DEFAULT 1,
     first_session_date date,
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     updated_at timestamp with time zone NOT NULL DEFAULT now(),
     allocated_at timestamp with time zone,
+    -- An admin assignment that may exceed the trainer's capacity.
     capacity_override boolean NOT NULL DEFAULT false
 );
+CONSTRAINT trainer_allocations.trainer_allocations_attempts_check CHECK ((attempts >= 1));
+CONSTRAINT trainer_allocations.trainer_allocations_check CHECK (((status <> 'pending'::text) OR ((reason IS NOT NULL) AND (reason_detail IS NOT NULL) AND (trainer_id IS NULL))));
+CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'approved'::text) OR ((trainer_id IS NOT NULL) AND (allocated_at IS NOT NULL) AND (first_session_date IS NOT NULL))));
+CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
+CONSTRAINT trainer_allocations.trainer_allocations_id_student_course_key UNIQUE (id, student_id, course_id);
+CONSTRAINT trainer_allocations.trainer_allocations_load_settle_deleted TRIGGER DEFERRABLE INITIALLY DEFERRED;
+CONSTRAINT trainer_allocations.trainer_allocations_load_settle_inserted TRIGGER DEFERRABLE INITIALLY DEFERRED;
+CONSTRAINT trainer_allocations.trainer_allocations_load_settle_updated TRIGGER DEFERRABLE INITIALLY DEFERRED;
+CONSTRAINT trainer_allocations.trainer_allocations_pkey PRIMARY KEY (id);
+CONSTRAINT trainer_allocations.trainer_allocations_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
+CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'trainer_inactive'::text, 'refunded'::text, 'reassigned'::text, 'trainer_left'::text, 'rescheduled'::text])));
+CONSTRAINT trainer_allocations.trainer_allocations_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'cancelled'::text, 'completed'::text])));
+CONSTRAINT trainer_allocations.trainer_allocations_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
+CONSTRAINT trainer_allocations.trainer_allocations_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CREATE UNIQUE INDEX trainer_allocations_id_student_course_key ON public.trainer_allocations USING btree (id, student_id, course_id);
+CREATE UNIQUE INDEX trainer_allocations_one_live_idx ON public.trainer_allocations USING btree (purchase_id) WHERE (status = ANY (ARRAY['pending'::text, 'approved'::text]));
+CREATE INDEX trainer_allocations_pending_idx ON public.trainer_allocations USING btree (created_at) WHERE (status = 'pending'::text);
+CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING btree (id);
+CREATE INDEX trainer_allocations_purchase_idx ON public.trainer_allocations USING btree (purchase_id);
+CREATE INDEX trainer_allocations_student_course_idx ON public.trainer_allocations USING btree (student_id, course_id);
+CREATE INDEX trainer_allocations_trainer_live_idx ON public.trainer_allocations USING btree (trainer_id) WHERE (status = 'approved'::text);
+-- Capacity, the last line of defence (trg_allocations_check_capacity).
+CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
+-- An approved allocation goes to the sessions stage (trg_allocations_enqueue_sessions).
+CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
+-- Business events of new allocations (trg_events_allocations_inserted).
+CREATE TRIGGER trainer_allocations_events_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_inserted();
+-- Business events of changed allocations (trg_events_allocations_updated).
+CREATE TRIGGER trainer_allocations_events_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_updated();
+-- Settles trainer_load at commit after a DELETE.
+CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_deleted AFTER DELETE ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((old.status = 'approved'::text)) EXECUTE FUNCTION trg_allocations_load_settle();
+-- Settles trainer_load at commit after an INSERT.
+CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_inserted AFTER INSERT ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((new.status = 'approved'::text)) EXECUTE FUNCTION trg_allocations_load_settle();
+-- Settles trainer_load at commit after an UPDATE.
+CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_updated AFTER UPDATE OF status, trainer_id ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((((old.status = 'approved'::text) OR (new.status = 'approved'::text)) AND ((old.status IS DISTINCT FROM new.status) OR (old.trainer_id IS DISTINCT FROM new.trainer_id)))) EXECUTE FUNCTION trg_allocations_load_settle();
+-- Remembers the trainers a DELETE touched (trainer_load).
+CREATE TRIGGER trainer_allocations_load_touch_deleted AFTER DELETE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
+-- Remembers the trainers an INSERT touched (trainer_load).
+CREATE TRIGGER trainer_allocations_load_touch_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
+-- Remembers the trainers an UPDATE touched (trainer_load).
+CREATE TRIGGER trainer_allocations_load_touch_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
+-- Ended allocations free capacity for waiting purchases (trg_allocations_retry_pending).
+CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_retry_pending();
+
+-- When a trainer can teach: per ISO weekday (1 Monday .. 7 Sunday), a slot in local time; a
+-- trainer is available for a schedule when a slot covers it on every weekday.
 TABLE trainer_availability (
     trainer_id uuid NOT NULL,
     weekday smallint NOT NULL,
     slot_start time without time zone NOT NULL,
     slot_end time without time zone NOT NULL
 );
+CONSTRAINT trainer_availability.trainer_availability_check CHECK ((slot_end > slot_start));
+CONSTRAINT trainer_availability.trainer_availability_pkey PRIMARY KEY (trainer_id, weekday, slot_start);
+CONSTRAINT trainer_availability.trainer_availability_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id) ON DELETE CASCADE;
+CONSTRAINT trainer_availability.trainer_availability_weekday_check CHECK (((weekday >= 1) AND (weekday <= 7)));
+CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USING btree (trainer_id, weekday, slot_start);
+-- New availability: waiting purchases tried again (trg_availability_retry_pending).
+CREATE TRIGGER trainer_availability_added_retry_pending AFTER INSERT ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
+-- Changed availability: waiting purchases tried again (trg_availability_retry_pending).
+CREATE TRIGGER trainer_availability_changed_retry_pending AFTER UPDATE ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
+-- Narrowed availability: live allocations checked (trg_availability_check_live_allocations).
+CREATE TRIGGER trainer_availability_narrowed AFTER UPDATE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
+-- Removed availability: live allocations checked (trg_availability_check_live_allocations).
+CREATE TRIGGER trainer_availability_removed AFTER DELETE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
+
+-- A trainer's days away (first_day..last_day, the students' local dates): requested, approved
+-- or cancelled, with who did each and when. No two leaves of one trainer that are not cancelled
+-- overlap (exclusion constraint).
 TABLE trainer_leaves (
     id bigint NOT NULL IDENTITY,
     trainer_id uuid NOT NULL,
@@ -274,10 +628,32 @@ TABLE trainer_leaves (
     handed_over boolean NOT NULL DEFAULT false,
     outcome text
 );
+CONSTRAINT trainer_leaves.trainer_leaves_approved_check CHECK ((((approved_at IS NULL) = (approved_by IS NULL)) AND ((status <> 'approved'::text) OR (approved_at IS NOT NULL))));
+CONSTRAINT trainer_leaves.trainer_leaves_cancelled_check CHECK ((((status = 'cancelled'::text) = (cancelled_at IS NOT NULL)) AND ((cancelled_at IS NULL) = (cancelled_by IS NULL))));
+CONSTRAINT trainer_leaves.trainer_leaves_days_check CHECK ((last_day >= first_day));
+CONSTRAINT trainer_leaves.trainer_leaves_length_check CHECK (((last_day - first_day) < 366));
+CONSTRAINT trainer_leaves.trainer_leaves_no_overlap EXCLUDE USING gist (trainer_id WITH =, daterange(first_day, last_day, '[]'::text) WITH &&) WHERE ((status <> 'cancelled'::text));
+CONSTRAINT trainer_leaves.trainer_leaves_pkey PRIMARY KEY (id);
+CONSTRAINT trainer_leaves.trainer_leaves_reason_check CHECK (((btrim(reason) <> ''::text) AND (length(reason) <= 500)));
+CONSTRAINT trainer_leaves.trainer_leaves_status_check CHECK ((status = ANY (ARRAY['requested'::text, 'approved'::text, 'cancelled'::text])));
+CONSTRAINT trainer_leaves.trainer_leaves_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CREATE INDEX trainer_leaves_approved_idx ON public.trainer_leaves USING btree (trainer_id, first_day) WHERE (status = 'approved'::text);
+CREATE INDEX trainer_leaves_no_overlap ON public.trainer_leaves USING gist (trainer_id, daterange(first_day, last_day, '[]'::text)) WHERE (status <> 'cancelled'::text);
+CREATE UNIQUE INDEX trainer_leaves_pkey ON public.trainer_leaves USING btree (id);
+
+-- Approved allocations per trainer, settled at each commit that changes them (0020).
 TABLE trainer_load (
     trainer_id uuid NOT NULL,
     live_allocations integer NOT NULL DEFAULT 0
 );
+CONSTRAINT trainer_load.trainer_load_live_allocations_check CHECK ((live_allocations >= 0));
+CONSTRAINT trainer_load.trainer_load_pkey PRIMARY KEY (trainer_id);
+CONSTRAINT trainer_load.trainer_load_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id) ON DELETE CASCADE;
+CREATE UNIQUE INDEX trainer_load_pkey ON public.trainer_load USING btree (trainer_id);
+
+-- Requests to move one session (the app's field names): who asked (student, trainer, operator),
+-- from when to when and why; pending -> approved | rejected | cancelled, with who reviewed it
+-- and when. One pending request per session (partial unique index).
 TABLE trainer_reschedules (
     id uuid NOT NULL DEFAULT gen_random_uuid(),
     session_id uuid NOT NULL,
@@ -301,155 +677,6 @@ TABLE trainer_reschedules (
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
-TABLE trainers (
-    id uuid NOT NULL DEFAULT gen_random_uuid(),
-    full_name text NOT NULL,
-    gender text,
-    rating numeric(3,2),
-    specialties text[] NOT NULL DEFAULT '{}'::text[],
-    specialties_norm text[] GENERATED ALWAYS AS (kc_lower_array(specialties)) STORED,
-    base_lat double precision NOT NULL,
-    base_lng double precision NOT NULL,
-    service_radius_km numeric(7,2) NOT NULL,
-    status text NOT NULL DEFAULT 'active'::text,
-    created_at timestamp with time zone NOT NULL DEFAULT now()
-);
-TABLE tutoring_sessions (
-    id uuid NOT NULL DEFAULT gen_random_uuid(),
-    allocation_id uuid NOT NULL,
-    session_number smallint NOT NULL,
-    student_id uuid NOT NULL,
-    trainer_id uuid NOT NULL,
-    course_id uuid NOT NULL,
-    scheduled_date date NOT NULL,
-    scheduled_time time without time zone NOT NULL,
-    starts_at timestamp with time zone NOT NULL,
-    ends_at timestamp with time zone NOT NULL,
-    duration_minutes smallint NOT NULL,
-    status text NOT NULL DEFAULT 'scheduled'::text,
-    created_at timestamp with time zone NOT NULL DEFAULT now(),
-    cancelled_at timestamp with time zone,
-    delivery text NOT NULL DEFAULT 'home'::text,
-    original_trainer_id uuid,
-    substitution_leave_id bigint,
-    substituted_at timestamp with time zone,
-    cancel_reason text
-);
-
--- CONSTRAINTS
-CONSTRAINT alembic_version.alembic_version_pkc PRIMARY KEY (version_num);
-CONSTRAINT allocation_requests.allocation_requests_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
-CONSTRAINT allocation_requests.allocation_requests_check CHECK (((NOT override) OR (note IS NOT NULL)));
-CONSTRAINT allocation_requests.allocation_requests_check1 CHECK (((status = 'open'::text) = (decided_at IS NULL)));
-CONSTRAINT allocation_requests.allocation_requests_pkey PRIMARY KEY (id);
-CONSTRAINT allocation_requests.allocation_requests_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT allocation_requests.allocation_requests_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text, 'refused'::text, 'superseded'::text])));
-CONSTRAINT allocation_requests.allocation_requests_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
-CONSTRAINT business_event_consumers.business_event_consumers_consumer_check CHECK ((consumer ~ '^[a-z0-9][a-z0-9_.:-]{0,62}$'::text));
-CONSTRAINT business_event_consumers.business_event_consumers_pkey PRIMARY KEY (consumer);
-CONSTRAINT business_event_consumers.business_event_consumers_position_check CHECK (("position" >= 0));
-CONSTRAINT business_event_positions.business_event_positions_event_id_key UNIQUE (event_id);
-CONSTRAINT business_event_positions.business_event_positions_pkey PRIMARY KEY ("position");
-CONSTRAINT business_event_sequencer.business_event_sequencer_pkey PRIMARY KEY (singleton);
-CONSTRAINT business_event_sequencer.business_event_sequencer_singleton_check CHECK (singleton);
-CONSTRAINT business_events.business_events_check CHECK ((((payload ->> 'type'::text) = type) AND (((payload ->> 'eventId'::text))::uuid = event_id)));
-CONSTRAINT business_events.business_events_pkey PRIMARY KEY (event_id);
-CONSTRAINT business_events.business_events_type_check CHECK ((type = ANY (ARRAY['PURCHASE_CREATED'::text, 'COURSE_ACCESS_GRANTED'::text, 'TRAINER_ALLOCATED'::text, 'SESSIONS_GENERATED'::text, 'STUDENT_DEALLOCATED'::text, 'SESSION_RESCHEDULED'::text, 'SESSION_SUBSTITUTED'::text, 'SESSION_COMPLETED'::text, 'COURSE_PROGRESS_UPDATED'::text, 'COURSE_COMPLETED'::text, 'ADMIN_OVERRIDE'::text, 'NOTIFICATION_REQUESTED'::text])));
-CONSTRAINT console_operators.console_operators_name_check CHECK (((name = btrim(name)) AND ((length(name) >= 1) AND (length(name) <= 60)) AND (name !~ '[[:cntrl:]]'::text)));
-CONSTRAINT console_operators.console_operators_pkey PRIMARY KEY (id);
-CONSTRAINT console_operators.console_operators_token_hash_check CHECK ((length(token_hash) = 32));
-CONSTRAINT console_operators.console_operators_token_hash_key UNIQUE (token_hash);
-CONSTRAINT console_sessions.console_sessions_client_check CHECK ((length(client) <= 100));
-CONSTRAINT console_sessions.console_sessions_id_hash_check CHECK ((length(id_hash) = 32));
-CONSTRAINT console_sessions.console_sessions_operator_id_fkey FOREIGN KEY (operator_id) REFERENCES console_operators(id);
-CONSTRAINT console_sessions.console_sessions_pkey PRIMARY KEY (id_hash);
-CONSTRAINT courses.courses_category_check CHECK ((btrim(category) <> ''::text));
-CONSTRAINT courses.courses_pkey PRIMARY KEY (id);
-CONSTRAINT courses.courses_subcategory_check CHECK ((btrim(subcategory) <> ''::text));
-CONSTRAINT courses.courses_title_check CHECK ((btrim(title) <> ''::text));
-CONSTRAINT holidays.holidays_pkey PRIMARY KEY (day);
-CONSTRAINT holidays.holidays_reason_check CHECK ((btrim(reason) <> ''::text));
-CONSTRAINT job_starts.job_starts_pkey PRIMARY KEY (job_id);
-CONSTRAINT kc_acting.kc_acting_pkey PRIMARY KEY (pid);
-CONSTRAINT kc_settings.kc_settings_max_sequential_km_check CHECK ((max_sequential_km > (0)::double precision));
-CONSTRAINT kc_settings.kc_settings_move_cutoff_check CHECK (((move_cutoff >= '00:00:00'::interval) AND (move_cutoff <= '30 days'::interval)));
-CONSTRAINT kc_settings.kc_settings_pkey PRIMARY KEY (singleton);
-CONSTRAINT kc_settings.kc_settings_singleton_check CHECK (singleton);
-CONSTRAINT payment_rejections.payment_rejections_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
-CONSTRAINT payment_rejections.payment_rejections_pkey PRIMARY KEY (payment_id);
-CONSTRAINT payments.payments_amount_cents_check CHECK ((amount_cents >= 0));
-CONSTRAINT payments.payments_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
-CONSTRAINT payments.payments_currency_check CHECK ((currency ~ '^[A-Z]{3}$'::text));
-CONSTRAINT payments.payments_pkey PRIMARY KEY (id);
-CONSTRAINT payments.payments_status_check CHECK ((status = ANY (ARRAY['initiated'::text, 'succeeded'::text, 'failed'::text, 'refunded'::text])));
-CONSTRAINT payments.payments_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
-CONSTRAINT pgqueuer.pgqueuer_pkey PRIMARY KEY (id);
-CONSTRAINT pgqueuer_log.pgqueuer_log_pkey PRIMARY KEY (id);
-CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_expression_entrypoint_key UNIQUE (expression, entrypoint);
-CONSTRAINT pgqueuer_schedules.pgqueuer_schedules_pkey PRIMARY KEY (id);
-CONSTRAINT pgqueuer_statistics.pgqueuer_statistics_pkey PRIMARY KEY (id);
-CONSTRAINT purchase_upgrades.purchase_upgrades_check CHECK ((to_tier > from_tier));
-CONSTRAINT purchase_upgrades.purchase_upgrades_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
-CONSTRAINT purchase_upgrades.purchase_upgrades_pkey PRIMARY KEY (payment_id);
-CONSTRAINT purchase_upgrades.purchase_upgrades_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT schedule_changes.schedule_changes_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
-CONSTRAINT schedule_changes.schedule_changes_check CHECK (((status = 'open'::text) = (decided_at IS NULL)));
-CONSTRAINT schedule_changes.schedule_changes_pkey PRIMARY KEY (id);
-CONSTRAINT schedule_changes.schedule_changes_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT schedule_changes.schedule_changes_status_check CHECK ((status = ANY (ARRAY['open'::text, 'done'::text])));
-CONSTRAINT stage_followups.stage_followups_pkey PRIMARY KEY (stage, ref_id);
-CONSTRAINT stage_followups.stage_followups_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
-CONSTRAINT stage_history.stage_history_event_check CHECK ((event = ANY (ARRAY['enqueued'::text, 'succeeded'::text, 'skipped'::text, 'rejected'::text, 'failed'::text, 'replayed'::text, 'healed'::text, 'refunded'::text, 'completed'::text, 'trainer_changed'::text, 'rescheduled'::text, 'makeup'::text, 'assign_requested'::text, 'move_requested'::text, 'move_approved'::text, 'move_rejected'::text, 'move_cancelled'::text, 'substituted'::text, 'substitute_ended'::text, 'leave'::text])));
-CONSTRAINT stage_history.stage_history_pkey PRIMARY KEY (id);
-CONSTRAINT stage_history.stage_history_stage_check CHECK ((stage = ANY (ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text])));
-CONSTRAINT student_course_purchases.student_course_purchases_check CHECK ((is_active OR (deactivated_at IS NOT NULL)));
-CONSTRAINT student_course_purchases.student_course_purchases_completed_check CHECK (((completed_at IS NULL) OR ((NOT is_active) AND (deactivated_at IS NOT NULL))));
-CONSTRAINT student_course_purchases.student_course_purchases_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
-CONSTRAINT student_course_purchases.student_course_purchases_group_size_check CHECK (((group_size >= 1) AND (group_size <= 3)));
-CONSTRAINT student_course_purchases.student_course_purchases_hybrid_is_30 CHECK (((learning_mode <> 'hybrid'::text) OR (purchase_tier = 30)));
-CONSTRAINT student_course_purchases.student_course_purchases_learning_mode_check CHECK ((learning_mode = ANY (ARRAY['home'::text, 'hybrid'::text])));
-CONSTRAINT student_course_purchases.student_course_purchases_payment_id_fkey FOREIGN KEY (payment_id) REFERENCES payments(id);
-CONSTRAINT student_course_purchases.student_course_purchases_payment_id_key UNIQUE (payment_id);
-CONSTRAINT student_course_purchases.student_course_purchases_pkey PRIMARY KEY (id);
-CONSTRAINT student_course_purchases.student_course_purchases_purchase_tier_check CHECK ((purchase_tier = ANY (ARRAY[10, 20, 30])));
-CONSTRAINT student_course_purchases.student_course_purchases_schedule_mode_check CHECK ((schedule_mode = ANY (ARRAY['daily'::text, 'weekdays'::text, 'sunday_only'::text])));
-CONSTRAINT student_course_purchases.student_course_purchases_session_duration_minutes_check CHECK (((session_duration_minutes >= 15) AND (session_duration_minutes <= 240)));
-CONSTRAINT student_course_purchases.student_course_purchases_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
-CONSTRAINT student_course_purchases.student_course_purchases_unused_metadata_check CHECK ((jsonb_typeof(unused_metadata) = 'object'::text));
-CONSTRAINT students.students_full_name_check CHECK ((btrim(full_name) <> ''::text));
-CONSTRAINT students.students_home_lat_check CHECK (((home_lat >= ('-90'::integer)::double precision) AND (home_lat <= (90)::double precision)));
-CONSTRAINT students.students_home_lng_check CHECK (((home_lng >= ('-180'::integer)::double precision) AND (home_lng <= (180)::double precision)));
-CONSTRAINT students.students_pkey PRIMARY KEY (id);
-CONSTRAINT trainer_allocations.trainer_allocations_attempts_check CHECK ((attempts >= 1));
-CONSTRAINT trainer_allocations.trainer_allocations_check CHECK (((status <> 'pending'::text) OR ((reason IS NOT NULL) AND (reason_detail IS NOT NULL) AND (trainer_id IS NULL))));
-CONSTRAINT trainer_allocations.trainer_allocations_check1 CHECK (((status <> 'approved'::text) OR ((trainer_id IS NOT NULL) AND (allocated_at IS NOT NULL) AND (first_session_date IS NOT NULL))));
-CONSTRAINT trainer_allocations.trainer_allocations_course_id_fkey FOREIGN KEY (course_id) REFERENCES courses(id);
-CONSTRAINT trainer_allocations.trainer_allocations_id_student_course_key UNIQUE (id, student_id, course_id);
-CONSTRAINT trainer_allocations.trainer_allocations_load_settle_deleted TRIGGER DEFERRABLE INITIALLY DEFERRED;
-CONSTRAINT trainer_allocations.trainer_allocations_load_settle_inserted TRIGGER DEFERRABLE INITIALLY DEFERRED;
-CONSTRAINT trainer_allocations.trainer_allocations_load_settle_updated TRIGGER DEFERRABLE INITIALLY DEFERRED;
-CONSTRAINT trainer_allocations.trainer_allocations_pkey PRIMARY KEY (id);
-CONSTRAINT trainer_allocations.trainer_allocations_purchase_id_fkey FOREIGN KEY (purchase_id) REFERENCES student_course_purchases(id);
-CONSTRAINT trainer_allocations.trainer_allocations_reason_check CHECK ((reason = ANY (ARRAY['no_trainer'::text, 'no_specialty'::text, 'gender_mismatch'::text, 'out_of_range'::text, 'no_free_slot'::text, 'too_far_between_sessions'::text, 'at_capacity'::text, 'trainer_inactive'::text, 'refunded'::text, 'reassigned'::text, 'trainer_left'::text, 'rescheduled'::text])));
-CONSTRAINT trainer_allocations.trainer_allocations_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'approved'::text, 'cancelled'::text, 'completed'::text])));
-CONSTRAINT trainer_allocations.trainer_allocations_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
-CONSTRAINT trainer_allocations.trainer_allocations_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
-CONSTRAINT trainer_availability.trainer_availability_check CHECK ((slot_end > slot_start));
-CONSTRAINT trainer_availability.trainer_availability_pkey PRIMARY KEY (trainer_id, weekday, slot_start);
-CONSTRAINT trainer_availability.trainer_availability_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id) ON DELETE CASCADE;
-CONSTRAINT trainer_availability.trainer_availability_weekday_check CHECK (((weekday >= 1) AND (weekday <= 7)));
-CONSTRAINT trainer_leaves.trainer_leaves_approved_check CHECK ((((approved_at IS NULL) = (approved_by IS NULL)) AND ((status <> 'approved'::text) OR (approved_at IS NOT NULL))));
-CONSTRAINT trainer_leaves.trainer_leaves_cancelled_check CHECK ((((status = 'cancelled'::text) = (cancelled_at IS NOT NULL)) AND ((cancelled_at IS NULL) = (cancelled_by IS NULL))));
-CONSTRAINT trainer_leaves.trainer_leaves_days_check CHECK ((last_day >= first_day));
-CONSTRAINT trainer_leaves.trainer_leaves_length_check CHECK (((last_day - first_day) < 366));
-CONSTRAINT trainer_leaves.trainer_leaves_no_overlap EXCLUDE USING gist (trainer_id WITH =, daterange(first_day, last_day, '[]'::text) WITH &&) WHERE ((status <> 'cancelled'::text));
-CONSTRAINT trainer_leaves.trainer_leaves_pkey PRIMARY KEY (id);
-CONSTRAINT trainer_leaves.trainer_leaves_reason_check CHECK (((btrim(reason) <> ''::text) AND (length(reason) <= 500)));
-CONSTRAINT trainer_leaves.trainer_leaves_status_check CHECK ((status = ANY (ARRAY['requested'::text, 'approved'::text, 'cancelled'::text])));
-CONSTRAINT trainer_leaves.trainer_leaves_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
-CONSTRAINT trainer_load.trainer_load_live_allocations_check CHECK ((live_allocations >= 0));
-CONSTRAINT trainer_load.trainer_load_pkey PRIMARY KEY (trainer_id);
-CONSTRAINT trainer_load.trainer_load_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id) ON DELETE CASCADE;
 CONSTRAINT trainer_reschedules.trainer_reschedules_allocation_id_fkey FOREIGN KEY (allocation_id) REFERENCES trainer_allocations(id);
 CONSTRAINT trainer_reschedules.trainer_reschedules_check CHECK (((status = 'pending'::text) = (reviewed_at IS NULL)));
 CONSTRAINT trainer_reschedules.trainer_reschedules_check1 CHECK (((status = 'pending'::text) = (reviewed_by IS NULL)));
@@ -466,6 +693,32 @@ CONSTRAINT trainer_reschedules.trainer_reschedules_status_check CHECK ((status =
 CONSTRAINT trainer_reschedules.trainer_reschedules_student_id_fkey FOREIGN KEY (student_id) REFERENCES students(id);
 CONSTRAINT trainer_reschedules.trainer_reschedules_substitute_trainer_id_fkey FOREIGN KEY (substitute_trainer_id) REFERENCES trainers(id);
 CONSTRAINT trainer_reschedules.trainer_reschedules_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
+CREATE INDEX trainer_reschedules_allocation_idx ON public.trainer_reschedules USING btree (allocation_id);
+CREATE UNIQUE INDEX trainer_reschedules_one_pending_idx ON public.trainer_reschedules USING btree (session_id) WHERE (status = 'pending'::text);
+CREATE INDEX trainer_reschedules_pending_idx ON public.trainer_reschedules USING btree (created_at) WHERE (status = 'pending'::text);
+CREATE UNIQUE INDEX trainer_reschedules_pkey ON public.trainer_reschedules USING btree (id);
+-- The events of an approved move, in its transaction.
+CREATE TRIGGER trainer_reschedules_approved AFTER UPDATE OF status ON public.trainer_reschedules FOR EACH ROW WHEN (((new.status = 'approved'::text) AND (old.status = 'pending'::text))) EXECUTE FUNCTION trg_reschedules_approved();
+
+-- The trainers: what they teach, where they are based, how far they travel, their rating (which
+-- sets their capacity: kc_trainer_capacity).
+TABLE trainers (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    full_name text NOT NULL,
+    gender text,
+    -- 0 to 5; sets how many live allocations the trainer may hold (kc_trainer_capacity).
+    rating numeric(3,2),
+    specialties text[] NOT NULL DEFAULT '{}'::text[],
+    -- specialties lower-cased and trimmed (kc_lower_array), for matching a course's category
+    -- and subcategory.
+    specialties_norm text[] GENERATED ALWAYS AS (kc_lower_array(specialties)) STORED,
+    base_lat double precision NOT NULL,
+    base_lng double precision NOT NULL,
+    -- How far from the base the trainer travels to a student's home.
+    service_radius_km numeric(7,2) NOT NULL,
+    status text NOT NULL DEFAULT 'active'::text,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
 CONSTRAINT trainers.trainers_base_lat_check CHECK (((base_lat >= ('-90'::integer)::double precision) AND (base_lat <= (90)::double precision)));
 CONSTRAINT trainers.trainers_base_lng_check CHECK (((base_lng >= ('-180'::integer)::double precision) AND (base_lng <= (180)::double precision)));
 CONSTRAINT trainers.trainers_full_name_check CHECK ((btrim(full_name) <> ''::text));
@@ -473,6 +726,53 @@ CONSTRAINT trainers.trainers_pkey PRIMARY KEY (id);
 CONSTRAINT trainers.trainers_rating_check CHECK (((rating >= (0)::numeric) AND (rating <= (5)::numeric)));
 CONSTRAINT trainers.trainers_service_radius_km_check CHECK ((service_radius_km > (0)::numeric));
 CONSTRAINT trainers.trainers_status_check CHECK ((status = ANY (ARRAY['active'::text, 'inactive'::text])));
+CREATE INDEX trainers_active_base_idx ON public.trainers USING btree (base_lat, base_lng) WHERE (status = 'active'::text);
+CREATE INDEX trainers_active_radius_idx ON public.trainers USING btree ((
+CASE
+    WHEN (status = 'active'::text) THEN service_radius_km
+    ELSE NULL::numeric
+END));
+CREATE INDEX trainers_active_specialties_idx ON public.trainers USING gin (specialties_norm) WHERE (status = 'active'::text);
+CREATE UNIQUE INDEX trainers_pkey ON public.trainers USING btree (id);
+-- New trainers: waiting purchases tried again (trg_trainers_retry_pending).
+CREATE TRIGGER trainers_added_retry_pending AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
+-- Changed trainers: waiting purchases tried again (trg_trainers_retry_pending).
+CREATE TRIGGER trainers_changed_retry_pending AFTER UPDATE ON public.trainers REFERENCING OLD TABLE AS old_trainers NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
+-- Changed trainers: live allocations checked (trg_trainers_check_live_allocations).
+CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
+-- A trainer_load row for every new trainer.
+CREATE TRIGGER trainers_load_row AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_load_row();
+
+-- The sessions of an allocation, numbered from 1 per purchase; no two scheduled sessions of a
+-- trainer overlap (tutoring_sessions_no_trainer_overlap).
+TABLE tutoring_sessions (
+    id uuid NOT NULL DEFAULT gen_random_uuid(),
+    allocation_id uuid NOT NULL,
+    session_number smallint NOT NULL,
+    student_id uuid NOT NULL,
+    trainer_id uuid NOT NULL,
+    course_id uuid NOT NULL,
+    -- The day in the student's zone.
+    scheduled_date date NOT NULL,
+    -- The wall-clock start in the student's zone (a time in a DST gap moves forward by the
+    -- gap).
+    scheduled_time time without time zone NOT NULL,
+    -- The exact instant the session starts.
+    starts_at timestamp with time zone NOT NULL,
+    ends_at timestamp with time zone NOT NULL,
+    duration_minutes smallint NOT NULL,
+    -- scheduled, then completed or missed once started, or cancelled (and stays cancelled:
+    -- trg_sessions_guard_status).
+    status text NOT NULL DEFAULT 'scheduled'::text,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    cancelled_at timestamp with time zone,
+    -- home or online, by the session's number (kc_session_delivery).
+    delivery text NOT NULL DEFAULT 'home'::text,
+    original_trainer_id uuid,
+    substitution_leave_id bigint,
+    substituted_at timestamp with time zone,
+    cancel_reason text
+);
 CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_fkey FOREIGN KEY (allocation_id, student_id, course_id) REFERENCES trainer_allocations(id, student_id, course_id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_allocation_id_session_number_key UNIQUE (allocation_id, session_number);
 CONSTRAINT tutoring_sessions.tutoring_sessions_check CHECK ((ends_at = (starts_at + make_interval(mins => (duration_minutes)::integer))));
@@ -486,85 +786,6 @@ CONSTRAINT tutoring_sessions.tutoring_sessions_status_check CHECK ((status = ANY
 CONSTRAINT tutoring_sessions.tutoring_sessions_substitute_check CHECK (((original_trainer_id IS DISTINCT FROM trainer_id) AND ((original_trainer_id IS NULL) = (substituted_at IS NULL)) AND ((substitution_leave_id IS NULL) OR (original_trainer_id IS NOT NULL) OR (status = 'cancelled'::text))));
 CONSTRAINT tutoring_sessions.tutoring_sessions_substitution_leave_id_fkey FOREIGN KEY (substitution_leave_id) REFERENCES trainer_leaves(id);
 CONSTRAINT tutoring_sessions.tutoring_sessions_trainer_id_fkey FOREIGN KEY (trainer_id) REFERENCES trainers(id);
-
--- INDEXES
-CREATE UNIQUE INDEX alembic_version_pkc ON public.alembic_version USING btree (version_num);
-CREATE UNIQUE INDEX allocation_requests_one_open_idx ON public.allocation_requests USING btree (purchase_id) WHERE (status = 'open'::text);
-CREATE UNIQUE INDEX allocation_requests_pkey ON public.allocation_requests USING btree (id);
-CREATE UNIQUE INDEX business_event_consumers_pkey ON public.business_event_consumers USING btree (consumer);
-CREATE UNIQUE INDEX business_event_positions_event_id_key ON public.business_event_positions USING btree (event_id);
-CREATE UNIQUE INDEX business_event_positions_pkey ON public.business_event_positions USING btree ("position");
-CREATE UNIQUE INDEX business_event_sequencer_pkey ON public.business_event_sequencer USING btree (singleton);
-CREATE UNIQUE INDEX business_events_pkey ON public.business_events USING btree (event_id);
-CREATE INDEX business_events_purchase_idx ON public.business_events USING btree (purchase_id);
-CREATE INDEX business_events_xid_idx ON public.business_events USING btree (xid);
-CREATE UNIQUE INDEX console_operators_name_key ON public.console_operators USING btree (lower(name));
-CREATE UNIQUE INDEX console_operators_pkey ON public.console_operators USING btree (id);
-CREATE UNIQUE INDEX console_operators_token_hash_key ON public.console_operators USING btree (token_hash);
-CREATE INDEX console_sessions_operator_idx ON public.console_sessions USING btree (operator_id) WHERE (ended_at IS NULL);
-CREATE UNIQUE INDEX console_sessions_pkey ON public.console_sessions USING btree (id_hash);
-CREATE UNIQUE INDEX courses_pkey ON public.courses USING btree (id);
-CREATE UNIQUE INDEX holidays_pkey ON public.holidays USING btree (day);
-CREATE UNIQUE INDEX job_starts_pkey ON public.job_starts USING btree (job_id);
-CREATE UNIQUE INDEX kc_acting_pkey ON public.kc_acting USING btree (pid);
-CREATE UNIQUE INDEX kc_settings_pkey ON public.kc_settings USING btree (singleton);
-CREATE UNIQUE INDEX payment_rejections_pkey ON public.payment_rejections USING btree (payment_id);
-CREATE UNIQUE INDEX payments_pkey ON public.payments USING btree (id);
-CREATE INDEX payments_student_course_idx ON public.payments USING btree (student_id, course_id);
-CREATE INDEX pgqueuer_ep_ea_idx ON public.pgqueuer USING btree (entrypoint, execute_after) WHERE (status = 'queued'::pgqueuer_status);
-CREATE INDEX pgqueuer_ep_prio_id_idx ON public.pgqueuer USING btree (entrypoint, priority DESC, id) WHERE (status = 'queued'::pgqueuer_status);
-CREATE INDEX pgqueuer_log_created ON public.pgqueuer_log USING btree (created);
-CREATE INDEX pgqueuer_log_job_id_status ON public.pgqueuer_log USING btree (job_id, created DESC);
-CREATE INDEX pgqueuer_log_not_aggregated ON public.pgqueuer_log USING btree ((1)) WHERE (NOT aggregated);
-CREATE UNIQUE INDEX pgqueuer_log_pkey ON public.pgqueuer_log USING btree (id);
-CREATE INDEX pgqueuer_log_status ON public.pgqueuer_log USING btree (status);
-CREATE INDEX pgqueuer_picked_heartbeat_idx ON public.pgqueuer USING btree (heartbeat) WHERE (status = 'picked'::pgqueuer_status);
-CREATE UNIQUE INDEX pgqueuer_picked_slot_idx ON public.pgqueuer USING btree (entrypoint, slot) WHERE ((status = 'picked'::pgqueuer_status) AND (slot IS NOT NULL));
-CREATE UNIQUE INDEX pgqueuer_pkey ON public.pgqueuer USING btree (id);
-CREATE INDEX pgqueuer_priority_id_id1_idx ON public.pgqueuer USING btree (priority, id DESC) INCLUDE (id) WHERE (status = 'queued'::pgqueuer_status);
-CREATE INDEX pgqueuer_queue_manager_id_idx ON public.pgqueuer USING btree (queue_manager_id) WHERE (queue_manager_id IS NOT NULL);
-CREATE UNIQUE INDEX pgqueuer_schedules_expression_entrypoint_key ON public.pgqueuer_schedules USING btree (expression, entrypoint);
-CREATE UNIQUE INDEX pgqueuer_schedules_pkey ON public.pgqueuer_schedules USING btree (id);
-CREATE UNIQUE INDEX pgqueuer_statistics_pkey ON public.pgqueuer_statistics USING btree (id);
-CREATE UNIQUE INDEX pgqueuer_statistics_unique_count ON public.pgqueuer_statistics USING btree (priority, date_trunc('sec'::text, timezone('UTC'::text, created)), status, entrypoint);
-CREATE UNIQUE INDEX pgqueuer_unique_dedupe_key ON public.pgqueuer USING btree (dedupe_key) WHERE ((status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND (dedupe_key IS NOT NULL));
-CREATE INDEX pgqueuer_updated_id_id1_idx ON public.pgqueuer USING btree (updated, id DESC) INCLUDE (id) WHERE (status = 'picked'::pgqueuer_status);
-CREATE UNIQUE INDEX purchase_upgrades_pkey ON public.purchase_upgrades USING btree (payment_id);
-CREATE INDEX purchase_upgrades_purchase_idx ON public.purchase_upgrades USING btree (purchase_id);
-CREATE INDEX schedule_changes_open_idx ON public.schedule_changes USING btree (purchase_id, id) WHERE (status = 'open'::text);
-CREATE UNIQUE INDEX schedule_changes_pkey ON public.schedule_changes USING btree (id);
-CREATE UNIQUE INDEX stage_followups_pkey ON public.stage_followups USING btree (stage, ref_id);
-CREATE UNIQUE INDEX stage_history_pkey ON public.stage_history USING btree (id);
-CREATE INDEX stage_history_ref_idx ON public.stage_history USING btree (ref_id, at);
-CREATE INDEX stage_history_stage_at_idx ON public.stage_history USING btree (stage, at);
-CREATE UNIQUE INDEX student_course_purchases_one_active_idx ON public.student_course_purchases USING btree (student_id, course_id) WHERE is_active;
-CREATE UNIQUE INDEX student_course_purchases_payment_id_key ON public.student_course_purchases USING btree (payment_id);
-CREATE UNIQUE INDEX student_course_purchases_pkey ON public.student_course_purchases USING btree (id);
-CREATE UNIQUE INDEX students_pkey ON public.students USING btree (id);
-CREATE UNIQUE INDEX trainer_allocations_id_student_course_key ON public.trainer_allocations USING btree (id, student_id, course_id);
-CREATE UNIQUE INDEX trainer_allocations_one_live_idx ON public.trainer_allocations USING btree (purchase_id) WHERE (status = ANY (ARRAY['pending'::text, 'approved'::text]));
-CREATE INDEX trainer_allocations_pending_idx ON public.trainer_allocations USING btree (created_at) WHERE (status = 'pending'::text);
-CREATE UNIQUE INDEX trainer_allocations_pkey ON public.trainer_allocations USING btree (id);
-CREATE INDEX trainer_allocations_purchase_idx ON public.trainer_allocations USING btree (purchase_id);
-CREATE INDEX trainer_allocations_student_course_idx ON public.trainer_allocations USING btree (student_id, course_id);
-CREATE INDEX trainer_allocations_trainer_live_idx ON public.trainer_allocations USING btree (trainer_id) WHERE (status = 'approved'::text);
-CREATE UNIQUE INDEX trainer_availability_pkey ON public.trainer_availability USING btree (trainer_id, weekday, slot_start);
-CREATE INDEX trainer_leaves_approved_idx ON public.trainer_leaves USING btree (trainer_id, first_day) WHERE (status = 'approved'::text);
-CREATE INDEX trainer_leaves_no_overlap ON public.trainer_leaves USING gist (trainer_id, daterange(first_day, last_day, '[]'::text)) WHERE (status <> 'cancelled'::text);
-CREATE UNIQUE INDEX trainer_leaves_pkey ON public.trainer_leaves USING btree (id);
-CREATE UNIQUE INDEX trainer_load_pkey ON public.trainer_load USING btree (trainer_id);
-CREATE INDEX trainer_reschedules_allocation_idx ON public.trainer_reschedules USING btree (allocation_id);
-CREATE UNIQUE INDEX trainer_reschedules_one_pending_idx ON public.trainer_reschedules USING btree (session_id) WHERE (status = 'pending'::text);
-CREATE INDEX trainer_reschedules_pending_idx ON public.trainer_reschedules USING btree (created_at) WHERE (status = 'pending'::text);
-CREATE UNIQUE INDEX trainer_reschedules_pkey ON public.trainer_reschedules USING btree (id);
-CREATE INDEX trainers_active_base_idx ON public.trainers USING btree (base_lat, base_lng) WHERE (status = 'active'::text);
-CREATE INDEX trainers_active_radius_idx ON public.trainers USING btree ((
-CASE
-    WHEN (status = 'active'::text) THEN service_radius_km
-    ELSE NULL::numeric
-END));
-CREATE INDEX trainers_active_specialties_idx ON public.trainers USING gin (specialties_norm) WHERE (status = 'active'::text);
-CREATE UNIQUE INDEX trainers_pkey ON public.trainers USING btree (id);
 CREATE UNIQUE INDEX tutoring_sessions_allocation_id_session_number_key ON public.tutoring_sessions USING btree (allocation_id, session_number);
 CREATE INDEX tutoring_sessions_due_idx ON public.tutoring_sessions USING btree (ends_at) WHERE (status = 'scheduled'::text);
 CREATE INDEX tutoring_sessions_leave_idx ON public.tutoring_sessions USING btree (substitution_leave_id) WHERE (substitution_leave_id IS NOT NULL);
@@ -572,8 +793,28 @@ CREATE INDEX tutoring_sessions_no_trainer_overlap ON public.tutoring_sessions US
 CREATE UNIQUE INDEX tutoring_sessions_pkey ON public.tutoring_sessions USING btree (id);
 CREATE INDEX tutoring_sessions_student_idx ON public.tutoring_sessions USING btree (student_id, starts_at);
 CREATE INDEX tutoring_sessions_trainer_time_idx ON public.tutoring_sessions USING btree (trainer_id, starts_at) WHERE (status = 'scheduled'::text);
+-- The hybrid split on update (trg_sessions_check_delivery).
+CREATE TRIGGER tutoring_sessions_check_delivery BEFORE UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
+-- The hybrid split on insert (trg_sessions_check_delivery_inserted).
+CREATE TRIGGER tutoring_sessions_check_delivery_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
+-- Business events of new sessions (trg_events_sessions_inserted).
+CREATE TRIGGER tutoring_sessions_events_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_inserted();
+-- The events of a session that changed trainer at its own time.
+CREATE TRIGGER tutoring_sessions_events_substituted AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_substituted();
+-- Business events of changed sessions (trg_events_sessions_updated).
+CREATE TRIGGER tutoring_sessions_events_updated AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_updated();
+-- A session's status moves forward only (trg_sessions_guard_status).
+CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();
+-- Cancelled sessions of a live allocation get make-ups (trg_sessions_makeup).
+CREATE TRIGGER tutoring_sessions_makeup AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_makeup();
+-- Cancelled sessions free time for waiting purchases (trg_sessions_retry_pending).
+CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();
+-- Records the original trainer beside a substituted session.
+CREATE TRIGGER tutoring_sessions_substitute_columns BEFORE UPDATE OF trainer_id ON public.tutoring_sessions FOR EACH ROW WHEN ((new.trainer_id IS DISTINCT FROM old.trainer_id)) EXECUTE FUNCTION trg_sessions_substitute_columns();
 
 -- VIEWS
+-- Per consumer: its cursor, how many events and seconds it is behind, when it last moved (make
+-- doctor warns of one far behind).
 VIEW business_event_lag AS
  SELECT c.consumer,
     c."position",
@@ -594,6 +835,9 @@ VIEW business_event_lag AS
           WHERE p."position" > c."position"
           ORDER BY p."position"
          LIMIT 1) u ON true;
+
+-- Per purchase: sessions by status, what is ahead, whether and when the course finished, and
+-- the latest change of trainer or schedule.
 VIEW course_progress AS
  SELECT pu.id AS purchase_id,
     pu.purchase_tier,
@@ -623,6 +867,9 @@ VIEW course_progress AS
           WHERE ta.purchase_id = pu.id AND ta.status = 'cancelled'::text AND (ta.reason = ANY (ARRAY['reassigned'::text, 'trainer_left'::text, 'rescheduled'::text]))
           ORDER BY ta.updated_at DESC
          LIMIT 1) ended ON true;
+
+-- Failed jobs (held after their last attempt) with the error, the traceback and the row;
+-- replay_stage or replay_failed runs them again.
 VIEW failed_jobs AS
  SELECT j.job_id,
     j.stage,
@@ -652,6 +899,8 @@ VIEW failed_jobs AS
           ORDER BY l.created DESC
          LIMIT 1) tb ON true
   WHERE j.status = 'failed'::text;
+
+-- The rows heal_pipeline enqueued again, from the history.
 VIEW healed_rows AS
  SELECT stage_history.stage,
     stage_history.ref_id,
@@ -659,6 +908,8 @@ VIEW healed_rows AS
     stage_history.at
    FROM stage_history
   WHERE stage_history.event = 'healed'::text;
+
+-- The pipeline's queued and running jobs, with the row each is for.
 VIEW live_jobs AS
  SELECT pgqueuer.id AS job_id,
     pgqueuer.entrypoint AS stage,
@@ -667,6 +918,9 @@ VIEW live_jobs AS
     pgqueuer.attempts
    FROM pgqueuer
   WHERE (pgqueuer.status = ANY (ARRAY['queued'::pgqueuer_status, 'picked'::pgqueuer_status])) AND kc_job_ref(pgqueuer.entrypoint, pgqueuer.dedupe_key) IS NOT NULL;
+
+-- Per purchase: where it is in the pipeline, stage by stage (the console's and make trace's
+-- overview).
 VIEW purchase_stages AS
  SELECT p.id AS payment_id,
     p.student_id,
@@ -738,6 +992,9 @@ VIEW purchase_stages AS
      LEFT JOIN stage_last_error pe ON pe.stage = 'purchase'::text AND pe.ref_id = p.id AND pe.at >= p.updated_at
      LEFT JOIN stage_last_error ae ON ae.stage = 'allocation'::text AND ae.ref_id = pu.id AND ae.at >= pu.created_at
      LEFT JOIN stage_last_error se ON se.stage = 'sessions'::text AND se.ref_id = ta.id AND se.at >= ta.created_at;
+
+-- Everything that happened to one purchase, from its payment to its sessions, in order (make
+-- trace).
 VIEW purchase_trace AS
  SELECT s.payment_id,
     s.student_id,
@@ -786,6 +1043,9 @@ VIEW purchase_trace AS
     cp.last_change_at
    FROM purchase_stages s
      LEFT JOIN course_progress cp ON cp.purchase_id = s.purchase_id;
+
+-- Payments refused by the purchase stage, with the problems and the metadata, for an operator
+-- to correct.
 VIEW rejected_payments AS
  SELECT r.payment_id,
     p.student_id,
@@ -798,6 +1058,8 @@ VIEW rejected_payments AS
    FROM payment_rejections r
      JOIN payments p ON p.id = r.payment_id
   WHERE r.resolved_at IS NULL;
+
+-- Every pipeline job in pgqueuer's table with its stage, row and status.
 VIEW stage_jobs AS
  SELECT j.id AS job_id,
     j.entrypoint AS stage,
@@ -813,6 +1075,8 @@ VIEW stage_jobs AS
    FROM pgqueuer j
      LEFT JOIN job_starts s ON s.job_id = j.id
   WHERE kc_job_ref(j.entrypoint, j.dedupe_key) IS NOT NULL;
+
+-- The latest failure message of each (stage, row).
 VIEW stage_last_error AS
  SELECT DISTINCT ON (stage_history.stage, stage_history.ref_id) stage_history.stage,
     stage_history.ref_id,
@@ -822,6 +1086,8 @@ VIEW stage_last_error AS
    FROM stage_history
   WHERE stage_history.event = 'failed'::text
   ORDER BY stage_history.stage, stage_history.ref_id, stage_history.at DESC, stage_history.id DESC;
+
+-- The latest event of each (stage, row) from the history.
 VIEW stage_last_event AS
  SELECT DISTINCT ON (stage_history.stage, stage_history.ref_id) stage_history.stage,
     stage_history.ref_id,
@@ -831,6 +1097,9 @@ VIEW stage_last_event AS
     stage_history.at
    FROM stage_history
   ORDER BY stage_history.stage, stage_history.ref_id, stage_history.at DESC, stage_history.id DESC;
+
+-- Per stage: queued, in flight, failed, oldest waiting age, and p50/p95 latency from the
+-- enqueue to the outcome over the last hour.
 VIEW stage_overview AS
  WITH stages(stage) AS (
          VALUES ('purchase'::text), ('allocation'::text), ('sessions'::text)
@@ -870,6 +1139,8 @@ VIEW stage_overview AS
    FROM stages s
      LEFT JOIN jobs j ON j.stage = s.stage
   ORDER BY (array_position(ARRAY['purchase'::text, 'allocation'::text, 'sessions'::text], s.stage));
+
+-- stuck_rows() with its defaults: rows whose next stage is missing.
 VIEW stuck AS
  SELECT stuck_rows.stage,
     stuck_rows.ref_id,
@@ -877,6 +1148,9 @@ VIEW stuck AS
     stuck_rows.waiting_for,
     stuck_rows.job_status
    FROM stuck_rows() stuck_rows(stage, ref_id, since, waiting_for, job_status);
+
+-- The old app's table by its field names: one row per session a substitute now teaches
+-- (session_date, original and substitute trainer, student, the leave).
 VIEW trainer_session_substitutions AS
  SELECT ts.id AS session_id,
     ts.scheduled_date AS session_date,
@@ -890,6 +1164,9 @@ VIEW trainer_session_substitutions AS
     ts.status
    FROM tutoring_sessions ts
   WHERE ts.original_trainer_id IS NOT NULL;
+
+-- Approved allocations whose trainer no longer meets the rules for what is still ahead (an
+-- admin override sets aside specialty, gender and range); the lifecycle ends them.
 VIEW unfit_allocations AS
  SELECT ta.id AS allocation_id,
     ta.purchase_id,
@@ -950,6 +1227,8 @@ VIEW unfit_allocations AS
           WHERE ts.allocation_id = ta.id)));
 
 -- FUNCTIONS
+-- Moves a consumer's cursor forward to the last position it handled (never back: two copies of
+-- one consumer cannot undo each other's progress); returns the cursor.
 CREATE OR REPLACE FUNCTION public.advance_event_consumer(p_consumer text, p_position bigint)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -979,6 +1258,9 @@ BEGIN
     RETURN v_position;
 END
 $function$
+
+-- Ends the purchase of a refunded payment (or reverts an upgrade): the allocation cancelled,
+-- future sessions cancelled. Refuses a payment that is not refunded.
 CREATE OR REPLACE FUNCTION public.apply_refund(p_payment uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -990,6 +1272,10 @@ BEGIN
     RETURN kc_apply_refund_unchecked(p_payment);
 END
 $function$
+
+-- An operator approves a leave: each scheduled session of the trainer in those days gets the
+-- best substitute who fits it, or is cancelled with its make-up; a leave longer than
+-- p_handover_days hands the courses over instead. One row per session changed.
 CREATE OR REPLACE FUNCTION public.approve_leave(p_leave bigint, p_handover_days integer DEFAULT 14, p_session text DEFAULT NULL::text)
  RETURNS SETOF kc_leave_change
  LANGUAGE plpgsql
@@ -1003,6 +1289,10 @@ BEGIN
     PERFORM kc_end_acting();
 END
 $function$
+
+-- An operator approves a pending move: carried out in one transaction under the rules for that
+-- session, or refused with the rule's sentence; with p_substitute the best other trainer takes
+-- the session instead.
 CREATE OR REPLACE FUNCTION public.approve_session_move(p_request uuid, p_substitute boolean DEFAULT false, p_session text DEFAULT NULL::text)
  RETURNS text
  LANGUAGE plpgsql
@@ -1017,6 +1307,10 @@ BEGIN
     RETURN v_outcome;
 END
 $function$
+
+-- An operator's request to give a purchase to a trainer (optionally overriding the rules an
+-- admin may set aside), recorded in allocation_requests and carried out by the allocation
+-- stage.
 CREATE OR REPLACE FUNCTION public.assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -1037,6 +1331,9 @@ BEGIN
     RETURN v_request;
 END
 $function$
+
+-- An operator cancels a leave: requested, it closes; approved, its future sessions go back to
+-- their trainer where still free (the others stay with their substitute). One row per session.
 CREATE OR REPLACE FUNCTION public.cancel_leave(p_leave bigint, p_session text DEFAULT NULL::text)
  RETURNS SETOF kc_leave_change
  LANGUAGE plpgsql
@@ -1050,6 +1347,8 @@ BEGIN
     PERFORM kc_end_acting();
 END
 $function$
+
+-- The requester (the app) or an operator withdraws a pending move.
 CREATE OR REPLACE FUNCTION public.cancel_session_move(p_request uuid, p_session text DEFAULT NULL::text)
  RETURNS text
  LANGUAGE plpgsql
@@ -1077,6 +1376,9 @@ BEGIN
     RETURN format('move request %s cancelled', p_request);
 END
 $function$
+
+-- One bounded, idempotent pass of time passing: ended sessions become completed, allocations
+-- with every owed session delivered complete, and their courses finish.
 CREATE OR REPLACE FUNCTION public.complete_finished(p_grace interval DEFAULT '01:00:00'::interval, p_limit integer DEFAULT 2000)
  RETURNS TABLE(sessions_completed integer, courses_completed integer)
  LANGUAGE plpgsql
@@ -1145,6 +1447,9 @@ BEGIN
     RETURN NEXT;
 END
 $function$
+
+-- Adds a console operator, or gives a revoked one a new token; the token must look like one the
+-- CLI makes (no short or guessable token).
 CREATE OR REPLACE FUNCTION public.console_operator_add(p_name text, p_token text)
  RETURNS TABLE(operator text, reinstated boolean)
  LANGUAGE plpgsql
@@ -1183,12 +1488,17 @@ BEGIN
     RETURN QUERY SELECT v_name, false;
 END
 $function$
+
+-- How many operators may sign in (the console refuses to listen beyond loopback with none).
 CREATE OR REPLACE FUNCTION public.console_operator_count()
  RETURNS integer
  LANGUAGE sql
  STABLE SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$ SELECT count(*)::integer FROM console_operators WHERE revoked_at IS NULL $function$
+
+-- Revokes an operator: their token stops working and every session of theirs ends now; returns
+-- the sessions ended.
 CREATE OR REPLACE FUNCTION public.console_operator_revoke(p_name text)
  RETURNS integer
  LANGUAGE plpgsql
@@ -1216,12 +1526,18 @@ BEGIN
     RETURN v_ended;
 END
 $function$
+
+-- The operator and expiry of a live console session (no row: not signed in); the console's
+-- check on every request.
 CREATE OR REPLACE FUNCTION public.console_session(p_session text)
  RETURNS TABLE(operator text, expires_at timestamp with time zone)
  LANGUAGE sql
  STABLE SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$ SELECT * FROM kc_console_operator(p_session) $function$
+
+-- Signs in with an operator's token: records a session whose id the console made and keeps in
+-- the browser; no row when the token is no live operator's.
 CREATE OR REPLACE FUNCTION public.console_sign_in(p_token text, p_session text, p_client text DEFAULT NULL::text)
  RETURNS TABLE(operator text, expires_at timestamp with time zone)
  LANGUAGE plpgsql
@@ -1253,6 +1569,8 @@ BEGIN
     RETURN QUERY SELECT v_operator.name, v_expires;
 END
 $function$
+
+-- Ends a console session; false when it was not live.
 CREATE OR REPLACE FUNCTION public.console_sign_out(p_session text)
  RETURNS boolean
  LANGUAGE sql
@@ -1267,6 +1585,9 @@ AS $function$
     )
     SELECT count(*) > 0 FROM ended
 $function$
+
+-- The events after a registered consumer's cursor (the cursor does not move:
+-- advance_event_consumer).
 CREATE OR REPLACE FUNCTION public.consumer_events(p_consumer text, p_limit integer DEFAULT 500)
  RETURNS TABLE(pos bigint, event_id uuid, type text, purchase_id uuid, occurred_at timestamp with time zone, event jsonb)
  LANGUAGE plpgsql
@@ -1287,12 +1608,17 @@ BEGIN
     RETURN QUERY SELECT * FROM events_after(v_from, p_limit);
 END
 $function$
+
+-- The worker's ten-minute sweep for sessions written into an approved leave after its approval
+-- (a new course, a make-up): kc_cover_leaves as the owner.
 CREATE OR REPLACE FUNCTION public.cover_leaves(p_limit integer DEFAULT 200)
  RETURNS integer
  LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$ SELECT kc_cover_leaves(p_limit) $function$
+
+-- An operator forgets a consumer (one that is gone holds back the pruning of events).
 CREATE OR REPLACE FUNCTION public.drop_event_consumer(p_consumer text)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -1305,6 +1631,9 @@ BEGIN
     RETURN FOUND;
 END
 $function$
+
+-- For a change that moves a session: SESSION_RESCHEDULED and the student's notification, given
+-- where the session was; returns the event's id.
 CREATE OR REPLACE FUNCTION public.emit_session_rescheduled(p_session uuid, p_old_date date, p_old_time time without time zone)
  RETURNS uuid
  LANGUAGE plpgsql
@@ -1355,6 +1684,9 @@ BEGIN
     RETURN (v_event ->> 'eventId')::uuid;
 END
 $function$
+
+-- For a change that gives a session to a substitute trainer: SESSION_SUBSTITUTED and the
+-- student's notification; returns the event's id.
 CREATE OR REPLACE FUNCTION public.emit_session_substituted(p_session uuid, p_original_trainer uuid)
  RETURNS uuid
  LANGUAGE plpgsql
@@ -1407,6 +1739,9 @@ BEGIN
     RETURN (v_event ->> 'eventId')::uuid;
 END
 $function$
+
+-- Ends a live allocation with a reason: cancelled, its future sessions cancelled (started ones
+-- stay); returns how many sessions were cancelled.
 CREATE OR REPLACE FUNCTION public.end_allocation(p_allocation uuid, p_reason text, p_detail text)
  RETURNS integer
  LANGUAGE plpgsql
@@ -1429,6 +1764,10 @@ BEGIN
     RETURN v_cancelled;
 END
 $function$
+
+-- The only way to enqueue a stage for a row, in the transaction of the change that causes it:
+-- one live job per (stage, row), its priority from kc_job_priority; a job already running gets
+-- a follow-up (stage_followups).
 CREATE OR REPLACE FUNCTION public.enqueue_stage(p_stage text, p_ref uuid, p_event text DEFAULT 'enqueued'::text, p_delay interval DEFAULT '00:00:00'::interval)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -1506,6 +1845,9 @@ BEGIN
     RETURN v_job_id;
 END
 $function$
+
+-- Business events after a position, in commit order (the committed ones, numbered first); for a
+-- reader that keeps its own position.
 CREATE OR REPLACE FUNCTION public.events_after(p_position bigint, p_limit integer DEFAULT 500)
  RETURNS TABLE(pos bigint, event_id uuid, type text, purchase_id uuid, occurred_at timestamp with time zone, event jsonb)
  LANGUAGE plpgsql
@@ -1533,6 +1875,7 @@ BEGIN
         LIMIT p_limit;
 END
 $function$
+
 CREATE OR REPLACE FUNCTION public.fn_pgqueuer_changed()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1576,6 +1919,9 @@ BEGIN
 
 END;
 $function$
+
+-- The healer: rows older than p_min_age whose next stage has no job (a lost enqueue) are
+-- enqueued again and recorded as healed.
 CREATE OR REPLACE FUNCTION public.heal_pipeline(p_min_age interval DEFAULT '00:02:00'::interval)
  RETURNS TABLE(stage text, ref_id uuid)
  LANGUAGE sql
@@ -1624,6 +1970,9 @@ AS $function$
     FROM todo t
     CROSS JOIN LATERAL (SELECT enqueue_stage(t.stage, t.ref_id, 'healed')) AS enqueued
 $function$
+
+-- The business events of allocations that changed (trainer allocated, student deallocated,
+-- admin override, notifications), from the rows and their statuses before.
 CREATE OR REPLACE FUNCTION public.kc_allocation_events(p_ids uuid[], p_old_status text[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -1802,6 +2151,9 @@ BEGIN
     RETURN v_stored;
 END
 $function$
+
+-- apply_refund's work, without the check that the payment is refunded (for callers that have
+-- checked).
 CREATE OR REPLACE FUNCTION public.kc_apply_refund_unchecked(p_payment uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -1855,6 +2207,8 @@ BEGIN
     RETURN v_detail;
 END
 $function$
+
+-- approve_leave's work, in the substitutions' lock order.
 CREATE OR REPLACE FUNCTION public.kc_approve_leave(p_leave bigint, p_handover_days integer, p_actor text)
  RETURNS SETOF kc_leave_change
  LANGUAGE plpgsql
@@ -1864,6 +2218,7 @@ DECLARE
     v_handover boolean;
     v_sessions uuid[];
     v_s        record;
+    v_sub      record;
     v_counts   integer[] := '{0,0,0}';  -- substituted, cancelled, handed over
     v_row      kc_leave_change;
 BEGIN
@@ -1918,10 +2273,25 @@ BEGIN
             RETURN NEXT v_row;
             CONTINUE;
         END IF;
-        v_row := kc_cover_session(v_s.id, p_leave, v_leave.trainer_id);
-        IF v_row.outcome = 'substituted' THEN
+        v_sub := kc_substitute_one(v_s.id, NULL, p_leave);
+        IF v_sub.substitute IS NOT NULL THEN
+            v_row.outcome := 'substituted';
+            v_row.trainer_id := v_sub.substitute;
+            v_row.detail := format('%s in place of %s', kc_trainer_label(v_sub.substitute),
+                                   kc_trainer_label(v_leave.trainer_id));
+            PERFORM kc_session_history(v_s.id, 'substituted',
+                                       format('%s, leave %s', v_row.detail, p_leave));
             v_counts[1] := v_counts[1] + 1;
         ELSE
+            v_row.outcome := 'cancelled';
+            v_row.detail := format('nobody can take it during %s''s leave %s: %s',
+                                   kc_trainer_label(v_leave.trainer_id), p_leave, v_sub.why);
+            -- Recorded before the cancellation, whose make-up line follows it.
+            PERFORM kc_session_history(v_s.id, 'leave', 'cancelled, ' || v_row.detail);
+            UPDATE tutoring_sessions
+            SET status = 'cancelled', cancel_reason = v_row.detail,
+                substitution_leave_id = p_leave
+            WHERE id = v_s.id;
             v_counts[2] := v_counts[2] + 1;
         END IF;
         RETURN NEXT v_row;
@@ -1939,6 +2309,9 @@ BEGIN
     WHERE id = p_leave;
 END
 $function$
+
+-- approve_session_move's work: locks in the allocation stage's order (request, purchase, one
+-- trainer at a time), re-checks the move, places the session or raises with the rule.
 CREATE OR REPLACE FUNCTION public.kc_approve_move(p_request uuid, p_substitute boolean, p_reviewer text)
  RETURNS text
  LANGUAGE plpgsql
@@ -2036,6 +2409,9 @@ BEGIN
     RETURN v_outcome;
 END
 $function$
+
+-- assign_trainer's work: checks the purchase and trainer, supersedes open requests, records the
+-- request and enqueues the allocation stage.
 CREATE OR REPLACE FUNCTION public.kc_assign_trainer(p_purchase uuid, p_trainer uuid, p_override boolean DEFAULT false, p_note text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -2075,6 +2451,9 @@ BEGIN
     RETURN v_request;
 END
 $function$
+
+-- Records who the running operator function acts for (kc_acting) and sets kc.acting = 'on'
+-- until kc_end_acting.
 CREATE OR REPLACE FUNCTION public.kc_begin_acting(p_actor text)
  RETURNS text
  LANGUAGE sql
@@ -2084,6 +2463,9 @@ AS $function$
     SELECT set_config('kc.acting', 'on', true);
     SELECT p_actor;
 $function$
+
+-- The best trainer other than the session's own who fits that one session at that local date
+-- and time (kc_session_fit, p_full), ranked as the matching ranks; NULL when nobody does.
 CREATE OR REPLACE FUNCTION public.kc_best_substitute(p_session_id uuid, p_date date, p_start time without time zone)
  RETURNS uuid
  LANGUAGE plpgsql
@@ -2124,6 +2506,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- cancel_leave's work, in the substitutions' lock order.
 CREATE OR REPLACE FUNCTION public.kc_cancel_leave(p_leave bigint, p_actor text)
  RETURNS SETOF kc_leave_change
  LANGUAGE plpgsql
@@ -2213,6 +2597,8 @@ BEGIN
     WHERE id = p_leave;
 END
 $function$
+
+-- Refuses a business event consumer's name that is not 1 to 63 of a-z, 0-9, _ . : -.
 CREATE OR REPLACE FUNCTION public.kc_check_consumer(p_consumer text)
  RETURNS void
  LANGUAGE plpgsql
@@ -2226,6 +2612,10 @@ BEGIN
     END IF;
 END
 $function$
+
+-- What a move may not do, at the request and again at approval: the session scheduled and not
+-- started, its purchase live, the new time in the future beyond the cut-off, no holiday, ending
+-- by midnight. Raises with a sentence, or returns the session's facts.
 CREATE OR REPLACE FUNCTION public.kc_check_move(p_session_id uuid, p_date date, p_time time without time zone, OUT session_id uuid, OUT allocation_id uuid, OUT purchase_id uuid, OUT student_id uuid, OUT trainer_id uuid, OUT session_number integer, OUT old_date date, OUT old_time time without time zone, OUT old_starts timestamp with time zone, OUT new_starts timestamp with time zone, OUT new_ends timestamp with time zone, OUT timezone text, OUT learning_mode text)
  RETURNS record
  LANGUAGE plpgsql
@@ -2303,6 +2693,9 @@ BEGIN
     learning_mode := v.learning_mode;
 END
 $function$
+
+-- For trainers who changed or lost availability: enqueues the allocation stage for each live
+-- allocation they can no longer teach (unfit_allocations).
 CREATE OR REPLACE FUNCTION public.kc_check_trainers(p_trainers uuid[])
  RETURNS integer
  LANGUAGE sql
@@ -2312,11 +2705,16 @@ AS $function$
     FROM unfit_allocations u
     WHERE u.trainer_id = ANY (p_trainers)
 $function$
+
+-- A time of day as the app writes a time slot: 5:00 PM.
 CREATE OR REPLACE FUNCTION public.kc_clock(p_time time without time zone)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
 AS $function$ SELECT to_char(date '2000-01-01' + p_time, 'FMHH12:MI AM') $function$
+
+-- The operator a live console session belongs to (no row: unknown, signed out, expired, or
+-- revoked).
 CREATE OR REPLACE FUNCTION public.kc_console_operator(p_session text)
  RETURNS TABLE(operator text, expires_at timestamp with time zone)
  LANGUAGE sql
@@ -2329,6 +2727,10 @@ AS $function$
       AND length(p_session) <= 200
       AND s.ended_at IS NULL AND s.expires_at > now() AND o.revoked_at IS NULL
 $function$
+
+-- Covers up to p_limit scheduled sessions ahead whose trainer is on approved leave that day
+-- (not those of a course a long leave hands over): the substitutions lock, the purchases in id
+-- order, then kc_cover_session each. Returns how many.
 CREATE OR REPLACE FUNCTION public.kc_cover_leaves(p_limit integer)
  RETURNS integer
  LANGUAGE plpgsql
@@ -2371,6 +2773,10 @@ BEGIN
     RETURN v_done;
 END
 $function$
+
+-- One session (locked by the caller) of a trainer on leave: the best substitute who fits it, or
+-- cancelled with cancel_reason (its make-up follows); a history line (substituted, or leave)
+-- either way. Returns what it did.
 CREATE OR REPLACE FUNCTION public.kc_cover_session(p_session_id uuid, p_leave bigint, p_trainer uuid)
  RETURNS kc_leave_change
  LANGUAGE plpgsql
@@ -2402,6 +2808,8 @@ BEGIN
     RETURN v_row;
 END
 $function$
+
+-- Ends kc_begin_acting: forgets the actor and puts kc.acting back.
 CREATE OR REPLACE FUNCTION public.kc_end_acting()
  RETURNS void
  LANGUAGE sql
@@ -2409,6 +2817,8 @@ AS $function$
     WITH ended AS (DELETE FROM kc_acting WHERE pid = pg_backend_pid() RETURNING previous_setting)
     SELECT set_config('kc.acting', coalesce((SELECT previous_setting FROM ended), ''), true);
 $function$
+
+-- Enqueues the allocation stage for a purchase and records why in stage_history first.
 CREATE OR REPLACE FUNCTION public.kc_enqueue_allocation(p_purchase uuid, p_event text, p_detail text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -2419,11 +2829,16 @@ BEGIN
     RETURN enqueue_stage('allocation', p_purchase);
 END
 $function$
+
+-- Milliseconds since the epoch (the app's timestamp).
 CREATE OR REPLACE FUNCTION public.kc_epoch_ms(p_at timestamp with time zone)
  RETURNS bigint
  LANGUAGE sql
  STABLE PARALLEL SAFE
 AS $function$ SELECT floor(extract(epoch FROM p_at) * 1000)::bigint $function$
+
+-- The common shape of a business event (type, eventId from its key, timestamp, userId, role,
+-- metadata) with the type's own fields.
 CREATE OR REPLACE FUNCTION public.kc_event(p_type text, p_key text, p_at timestamp with time zone, p_user text, p_role text, p_metadata jsonb, p_fields jsonb)
  RETURNS jsonb
  LANGUAGE sql
@@ -2431,6 +2846,8 @@ CREATE OR REPLACE FUNCTION public.kc_event(p_type text, p_key text, p_at timesta
 AS $function$ SELECT jsonb_build_object('type', p_type, 'eventId', kc_event_id(p_type || ':' || p_key),
                                 'timestamp', kc_epoch_ms(p_at), 'userId', p_user,
                                 'role', p_role, 'metadata', p_metadata) || p_fields $function$
+
+-- Builds ADMIN_OVERRIDE: an admin's assignment of a trainer, with what changed and why.
 CREATE OR REPLACE FUNCTION public.kc_event_admin_override(p_allocation uuid, p_admin text, p_action text, p_changes jsonb, p_reason text, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2440,6 +2857,8 @@ AS $function$ SELECT kc_event('ADMIN_OVERRIDE', p_allocation::text, p_at, p_admi
                           'action', p_action, 'targetId', p_allocation,
                           'targetType', 'allocation', 'changes', p_changes,
                           'reason', p_reason)) $function$
+
+-- Builds COURSE_ACCESS_GRANTED for a new purchase.
 CREATE OR REPLACE FUNCTION public.kc_event_course_access_granted(p_purchase uuid, p_student uuid, p_course uuid, p_tier integer, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2448,6 +2867,8 @@ AS $function$ SELECT kc_event('COURSE_ACCESS_GRANTED', p_purchase::text, p_at, p
                       'student', p_metadata, jsonb_build_object(
                           'purchaseId', p_purchase, 'studentId', p_student,
                           'courseId', p_course, 'purchaseTier', p_tier)) $function$
+
+-- Builds COURSE_COMPLETED: every owed session delivered.
 CREATE OR REPLACE FUNCTION public.kc_event_course_completed(p_purchase uuid, p_student uuid, p_course uuid, p_day date, p_total integer, p_completed integer, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2457,6 +2878,8 @@ AS $function$ SELECT kc_event('COURSE_COMPLETED', p_purchase::text, p_at, p_stud
                           'courseId', p_course, 'studentId', p_student,
                           'completionDate', p_day::text, 'totalSessions', p_total,
                           'completedSessions', p_completed)) $function$
+
+-- Builds COURSE_PROGRESS_UPDATED: sessions delivered of those owed.
 CREATE OR REPLACE FUNCTION public.kc_event_course_progress_updated(p_purchase uuid, p_student uuid, p_course uuid, p_completed integer, p_total integer, p_last timestamp with time zone, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2468,6 +2891,9 @@ AS $function$ SELECT kc_event('COURSE_PROGRESS_UPDATED', p_purchase || ':' || p_
                           'percentage', least(100, floor(100.0 * p_completed
                                                          / greatest(p_total, 1)))::integer,
                           'lastCompletedAt', kc_iso(p_last))) $function$
+
+-- A stable UUID (version 8) from the SHA-256 of an event's key: the same change always gets the
+-- same id.
 CREATE OR REPLACE FUNCTION public.kc_event_id(p_key text)
  RETURNS uuid
  LANGUAGE sql
@@ -2475,6 +2901,9 @@ CREATE OR REPLACE FUNCTION public.kc_event_id(p_key text)
 AS $function$ SELECT overlay(overlay(substr(encode(sha256(convert_to('koding-caravan:' || p_key, 'UTF8')),
                                            'hex'), 1, 32)
                              placing '8' from 13 for 1) placing '8' from 17 for 1)::uuid $function$
+
+-- Builds a NOTIFICATION for the student or trainer; p_key names what it is about, so one change
+-- never notifies twice.
 CREATE OR REPLACE FUNCTION public.kc_event_notification(p_key text, p_user uuid, p_role text, p_kind text, p_title text, p_body text, p_data jsonb, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2483,6 +2912,8 @@ AS $function$ SELECT kc_event('NOTIFICATION_REQUESTED', p_role || ':' || p_key, 
                       p_role, p_metadata, jsonb_build_object(
                           'notificationType', p_kind, 'title', p_title, 'body', p_body,
                           'data', p_data)) $function$
+
+-- Builds PURCHASE_CREATED with the payment's metadata as the app sent it.
 CREATE OR REPLACE FUNCTION public.kc_event_purchase_created(p_purchase uuid, p_student uuid, p_course uuid, p_tier integer, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2491,6 +2922,8 @@ AS $function$ SELECT kc_event('PURCHASE_CREATED', p_purchase::text, p_at, p_stud
                       p_metadata, jsonb_build_object(
                           'purchaseId', p_purchase, 'studentId', p_student,
                           'courseId', p_course, 'purchaseTier', p_tier)) $function$
+
+-- Builds SESSION_COMPLETED.
 CREATE OR REPLACE FUNCTION public.kc_event_session_completed(p_session uuid, p_trainer uuid, p_student uuid, p_course uuid, p_completed_at timestamp with time zone, p_minutes integer, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2500,6 +2933,8 @@ AS $function$ SELECT kc_event('SESSION_COMPLETED', p_session::text, p_at, p_stud
                           'sessionId', p_session, 'trainerId', p_trainer,
                           'studentId', p_student, 'courseId', p_course,
                           'completedAt', kc_iso(p_completed_at), 'duration', p_minutes)) $function$
+
+-- Builds SESSION_RESCHEDULED: a session's old and new date and time.
 CREATE OR REPLACE FUNCTION public.kc_event_session_rescheduled(p_session uuid, p_old_date date, p_new_date date, p_old_time time without time zone, p_new_time time without time zone, p_trainer uuid, p_student uuid, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2511,6 +2946,8 @@ AS $function$ SELECT kc_event('SESSION_RESCHEDULED',
                           'newDate', p_new_date::text, 'oldTimeSlot', kc_clock(p_old_time),
                           'newTimeSlot', kc_clock(p_new_time), 'trainerId', p_trainer,
                           'studentId', p_student)) $function$
+
+-- Builds SESSION_SUBSTITUTED: a session given to another trainer.
 CREATE OR REPLACE FUNCTION public.kc_event_session_substituted(p_session uuid, p_original uuid, p_substitute uuid, p_student uuid, p_day date, p_time time without time zone, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2521,6 +2958,8 @@ AS $function$ SELECT kc_event('SESSION_SUBSTITUTED',
                           'sessionId', p_session, 'originalTrainerId', p_original,
                           'substituteTrainerId', p_substitute, 'studentId', p_student,
                           'date', p_day::text, 'timeSlot', kc_clock(p_time))) $function$
+
+-- Builds SESSIONS_GENERATED: the sessions an allocation got in one statement.
 CREATE OR REPLACE FUNCTION public.kc_event_sessions_generated(p_allocation uuid, p_trainer uuid, p_student uuid, p_course uuid, p_sessions uuid[], p_start date, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2531,6 +2970,8 @@ AS $function$ SELECT kc_event('SESSIONS_GENERATED', p_allocation || ':' || p_ses
                           'studentId', p_student, 'courseId', p_course,
                           'sessionCount', cardinality(p_sessions),
                           'sessionIds', to_jsonb(p_sessions), 'startDate', p_start::text)) $function$
+
+-- Builds STUDENT_DEALLOCATED: an allocation ended, with the reason.
 CREATE OR REPLACE FUNCTION public.kc_event_student_deallocated(p_allocation uuid, p_trainer uuid, p_student uuid, p_course uuid, p_reason text, p_at_instant timestamp with time zone, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2540,6 +2981,8 @@ AS $function$ SELECT kc_event('STUDENT_DEALLOCATED', p_allocation::text, p_at, p
                           'allocationId', p_allocation, 'trainerId', p_trainer,
                           'studentId', p_student, 'courseId', p_course, 'reason', p_reason,
                           'deallocatedAt', kc_iso(p_at_instant))) $function$
+
+-- Builds TRAINER_ALLOCATED: a purchase's trainer approved.
 CREATE OR REPLACE FUNCTION public.kc_event_trainer_allocated(p_allocation uuid, p_trainer uuid, p_student uuid, p_course uuid, p_sessions integer, p_start date, p_end date, p_metadata jsonb, p_at timestamp with time zone)
  RETURNS jsonb
  LANGUAGE sql
@@ -2550,6 +2993,9 @@ AS $function$ SELECT kc_event('TRAINER_ALLOCATED', p_allocation::text, p_at, p_s
                           'studentId', p_student, 'courseId', p_course,
                           'sessionCount', p_sessions, 'startDate', p_start::text,
                           'endDate', p_end::text)) $function$
+
+-- Great-circle distance in km between two points: the one home of distance (service radius,
+-- travel between sessions); no Python copy.
 CREATE OR REPLACE FUNCTION public.kc_haversine_km(lat1 double precision, lng1 double precision, lat2 double precision, lng2 double precision)
  RETURNS double precision
  LANGUAGE sql
@@ -2560,11 +3006,16 @@ AS $function$ SELECT 2 * 6371.0 * asin(sqrt(
       - greatest(sin(radians(lat2 - lat1) / 2) ^ 2
                  + cos(radians(lat1)) * cos(radians(lat2)) * sin(radians(lng2 - lng1) / 2) ^ 2
                  - 1.0, 0))) $function$
+
+-- An instant as JavaScript's toISOString() writes it: 2026-11-23T11:30:00.000Z.
 CREATE OR REPLACE FUNCTION public.kc_iso(p_at timestamp with time zone)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
 AS $function$ SELECT to_char(p_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') $function$
+
+-- A job's priority for its stage and row: later stages first; a purchase that waits for a
+-- trainer and is tried again last.
 CREATE OR REPLACE FUNCTION public.kc_job_priority(p_stage text, p_ref uuid, p_event text)
  RETURNS integer
  LANGUAGE sql
@@ -2584,6 +3035,9 @@ AS $function$
         ELSE 20
     END
 $function$
+
+-- The row of one of the pipeline's jobs ('<stage>:<uuid>'), NULL for anything else in
+-- pgqueuer's table (another application's job must not break the views or the healer).
 CREATE OR REPLACE FUNCTION public.kc_job_ref(p_entrypoint text, p_dedupe_key text)
  RETURNS uuid
  LANGUAGE sql
@@ -2596,11 +3050,25 @@ AS $function$
         THEN substr(p_dedupe_key, length(p_entrypoint) + 2)::uuid
     END
 $function$
+
+-- The latest start date accepted on a day: a year ahead, 28 February for 29 February, at most
+-- 9999-12-31. The SQL half of metadata.latest_start (tests/test_rule_pairs.py).
+CREATE OR REPLACE FUNCTION public.kc_latest_start(p_today date)
+ RETURNS date
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT least((p_today + interval '1 year')::date, date '9999-12-31') $function$
+
+-- The first date of a leave still ahead somewhere (today where the day began last, UTC-12): a
+-- leave whose last day is before it has ended everywhere.
 CREATE OR REPLACE FUNCTION public.kc_leave_today()
  RETURNS date
  LANGUAGE sql
  STABLE
 AS $function$ SELECT (now() AT TIME ZONE 'Etc/GMT+12')::date $function$
+
+-- Closes the database to every login but the project's roles (PUBLIC keeps CONNECT and
+-- TEMPORARY on a new database); run by the migrations and on each test copy.
 CREATE OR REPLACE FUNCTION public.kc_limit_database_access()
  RETURNS void
  LANGUAGE plpgsql
@@ -2646,6 +3114,9 @@ BEGIN
                    v_database);
 END
 $function$
+
+-- Remembers, transaction-locally (a rolled-back savepoint forgets), the trainers whose approved
+-- allocations a statement changed, for trainer_load to settle at commit.
 CREATE OR REPLACE FUNCTION public.kc_load_touch(p_trainers uuid[])
  RETURNS void
  LANGUAGE plpgsql
@@ -2667,6 +3138,9 @@ BEGIN
         true);
 END
 $function$
+
+-- Locks the purchases of these sessions in id order (the allocation stage's first lock), then
+-- the sessions.
 CREATE OR REPLACE FUNCTION public.kc_lock_sessions(p_sessions uuid[])
  RETURNS void
  LANGUAGE plpgsql
@@ -2680,29 +3154,63 @@ BEGIN
     PERFORM 1 FROM tutoring_sessions WHERE id = ANY (p_sessions) ORDER BY id FOR UPDATE;
 END
 $function$
+
+-- One substituting transaction at a time: only substitutions hold one trainer's lock while
+-- waiting for another's, so they take turns and no cycle forms.
 CREATE OR REPLACE FUNCTION public.kc_lock_substitutions()
  RETURNS void
  LANGUAGE sql
 AS $function$ SELECT pg_advisory_xact_lock(hashtextextended('kc-substitutions', 0)) $function$
+
+-- The transaction-scoped lock of one trainer: approvals for a trainer are serialised without a
+-- row lock (the allocation stage and the capacity trigger take it).
 CREATE OR REPLACE FUNCTION public.kc_lock_trainer(p_trainer uuid)
  RETURNS void
  LANGUAGE sql
 AS $function$ SELECT pg_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
+
+-- Serialises the leave requests of one trainer (transaction advisory lock), so the overlap
+-- check and the insert are not raced.
 CREATE OR REPLACE FUNCTION public.kc_lock_trainer_leaves(p_trainer uuid)
  RETURNS void
  LANGUAGE sql
 AS $function$ SELECT pg_advisory_xact_lock(hashtextextended('kc-leave:' || p_trainer::text, 0)) $function$
+
+-- A day as the app's notifications write it: Monday, November 23, 2026.
 CREATE OR REPLACE FUNCTION public.kc_long_date(p_day date)
  RETURNS text
  LANGUAGE sql
  STABLE PARALLEL SAFE
 AS $function$ SELECT to_char(p_day, 'FMDay, FMMonth FMDD, YYYY') $function$
+
+-- A lower-cased, trimmed copy of a text array: specialties match case-insensitively.
 CREATE OR REPLACE FUNCTION public.kc_lower_array(items text[])
  RETURNS text[]
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE STRICT
 AS $function$ SELECT coalesce(array_agg(lower(btrim(item)) ORDER BY ord), '{}')
       FROM unnest(items) WITH ORDINALITY AS t(item, ord) WHERE item IS NOT NULL $function$
+
+-- The schedule mode a word names (daily, weekdays, sunday_only), NULL for any other text: the
+-- SQL half of metadata.MODE_WORDS, ASCII only (tests/test_rule_pairs.py).
+CREATE OR REPLACE FUNCTION public.kc_mode_of(p_word text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ SELECT CASE regexp_replace(translate(p_word, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ',
+                                                   'abcdefghijklmnopqrstuvwxyz'),
+                                 '[ \t\n\r\f\v_-]+', '', 'g')
+                 WHEN 'daily' THEN 'daily'
+                 WHEN 'everyday' THEN 'daily'
+                 WHEN 'weekdaydaily' THEN 'daily'
+                 WHEN 'weekdays' THEN 'weekdays'
+                 WHEN 'sundayonly' THEN 'sunday_only'
+                 WHEN 'sunday' THEN 'sunday_only'
+                 WHEN 'sundayfocus' THEN 'sunday_only' END
+      WHERE length(p_word) <= 200 $function$
+
+-- The ISO weekdays a schedule mode uses: the SQL half of schedule.allowed_weekdays
+-- (tests/test_rule_pairs.py).
 CREATE OR REPLACE FUNCTION public.kc_mode_weekdays(p_mode text)
  RETURNS smallint[]
  LANGUAGE sql
@@ -2710,6 +3218,9 @@ CREATE OR REPLACE FUNCTION public.kc_mode_weekdays(p_mode text)
 AS $function$ SELECT CASE p_mode WHEN 'daily' THEN '{1,2,3,4,5,6,7}'::smallint[]
                          WHEN 'weekdays' THEN '{1,2,3,4,5}'::smallint[]
                          WHEN 'sunday_only' THEN '{7}'::smallint[] END $function$
+
+-- Who an operator function acts for: the console session's operator, checked
+-- ('console:<name>'); without a session the database login.
 CREATE OR REPLACE FUNCTION public.kc_operator_actor(p_session text)
  RETURNS text
  LANGUAGE plpgsql
@@ -2730,6 +3241,9 @@ BEGIN
     RETURN 'console:' || v_name;
 END
 $function$
+
+-- A clock time as the app writes it ('4:00 PM', '4 PM', '16:00'), or invalid_datetime_format
+-- with the reason: the SQL half of metadata.parse_clock (tests/test_rule_pairs.py).
 CREATE OR REPLACE FUNCTION public.kc_parse_clock(p_text text)
  RETURNS time without time zone
  LANGUAGE plpgsql
@@ -2770,6 +3284,10 @@ BEGIN
     RETURN make_time(v_hour, v_minute, 0);
 END
 $function$
+
+-- Puts a session at its new time (and trainer), then renumbers the standing sessions the move
+-- passed in time order, each with the delivery its number gives (a hybrid course keeps its
+-- pattern).
 CREATE OR REPLACE FUNCTION public.kc_place_session(p_session_id uuid, p_date date, p_time time without time zone, p_trainer uuid)
  RETURNS text
  LANGUAGE plpgsql
@@ -2824,6 +3342,8 @@ BEGIN
     RETURN coalesce(v_changed, '');
 END
 $function$
+
+-- The business events of new purchases: PURCHASE_CREATED and COURSE_ACCESS_GRANTED.
 CREATE OR REPLACE FUNCTION public.kc_purchase_events(p_ids uuid[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -2855,6 +3375,9 @@ BEGIN
     RETURN v_stored;
 END
 $function$
+
+-- Sets every trainer's live allocation count again from the allocations, after writes with
+-- triggers off (the benchmark's seeding, a repair). The owner's.
 CREATE OR REPLACE FUNCTION public.kc_recount_trainer_load()
  RETURNS bigint
  LANGUAGE sql
@@ -2871,6 +3394,9 @@ AS $function$
         RETURNING 1)
     SELECT count(*) FROM counted;
 $function$
+
+-- replay_stage's work: checks the stage and row, removes a failed job and enqueues the stage
+-- again.
 CREATE OR REPLACE FUNCTION public.kc_replay_stage(p_stage text, p_ref uuid)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -2909,6 +3435,8 @@ BEGIN
     RETURN enqueue_stage(p_stage, p_ref, 'replayed');
 END
 $function$
+
+-- request_leave's work, under the trainer's leave lock.
 CREATE OR REPLACE FUNCTION public.kc_request_leave(p_trainer uuid, p_first_day date, p_last_day date, p_reason text, p_actor text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -2955,6 +3483,8 @@ BEGIN
     RETURN v_leave;
 END
 $function$
+
+-- Refuses (invalid_parameter_value) a payment that is not refunded: apply_refund's check.
 CREATE OR REPLACE FUNCTION public.kc_require_refunded(p_payment uuid)
  RETURNS void
  LANGUAGE plpgsql
@@ -2971,6 +3501,10 @@ BEGIN
     END IF;
 END
 $function$
+
+-- reschedule's work: checks the purchase and the new slot (kc_parse_clock, ends by midnight:
+-- kc_slot_end), mode (kc_mode_of) and start (not past, kc_latest_start), changes the purchase,
+-- records the request and enqueues the allocation stage.
 CREATE OR REPLACE FUNCTION public.kc_reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3002,10 +3536,10 @@ BEGIN
     END IF;
 
     v_slot := coalesce(kc_parse_clock(p_time_slot), v_purchase.preferred_time_slot);
-    v_mode := coalesce(replace(replace(lower(btrim(p_schedule_mode)), '-', '_'), ' ', '_'),
-                       v_purchase.schedule_mode);
-    IF v_mode NOT IN ('daily', 'weekdays', 'sunday_only') THEN
-        RAISE EXCEPTION 'schedule mode % is not one of daily, weekdays, sunday_only',
+    v_mode := coalesce(kc_mode_of(p_schedule_mode), v_purchase.schedule_mode);
+    IF p_schedule_mode IS NOT NULL AND kc_mode_of(p_schedule_mode) IS NULL THEN
+        RAISE EXCEPTION 'schedule mode % is not one of daily, weekdays, sunday_only (or a word '
+                        'a payment may use: everyday, weekday_daily, sunday, sunday_focus)',
             quote_literal(left(p_schedule_mode, 80)) USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT (now() AT TIME ZONE s.timezone)::date INTO v_today
@@ -3014,15 +3548,15 @@ BEGIN
         RAISE EXCEPTION 'start date % is in the past (today is % in the student''s time zone)',
             p_start_date, v_today USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- The bound a payment's startDate has (workers/rules/metadata.py, latest_start): a year
-    -- ahead, 28 February for 29 February; same sentence.
-    IF p_start_date > (v_today + interval '1 year')::date THEN
+    -- The bound a payment's startDate has (workers/rules/metadata.py, latest_start); same
+    -- sentence.
+    IF p_start_date > kc_latest_start(v_today) THEN
         RAISE EXCEPTION 'start date % is more than a year ahead; the latest start accepted '
-                        'today is %', p_start_date, (v_today + interval '1 year')::date
+                        'today is %', p_start_date, kc_latest_start(v_today)
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     v_start := coalesce(p_start_date, v_purchase.start_date);
-    IF extract(epoch FROM v_slot) + 60 * v_purchase.session_duration_minutes > 86400 THEN
+    IF kc_slot_end(v_slot, v_purchase.session_duration_minutes) IS NULL THEN
         RAISE EXCEPTION 'a %-minute session at % would end after midnight',
             v_purchase.session_duration_minutes, to_char(v_slot, 'HH24:MI')
             USING ERRCODE = 'invalid_parameter_value';
@@ -3056,6 +3590,9 @@ BEGIN
     RETURN v_request;
 END
 $function$
+
+-- Enqueues once, in purchase order, every waiting purchase one of these trainers could teach
+-- (NULL: every waiting purchase); returns how many.
 CREATE OR REPLACE FUNCTION public.kc_retry_pending(p_trainers uuid[])
  RETURNS integer
  LANGUAGE sql
@@ -3077,6 +3614,9 @@ AS $function$
         ORDER BY ta.purchase_id
     ) due
 $function$
+
+-- Numbers the business events committed since its last run, in commit order
+-- (business_event_positions), one run at a time.
 CREATE OR REPLACE FUNCTION public.kc_sequence_events()
  RETURNS integer
  LANGUAGE plpgsql
@@ -3113,6 +3653,9 @@ BEGIN
     RETURN v_placed;
 END
 $function$
+
+-- Where session number n of a course happens (home, or hybrid: 1-6 online then alternating):
+-- the SQL half of schedule.delivery_for (tests/test_rule_pairs.py).
 CREATE OR REPLACE FUNCTION public.kc_session_delivery(p_learning_mode text, p_number integer)
  RETURNS text
  LANGUAGE sql
@@ -3124,6 +3667,10 @@ AS $function$
         ELSE 'home'
     END
 $function$
+
+-- May this trainer take this one session at that local date and start? NULL, or '<code>:
+-- <sentence>' of the first rule failed: on leave that day first, then kc_session_fit_rules.
+-- Shared by moves, substitutes and leave.
 CREATE OR REPLACE FUNCTION public.kc_session_fit(p_session_id uuid, p_trainer_id uuid, p_date date, p_start time without time zone, p_full boolean)
  RETURNS text
  LANGUAGE plpgsql
@@ -3146,6 +3693,11 @@ BEGIN
     RETURN kc_session_fit_rules(p_session_id, p_trainer_id, p_date, p_start, p_full);
 END
 $function$
+
+-- The matching rules for one session (0018's kc_session_fit): the time itself, the student
+-- free, with p_full active, specialty, gender and range, always availability over the whole
+-- slot, no overlapping session, neighbours within reach. No capacity: one session is no
+-- allocation.
 CREATE OR REPLACE FUNCTION public.kc_session_fit_rules(p_session_id uuid, p_trainer_id uuid, p_date date, p_start time without time zone, p_full boolean)
  RETURNS text
  LANGUAGE plpgsql
@@ -3290,6 +3842,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Writes the history line of one session's change (ref: its purchase).
 CREATE OR REPLACE FUNCTION public.kc_session_history(p_session_id uuid, p_event text, p_detail text)
  RETURNS void
  LANGUAGE sql
@@ -3301,6 +3855,9 @@ AS $function$
     FROM tutoring_sessions ts JOIN trainer_allocations ta ON ta.id = ts.allocation_id
     WHERE ts.id = p_session_id
 $function$
+
+-- The business events of new sessions: SESSIONS_GENERATED per allocation and the student's
+-- notification.
 CREATE OR REPLACE FUNCTION public.kc_sessions_events(p_ids uuid[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -3380,12 +3937,20 @@ BEGIN
     RETURN v_stored;
 END
 $function$
+
+-- When a session starting at a time ends: 24:00 at midnight exactly, NULL past midnight. The
+-- one SQL home of "ends by midnight", the SQL half of schedule.slot_end
+-- (tests/test_rule_pairs.py).
 CREATE OR REPLACE FUNCTION public.kc_slot_end(p_start time without time zone, p_minutes integer)
  RETURNS time without time zone
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE STRICT
-AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes >= 86400 THEN time '24:00'
-                  ELSE p_start + make_interval(mins => p_minutes) END $function$
+AS $function$ SELECT CASE WHEN extract(epoch FROM p_start) + 60 * p_minutes = 86400 THEN time '24:00'
+                  WHEN extract(epoch FROM p_start) + 60 * p_minutes < 86400
+                  THEN p_start + make_interval(mins => p_minutes) END $function$
+
+-- Writes built business events in order (a change written twice is stored once) and wakes the
+-- relay at commit; returns how many were new.
 CREATE OR REPLACE FUNCTION public.kc_store_events(p_purchases uuid[], p_events jsonb[])
  RETURNS integer
  LANGUAGE plpgsql
@@ -3406,6 +3971,8 @@ BEGIN
     RETURN v_stored;
 END
 $function$
+
+-- kc_session_fit at the session's own date and time.
 CREATE OR REPLACE FUNCTION public.kc_substitute_fit(p_session_id uuid, p_trainer uuid, p_full boolean)
  RETURNS text
  LANGUAGE sql
@@ -3414,6 +3981,9 @@ AS $function$
     SELECT kc_session_fit(ts.id, p_trainer, ts.scheduled_date, ts.scheduled_time, p_full)
     FROM tutoring_sessions ts WHERE ts.id = p_session_id
 $function$
+
+-- Gives one locked session to a substitute (named, or the best who fits), each candidate re-
+-- checked under their lock; returns the substitute, or NULL with why nobody took it.
 CREATE OR REPLACE FUNCTION public.kc_substitute_one(p_session_id uuid, p_named uuid, p_leave bigint, OUT substitute uuid, OUT why text)
  RETURNS record
  LANGUAGE plpgsql
@@ -3464,6 +4034,8 @@ BEGIN
     why := v_why;
 END
 $function$
+
+-- substitute_session's work: a named trainer checked by every rule, or the best.
 CREATE OR REPLACE FUNCTION public.kc_substitute_session(p_session_id uuid, p_trainer uuid)
  RETURNS uuid
  LANGUAGE plpgsql
@@ -3518,6 +4090,9 @@ BEGIN
     RETURN v_sub.substitute;
 END
 $function$
+
+-- Whether a session of that length may be at that local date and time at all, whoever teaches
+-- it: NULL, or '<code>: <why>' (ends after midnight, by kc_slot_end; a holiday).
 CREATE OR REPLACE FUNCTION public.kc_time_refusal(p_date date, p_start time without time zone, p_minutes integer)
  RETURNS text
  LANGUAGE sql
@@ -3525,7 +4100,7 @@ CREATE OR REPLACE FUNCTION public.kc_time_refusal(p_date date, p_start time with
  SET search_path TO 'public', 'pg_temp'
 AS $function$
     SELECT CASE
-        WHEN extract(epoch FROM p_start) + 60 * p_minutes > 86400 THEN
+        WHEN kc_slot_end(p_start, p_minutes) IS NULL THEN
             format('ends_after_midnight: a %s-minute session at %s would end after midnight',
                    p_minutes, kc_clock(p_start))
         WHEN h.day IS NOT NULL THEN
@@ -3534,6 +4109,9 @@ AS $function$
     FROM (SELECT 1) one
     LEFT JOIN holidays h ON h.day = p_date
 $function$
+
+-- How many live allocations a trainer may hold, by rating (4 to 8): the SQL half of
+-- matching.capacity_for (tests/test_rule_pairs.py).
 CREATE OR REPLACE FUNCTION public.kc_trainer_capacity(rating numeric)
  RETURNS integer
  LANGUAGE sql
@@ -3543,16 +4121,23 @@ AS $function$ SELECT CASE WHEN rating >= 4.6 THEN 8
                   WHEN rating >= 3.6 THEN 6
                   WHEN rating >= 3.1 THEN 5
                   ELSE 4 END $function$
+
+-- A trainer as the sentences name one: id and name.
 CREATE OR REPLACE FUNCTION public.kc_trainer_label(p_trainer uuid)
  RETURNS text
  LANGUAGE sql
  STABLE
 AS $function$ SELECT format('trainer %s (%s)', p_trainer,
                     coalesce((SELECT full_name FROM trainers WHERE id = p_trainer), '?')) $function$
+
+-- kc_lock_trainer without waiting: false when another transaction holds the trainer (a batch
+-- tries the next trainer instead of waiting in a circle).
 CREATE OR REPLACE FUNCTION public.kc_try_lock_trainer(p_trainer uuid)
  RETURNS boolean
  LANGUAGE sql
 AS $function$ SELECT pg_try_advisory_xact_lock(hashtextextended('kc-trainer:' || p_trainer::text, 0)) $function$
+
+-- Retention: deletes business events older than p_keep that every consumer has passed.
 CREATE OR REPLACE FUNCTION public.prune_business_events(p_keep interval)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3583,6 +4168,9 @@ BEGIN
     RETURN v_deleted;
 END
 $function$
+
+-- Retention: deletes stage history, pgqueuer's log and job starts older than p_keep (at least a
+-- day).
 CREATE OR REPLACE FUNCTION public.prune_history(p_keep interval)
  RETURNS TABLE(history_deleted bigint, log_deleted bigint, starts_deleted bigint)
  LANGUAGE plpgsql
@@ -3609,6 +4197,8 @@ BEGIN
     SELECT (SELECT count(*) FROM h), (SELECT count(*) FROM l), (SELECT count(*) FROM s);
 END
 $function$
+
+-- Counts a start of a job (job_starts), committed before the stage runs; returns the count.
 CREATE OR REPLACE FUNCTION public.record_job_start(p_job bigint, p_stage text, p_ref uuid, p_worker uuid)
  RETURNS integer
  LANGUAGE sql
@@ -3619,6 +4209,9 @@ AS $function$
     SET starts = job_starts.starts + 1, last_started_at = now(), last_worker = p_worker
     RETURNING starts
 $function$
+
+-- Registers a business event consumer with a cursor kept here, from the next event on or from
+-- the oldest kept; returns its position.
 CREATE OR REPLACE FUNCTION public.register_event_consumer(p_consumer text, p_from_start boolean DEFAULT false)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3638,6 +4231,8 @@ BEGIN
     RETURN (SELECT c.position FROM business_event_consumers c WHERE c.consumer = p_consumer);
 END
 $function$
+
+-- An operator rejects a pending move, with the reason the requester reads.
 CREATE OR REPLACE FUNCTION public.reject_session_move(p_request uuid, p_reason text, p_session text DEFAULT NULL::text)
  RETURNS text
  LANGUAGE plpgsql
@@ -3671,6 +4266,8 @@ BEGIN
     RETURN format('move request %s rejected: %s', p_request, btrim(p_reason));
 END
 $function$
+
+-- An operator replays every failed job of a stage; returns how many.
 CREATE OR REPLACE FUNCTION public.replay_failed(p_stage text, p_session text DEFAULT NULL::text)
  RETURNS integer
  LANGUAGE plpgsql
@@ -3687,6 +4284,9 @@ BEGIN
     RETURN v_replayed;
 END
 $function$
+
+-- An operator runs a stage for a row again (a failed job, a rejected payment after its metadata
+-- was fixed); recorded with the operator as actor.
 CREATE OR REPLACE FUNCTION public.replay_stage(p_stage text, p_ref uuid, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3701,6 +4301,9 @@ BEGIN
     RETURN v_job;
 END
 $function$
+
+-- The app (kc_app) or an operator records a trainer's leave request: refused with a sentence
+-- when the days are wrong or overlap another leave.
 CREATE OR REPLACE FUNCTION public.request_leave(p_trainer uuid, p_first_day date, p_last_day date, p_reason text, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3715,6 +4318,10 @@ BEGIN
     RETURN v_leave;
 END
 $function$
+
+-- The app or an operator asks to move one session: checked at once (kc_check_move), refused
+-- with a sentence changing nothing; carried out at once when kc_settings says so and the
+-- trainer fits, else pending.
 CREATE OR REPLACE FUNCTION public.request_session_move(p_session_id uuid, p_new_date date, p_new_time text, p_request_type text, p_reason text, p_notes text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
  RETURNS uuid
  LANGUAGE plpgsql
@@ -3781,6 +4388,9 @@ BEGIN
     RETURN v_request;
 END
 $function$
+
+-- An operator moves a purchase's future sessions to another slot, start date or mode
+-- (kc_reschedule), recorded with the operator as actor.
 CREATE OR REPLACE FUNCTION public.reschedule(p_purchase uuid, p_time_slot text DEFAULT NULL::text, p_start_date date DEFAULT NULL::date, p_schedule_mode text DEFAULT NULL::text, p_session text DEFAULT NULL::text)
  RETURNS bigint
  LANGUAGE plpgsql
@@ -3796,12 +4406,17 @@ BEGIN
     RETURN v_request;
 END
 $function$
+
+-- An operator asks the allocation stage to try waiting purchases again (those one trainer could
+-- teach, or all).
 CREATE OR REPLACE FUNCTION public.retry_pending_allocations(p_trainer uuid DEFAULT NULL::uuid)
  RETURNS integer
  LANGUAGE sql
  SECURITY DEFINER
  SET search_path TO 'public', 'pg_temp'
 AS $function$ SELECT kc_retry_pending(CASE WHEN p_trainer IS NOT NULL THEN ARRAY[p_trainer] END) $function$
+
+-- Rows older than p_older_than whose next stage is missing, with what is holding them.
 CREATE OR REPLACE FUNCTION public.stuck_rows(p_older_than interval DEFAULT '00:10:00'::interval)
  RETURNS TABLE(stage text, ref_id uuid, since timestamp with time zone, waiting_for text, job_status text)
  LANGUAGE sql
@@ -3833,6 +4448,9 @@ AS $function$
     WHERE ta.status = 'approved' AND ta.allocated_at < now() - p_older_than
       AND NOT EXISTS (SELECT 1 FROM tutoring_sessions ts WHERE ts.allocation_id = ta.id)
 $function$
+
+-- An operator puts a substitute on one session without leave: the named trainer (refused with
+-- the rule's sentence when unfit) or the best who fits.
 CREATE OR REPLACE FUNCTION public.substitute_session(p_session_id uuid, p_trainer uuid DEFAULT NULL::uuid, p_session text DEFAULT NULL::text)
  RETURNS uuid
  LANGUAGE plpgsql
@@ -3847,6 +4465,9 @@ BEGIN
     RETURN v_substitute;
 END
 $function$
+
+-- The safety net for enqueues a running job absorbed: unfit live allocations and reschedule
+-- requests open too long are enqueued again.
 CREATE OR REPLACE FUNCTION public.sweep_lifecycle(p_limit integer DEFAULT 500)
  RETURNS integer
  LANGUAGE sql
@@ -3864,6 +4485,9 @@ AS $function$
         LIMIT p_limit
     ) due
 $function$
+
+-- Enqueues the allocation stage for pending allocations, each waiting longer after every
+-- attempt (doubling, at most a day).
 CREATE OR REPLACE FUNCTION public.sweep_pending_allocations(p_min_age interval DEFAULT '00:05:00'::interval, p_limit integer DEFAULT 500)
  RETURNS integer
  LANGUAGE sql
@@ -3881,6 +4505,9 @@ AS $function$
         LIMIT p_limit
     ) due
 $function$
+
+-- The last line of defence for capacity: an approved allocation beyond the trainer's capacity
+-- (kc_trainer_capacity) is refused unless capacity_override.
 CREATE OR REPLACE FUNCTION public.trg_allocations_check_capacity()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -3922,6 +4549,8 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- An allocation that becomes approved (or changes trainer) enqueues the sessions stage.
 CREATE OR REPLACE FUNCTION public.trg_allocations_enqueue_sessions()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -3939,6 +4568,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- At commit: settles trainer_load for every trainer the transaction touched, locked in id
+-- order, then recounted.
 CREATE OR REPLACE FUNCTION public.trg_allocations_load_settle()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -3972,6 +4604,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Once per statement on trainer_allocations: the trainers it touched are remembered
+-- (kc_load_touch).
 CREATE OR REPLACE FUNCTION public.trg_allocations_load_touch()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4000,6 +4635,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Allocations that ended free their trainers' capacity: waiting purchases those trainers could
+-- teach are tried again.
 CREATE OR REPLACE FUNCTION public.trg_allocations_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4019,6 +4657,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Availability removed or narrowed: the trainers' live allocations are checked
+-- (kc_check_trainers).
 CREATE OR REPLACE FUNCTION public.trg_availability_check_live_allocations()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4030,6 +4671,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Availability added or changed: waiting purchases the trainers could teach are tried again.
 CREATE OR REPLACE FUNCTION public.trg_availability_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4041,6 +4684,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- New allocations: their business events (kc_allocation_events).
 CREATE OR REPLACE FUNCTION public.trg_events_allocations_inserted()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4054,6 +4699,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Allocations that changed: their business events (kc_allocation_events).
 CREATE OR REPLACE FUNCTION public.trg_events_allocations_updated()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4068,6 +4715,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- New purchases: their business events (kc_purchase_events).
 CREATE OR REPLACE FUNCTION public.trg_events_purchases_inserted()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4079,6 +4728,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Courses that finished (completed_at set): COURSE_COMPLETED and the student's congratulations.
 CREATE OR REPLACE FUNCTION public.trg_events_purchases_updated()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4116,6 +4767,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- New sessions: their business events (kc_sessions_events).
 CREATE OR REPLACE FUNCTION public.trg_events_sessions_inserted()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4127,6 +4780,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- A scheduled session whose trainer changes at its own time tells the app: SESSION_SUBSTITUTED
+-- and the student's and both trainers' notifications.
 CREATE OR REPLACE FUNCTION public.trg_events_sessions_substituted()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4206,6 +4862,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Sessions that changed status: SESSION_COMPLETED, COURSE_PROGRESS_UPDATED and the student's
+-- notifications.
 CREATE OR REPLACE FUNCTION public.trg_events_sessions_updated()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4282,6 +4941,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- A payment that becomes succeeded (or whose metadata is corrected while it has no purchase)
+-- enqueues the purchase stage.
 CREATE OR REPLACE FUNCTION public.trg_payments_enqueue_purchase()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4300,6 +4962,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- A payment that becomes refunded ends its purchase (apply_refund).
 CREATE OR REPLACE FUNCTION public.trg_payments_refunded()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4313,6 +4977,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Keeps payments.updated_at current.
 CREATE OR REPLACE FUNCTION public.trg_payments_touch()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4322,6 +4988,9 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- When a job leaves pgqueuer's table, the follow-ups asked while it ran (stage_followups) are
+-- enqueued.
 CREATE OR REPLACE FUNCTION public.trg_pgqueuer_followups()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4341,6 +5010,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- A new purchase enqueues the allocation stage.
 CREATE OR REPLACE FUNCTION public.trg_purchases_enqueue_allocation()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4352,6 +5023,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- A raised tier (an upgrade) enqueues the allocation stage for the extra sessions.
 CREATE OR REPLACE FUNCTION public.trg_purchases_tier_raised()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4365,6 +5038,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- requested_by of a request is set by the operator function that records it, never by a writer
+-- of the table.
 CREATE OR REPLACE FUNCTION public.trg_requested_by_guard()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4381,6 +5057,10 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- An approved move tells the app in its transaction: SESSION_RESCHEDULED and the notifications,
+-- and with a substitute SESSION_SUBSTITUTED and the three trainers' and student's
+-- notifications.
 CREATE OR REPLACE FUNCTION public.trg_reschedules_approved()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4454,6 +5134,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- The last line of defence for the hybrid split: a session's delivery follows its number
+-- (kc_session_delivery).
 CREATE OR REPLACE FUNCTION public.trg_sessions_check_delivery()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4473,6 +5156,8 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- The hybrid split for inserted sessions, once per statement over its new rows.
 CREATE OR REPLACE FUNCTION public.trg_sessions_check_delivery_inserted()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4494,6 +5179,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- A session's status moves forward only: cancelled stays cancelled, nothing becomes scheduled
+-- again, completed or missed only once started.
 CREATE OR REPLACE FUNCTION public.trg_sessions_guard_status()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4519,6 +5207,9 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- A session cancelled while its allocation is live leaves the purchase short: the allocation
+-- stage appends a make-up.
 CREATE OR REPLACE FUNCTION public.trg_sessions_makeup()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4545,6 +5236,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Sessions cancelled free their time: waiting purchases are tried again.
 CREATE OR REPLACE FUNCTION public.trg_sessions_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4561,6 +5254,9 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Whoever changes a session's trainer, the columns beside it follow: the first change records
+-- whose it was, back to that trainer clears them.
 CREATE OR REPLACE FUNCTION public.trg_sessions_substitute_columns()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4577,6 +5273,8 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- Sets stage_history.actor from kc_acting, whatever the writer gave.
 CREATE OR REPLACE FUNCTION public.trg_stage_history_actor()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4588,6 +5286,9 @@ BEGIN
     RETURN NEW;
 END
 $function$
+
+-- A trainer who changed (status, specialties, gender, radius, base): their live allocations are
+-- checked (kc_check_trainers).
 CREATE OR REPLACE FUNCTION public.trg_trainers_check_live_allocations()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4599,6 +5300,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Every trainer has a trainer_load row from the start, so settling only updates.
 CREATE OR REPLACE FUNCTION public.trg_trainers_load_row()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4612,6 +5315,8 @@ BEGIN
     RETURN NULL;
 END
 $function$
+
+-- Trainers added or changed while active: waiting purchases they could teach are tried again.
 CREATE OR REPLACE FUNCTION public.trg_trainers_retry_pending()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -4638,46 +5343,3 @@ BEGIN
     RETURN NULL;
 END
 $function$
-
--- TRIGGERS
-CREATE TRIGGER allocation_requests_requested_by BEFORE UPDATE OF requested_by ON public.allocation_requests FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
-CREATE TRIGGER payments_enqueue_purchase AFTER INSERT OR UPDATE OF status, metadata ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_enqueue_purchase();
-CREATE TRIGGER payments_refunded AFTER UPDATE OF status ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_refunded();
-CREATE TRIGGER payments_touch BEFORE UPDATE ON public.payments FOR EACH ROW EXECUTE FUNCTION trg_payments_touch();
-CREATE TRIGGER pgqueuer_followups AFTER DELETE ON public.pgqueuer REFERENCING OLD TABLE AS finished FOR EACH STATEMENT EXECUTE FUNCTION trg_pgqueuer_followups();
-CREATE TRIGGER tg_pgqueuer_changed AFTER INSERT OR DELETE OR UPDATE OR TRUNCATE ON public.pgqueuer FOR EACH STATEMENT EXECUTE FUNCTION fn_pgqueuer_changed();
-CREATE TRIGGER schedule_changes_requested_by BEFORE UPDATE OF requested_by ON public.schedule_changes FOR EACH ROW WHEN ((new.requested_by IS DISTINCT FROM old.requested_by)) EXECUTE FUNCTION trg_requested_by_guard();
-CREATE TRIGGER stage_history_actor BEFORE INSERT ON public.stage_history FOR EACH ROW WHEN (((new.actor IS NOT NULL) OR (current_setting('kc.acting'::text, true) = 'on'::text))) EXECUTE FUNCTION trg_stage_history_actor();
-CREATE TRIGGER student_course_purchases_enqueue_allocation AFTER INSERT ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_enqueue_allocation();
-CREATE TRIGGER student_course_purchases_events_inserted AFTER INSERT ON public.student_course_purchases REFERENCING NEW TABLE AS new_purchases FOR EACH STATEMENT EXECUTE FUNCTION trg_events_purchases_inserted();
-CREATE TRIGGER student_course_purchases_events_updated AFTER UPDATE ON public.student_course_purchases REFERENCING OLD TABLE AS old_purchases NEW TABLE AS new_purchases FOR EACH STATEMENT EXECUTE FUNCTION trg_events_purchases_updated();
-CREATE TRIGGER student_course_purchases_tier_raised AFTER UPDATE OF purchase_tier ON public.student_course_purchases FOR EACH ROW EXECUTE FUNCTION trg_purchases_tier_raised();
-CREATE TRIGGER trainer_allocations_check_capacity BEFORE INSERT OR UPDATE OF status, trainer_id, capacity_override ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_check_capacity();
-CREATE TRIGGER trainer_allocations_enqueue_sessions AFTER INSERT OR UPDATE OF status, trainer_id ON public.trainer_allocations FOR EACH ROW EXECUTE FUNCTION trg_allocations_enqueue_sessions();
-CREATE TRIGGER trainer_allocations_events_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_inserted();
-CREATE TRIGGER trainer_allocations_events_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_events_allocations_updated();
-CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_deleted AFTER DELETE ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((old.status = 'approved'::text)) EXECUTE FUNCTION trg_allocations_load_settle();
-CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_inserted AFTER INSERT ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((new.status = 'approved'::text)) EXECUTE FUNCTION trg_allocations_load_settle();
-CREATE CONSTRAINT TRIGGER trainer_allocations_load_settle_updated AFTER UPDATE OF status, trainer_id ON public.trainer_allocations DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN ((((old.status = 'approved'::text) OR (new.status = 'approved'::text)) AND ((old.status IS DISTINCT FROM new.status) OR (old.trainer_id IS DISTINCT FROM new.trainer_id)))) EXECUTE FUNCTION trg_allocations_load_settle();
-CREATE TRIGGER trainer_allocations_load_touch_deleted AFTER DELETE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
-CREATE TRIGGER trainer_allocations_load_touch_inserted AFTER INSERT ON public.trainer_allocations REFERENCING NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
-CREATE TRIGGER trainer_allocations_load_touch_updated AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_load_touch();
-CREATE TRIGGER trainer_allocations_retry_pending AFTER UPDATE ON public.trainer_allocations REFERENCING OLD TABLE AS old_allocations NEW TABLE AS new_allocations FOR EACH STATEMENT EXECUTE FUNCTION trg_allocations_retry_pending();
-CREATE TRIGGER trainer_availability_added_retry_pending AFTER INSERT ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
-CREATE TRIGGER trainer_availability_changed_retry_pending AFTER UPDATE ON public.trainer_availability REFERENCING NEW TABLE AS new_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_retry_pending();
-CREATE TRIGGER trainer_availability_narrowed AFTER UPDATE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
-CREATE TRIGGER trainer_availability_removed AFTER DELETE ON public.trainer_availability REFERENCING OLD TABLE AS removed_availability FOR EACH STATEMENT EXECUTE FUNCTION trg_availability_check_live_allocations();
-CREATE TRIGGER trainer_reschedules_approved AFTER UPDATE OF status ON public.trainer_reschedules FOR EACH ROW WHEN (((new.status = 'approved'::text) AND (old.status = 'pending'::text))) EXECUTE FUNCTION trg_reschedules_approved();
-CREATE TRIGGER trainers_added_retry_pending AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
-CREATE TRIGGER trainers_changed_retry_pending AFTER UPDATE ON public.trainers REFERENCING OLD TABLE AS old_trainers NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_retry_pending();
-CREATE TRIGGER trainers_check_live_allocations AFTER UPDATE OF status, specialties, gender, service_radius_km, base_lat, base_lng ON public.trainers FOR EACH ROW EXECUTE FUNCTION trg_trainers_check_live_allocations();
-CREATE TRIGGER trainers_load_row AFTER INSERT ON public.trainers REFERENCING NEW TABLE AS new_trainers FOR EACH STATEMENT EXECUTE FUNCTION trg_trainers_load_row();
-CREATE TRIGGER tutoring_sessions_check_delivery BEFORE UPDATE OF delivery, session_number, allocation_id ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_check_delivery();
-CREATE TRIGGER tutoring_sessions_check_delivery_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_check_delivery_inserted();
-CREATE TRIGGER tutoring_sessions_events_inserted AFTER INSERT ON public.tutoring_sessions REFERENCING NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_inserted();
-CREATE TRIGGER tutoring_sessions_events_substituted AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_substituted();
-CREATE TRIGGER tutoring_sessions_events_updated AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_events_sessions_updated();
-CREATE TRIGGER tutoring_sessions_guard_status BEFORE UPDATE OF status ON public.tutoring_sessions FOR EACH ROW EXECUTE FUNCTION trg_sessions_guard_status();
-CREATE TRIGGER tutoring_sessions_makeup AFTER UPDATE ON public.tutoring_sessions REFERENCING OLD TABLE AS old_sessions NEW TABLE AS new_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_makeup();
-CREATE TRIGGER tutoring_sessions_retry_pending AFTER UPDATE ON public.tutoring_sessions REFERENCING NEW TABLE AS updated_sessions FOR EACH STATEMENT EXECUTE FUNCTION trg_sessions_retry_pending();
-CREATE TRIGGER tutoring_sessions_substitute_columns BEFORE UPDATE OF trainer_id ON public.tutoring_sessions FOR EACH ROW WHEN ((new.trainer_id IS DISTINCT FROM old.trainer_id)) EXECUTE FUNCTION trg_sessions_substitute_columns();

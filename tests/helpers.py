@@ -17,9 +17,11 @@ from psycopg.rows import DictRow
 from psycopg_pool import AsyncConnectionPool
 
 from workers.database.connections import AsyncConn, make_pool
-from workers.runtime.runner import Outcome, Stage, StageContext, run_stage
-from workers.runtime.worker import HANDLERS, run_worker
+from workers.runtime.registration import STAGES
+from workers.runtime.runner import run_stage
+from workers.runtime.worker import run_worker
 from workers.settings import Settings
+from workers.stages.contract import Outcome, Stage, StageContext
 
 T = TypeVar("T")
 
@@ -41,7 +43,7 @@ def run_one(db_url: str, stage: Stage, ref: UUID) -> Outcome:
         pool = make_pool(db_url, 2)
         await pool.open(wait=True)
         try:
-            return await run_stage(pool, stage, HANDLERS[stage], ref, StageContext(settings))
+            return await run_stage(pool, stage, STAGES[stage].handle, ref, StageContext(settings))
         finally:
             await pool.close()
 

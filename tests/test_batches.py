@@ -12,9 +12,9 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import run_one
-from workers.runtime.runner import Stage
 from workers.runtime.worker import run_worker
 from workers.settings import Settings
+from workers.stages.contract import Stage
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}

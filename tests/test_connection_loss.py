@@ -10,7 +10,7 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from workers.runtime.worker import ConnectionLossFilter, connection_lost
+from workers.runtime.connection_loss import ConnectionLossFilter, connection_lost
 
 
 def _raised_from(outer: Exception, inner: Exception) -> Exception:

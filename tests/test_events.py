@@ -21,7 +21,7 @@ from tests import factories as f
 from tests.console_world import add_operator
 from tests.helpers import allocation_of, drain, move_into_past, one, run_one
 from workers.events.shapes import BASE_FIELDS, event_id, own_fields, parse_event
-from workers.runtime.runner import Stage
+from workers.stages.contract import Stage
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "5:00 PM", "scheduleMode": "weekdays"}

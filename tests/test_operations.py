@@ -124,7 +124,7 @@ def test_a_failed_job_is_logged_once_with_its_row(
     job = one(conn, "SELECT job_id FROM failed_jobs")["job_id"]
     # Not the stage runner's and pgqueuer's copies: one record, naming stage, row and job.
     [record] = tracebacks(caplog)
-    assert (record.name, record.levelname) == ("workers.runtime.worker", "ERROR")
+    assert (record.name, record.levelname) == ("workers.runtime.failures", "ERROR")
     assert record.getMessage().startswith(
         f"purchase {payment}: job {job} failed on start 1 and is held as failed"
     )
@@ -152,8 +152,8 @@ def test_a_retried_job_is_logged_once_per_failed_attempt(
     job = one(conn, "SELECT job_id FROM failed_jobs")["job_id"]
     records = tracebacks(caplog)
     assert [(r.name, r.levelname) for r in records] == [
-        ("workers.runtime.worker", "WARNING"),
-        ("workers.runtime.worker", "ERROR"),
+        ("workers.runtime.failures", "WARNING"),
+        ("workers.runtime.failures", "ERROR"),
     ]
     assert (
         records[0]

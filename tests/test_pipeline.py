@@ -12,7 +12,7 @@ from psycopg.rows import DictRow
 
 from tests import factories as f
 from tests.helpers import drain, one, run_one
-from workers.runtime.runner import Stage
+from workers.stages.contract import Stage
 
 Conn = psycopg.Connection[DictRow]
 

@@ -24,9 +24,9 @@ from tests import factories as f
 from tests.helpers import drain, one, worker_settings
 from workers.database.sql import all_queries, q
 from workers.rules.matching import Decision, capacity_for
-from workers.runtime.runner import StageContext, load_holidays
 from workers.stages import allocation
 from workers.stages.allocation import remaining_plan, search, search_ranked
+from workers.stages.contract import StageContext, load_holidays
 
 Conn = psycopg.Connection[DictRow]
 AsyncConn = psycopg.AsyncConnection[DictRow]

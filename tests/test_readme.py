@@ -90,7 +90,7 @@ def test_the_layout_table_names_every_module() -> None:
 
 
 def test_the_commands_listed_are_the_clis() -> None:
-    from workers.ops.cli import build_parser
+    from workers.cli import build_parser
 
     text = (REPO_ROOT / "docs" / "operating.md").read_text(encoding="utf-8")
     found = re.search(r"`\.venv/bin/python -m workers --help` \(([^)]*)\)", text)

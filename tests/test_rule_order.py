@@ -21,9 +21,9 @@ from tests.helpers import run_one, worker_settings
 from workers.database.sql import q
 from workers.rules.matching import RULE_ORDER, CandidateFacts, Decision, Reason
 from workers.rules.schedule import PlannedSession
-from workers.runtime.runner import Stage, StageContext, load_holidays
 from workers.settings import REPO_ROOT
 from workers.stages.allocation import remaining_plan, search, search_ranked
+from workers.stages.contract import Stage, StageContext, load_holidays
 
 Conn = psycopg.Connection[DictRow]
 AsyncConn = psycopg.AsyncConnection[DictRow]

@@ -9,6 +9,6 @@ if sys.argv[1:2] == ["run"]:
     # last respawned worker was stopped as the pipeline settled).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
 
-from workers.ops.cli import main  # after the handler: the imports take a while
+from workers.cli import main  # after the handler: the imports take a while
 
 raise SystemExit(main())

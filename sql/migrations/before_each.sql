@@ -1,9 +1,14 @@
 -- Run by workers.database.migrate.run_sql_file before every migration file (not a revision itself).
--- Once 0005 has set up kc_owner in this database, every migration runs as kc_owner, so its
--- objects belong to the owner and get the owner's default privileges (kc_operator reads every
--- new table and view). Objects that an older migration run left with the migrating user
--- (before this file existed, a fresh database got 0006 as that user) are given to kc_owner
--- first, while we are still that user, so the migration may replace them.
+-- Its job: once 0005 has set up kc_owner in this database, every migration runs as kc_owner
+-- (SET LOCAL ROLE at the end), so its objects belong to the owner and get the owner's default
+-- privileges (kc_operator reads every new table and view). Decided per file because one run
+-- can take a fresh database from nothing past 0005.
+-- The loop first hands kc_owner any object the migrating user still owns. On a fresh database
+-- it finds nothing at any revision (0005 hands over what 0001-0004 made; checked at 0021 by
+-- making the loop raise and migrating from nothing to head): it only mends a database that one
+-- run took from nothing past 0006 before this file existed (commit d601ae9, 2026-11-22), where
+-- sweep_pending_allocations belongs to the migrating user and a later CREATE OR REPLACE as
+-- kc_owner would fail. It can go with the migrations before it, when a baseline replaces them.
 DO $$
 DECLARE
     v_object record;

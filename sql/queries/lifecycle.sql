@@ -69,5 +69,5 @@ SELECT (SELECT count(*) FROM tutoring_sessions
 
 -- name: cover_leaves
 -- Sessions written for a trainer on approved leave after its approval get a substitute or are
--- cancelled with their make-up, as the approval would have done (migration 0019).
+-- cancelled with their make-up, as the approval would have done (migration 0022).
 SELECT cover_leaves(%(limit)s::integer) AS covered;

@@ -27,11 +27,11 @@ from starlette.responses import RedirectResponse, Response
 
 from workers.console import access
 from workers.console.access import visit_of
-from workers.console.app import console_of, render
+from workers.console.rendering import console_of, render
 from workers.database.connections import fetch_one
 from workers.database.sql import q
 from workers.errors import RequestRefused
-from workers.runtime.runner import Stage
+from workers.stages.contract import Stage
 
 TOKEN_LIMIT = 200  # an operator's token is 43 characters; the database refuses past 200
 

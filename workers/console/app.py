@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator
 from ipaddress import ip_address
-from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -24,27 +20,15 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from workers.console import access
-from workers.console.access import Access, BoundedBody, Throttle, Visit, visit_of
-from workers.database.connections import AsyncConn, fetch_one, make_operator_pool
-from workers.database.sql import q
+from workers.console import access, actions, pages
+from workers.console.access import Access, BoundedBody, Throttle, Visit
+from workers.console.rendering import HERE, Console, console_of, make_templates, render
+from workers.database.connections import make_operator_pool
 from workers.errors import RequestRefused
-from workers.ops.story import (
-    allocation_line,
-    allocation_sessions,
-    event_line,
-    local,
-    payment_line,
-    slot,
-    zone,
-)
 
 log = logging.getLogger(__name__)
-
-HERE = Path(__file__).resolve().parent
 
 # No script at all; styles from the console's own file; forms post to the console only.
 SECURITY_HEADERS = {
@@ -54,22 +38,6 @@ SECURITY_HEADERS = {
     "referrer-policy": "same-origin",
     "cache-control": "no-store",
 }
-
-
-@dataclass(frozen=True)
-class Console:
-    """What every request of one console shares (`request.app.state.console`)."""
-
-    pool: AsyncConnectionPool[AsyncConn]
-    templates: Jinja2Templates
-    outcome_wait: float  # seconds an assignment or a reschedule waits for its outcome
-    access: Access
-    leave_handover_days: int = 14  # KC_LEAVE_HANDOVER_DAYS, for approve_leave
-
-
-def console_of(request: Request) -> Console:
-    console: Console = request.app.state.console
-    return console
 
 
 class SecurityHeaders:
@@ -87,82 +55,6 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-# -- rendering --------------------------------------------------------------------------------
-
-
-def local_short(value: datetime | None, zone_name: str | None = None) -> str:
-    if value is None:
-        return ""
-    return value.astimezone(zone(zone_name)).strftime("%d %b %H:%M %Z")
-
-
-def duration(value: timedelta | float | None) -> str:
-    """A wait as a person says it: '45 s', '12 min', '3 h 20 min', '2 d 4 h'."""
-    if value is None:
-        return ""
-    seconds = int(value.total_seconds() if isinstance(value, timedelta) else value)
-    seconds = max(seconds, 0)
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 48:
-        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
-    days, hours = divmod(hours, 24)
-    return f"{days} d {hours} h" if hours else f"{days} d"
-
-
-def since(value: datetime | None) -> str:
-    return "" if value is None else duration(datetime.now(UTC) - value)
-
-
-def milliseconds(value: float | None) -> str:
-    if value is None:
-        return ""
-    return f"{value / 1000:.1f} s" if value >= 10_000 else f"{value:.1f} ms"
-
-
-def make_templates() -> Jinja2Templates:
-    templates = Jinja2Templates(directory=str(HERE / "templates"))
-    filters = templates.env.filters
-    filters["local"] = local
-    filters["local_short"] = local_short
-    filters["duration"] = duration
-    filters["since"] = since
-    filters["ms"] = milliseconds
-    filters["slot"] = slot
-    filters["payment_line"] = payment_line
-    filters["allocation_line"] = allocation_line
-    filters["allocation_sessions"] = allocation_sessions
-    filters["event_line"] = event_line
-    return templates
-
-
-async def render(
-    request: Request,
-    conn: AsyncConn | None,
-    name: str,
-    context: Mapping[str, Any],
-    status: int = 200,
-) -> Response:
-    """A page: the template, the navigation's counts (when a connection is at hand), who is
-    signed in, the CSRF token for its forms and the message left by the last action."""
-    console = console_of(request)
-    visit = visit_of(request)
-    badges = await fetch_one(conn, q("console_badges"), {}) if conn is not None else None
-    full = {
-        "badges": badges,
-        "who": visit.operator,
-        "csrf": access.csrf_token(console.access.key, visit.cookie),
-        "flash": console.access.flashes.pop(visit.cookie),
-        "path": request.url.path,
-        **context,
-    }
-    return console.templates.TemplateResponse(request, name, full, status_code=status)
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -286,8 +178,6 @@ def create_app(
     headers accepted (loopback names when it listens on loopback, so that a web page
     elsewhere cannot reach it through DNS rebinding). `throttle`: the sign-in throttle
     (tests give one with their own clock)."""
-    from workers.console import actions, pages
-
     pool = make_operator_pool(url, timeout=pool_timeout)
 
     @contextlib.asynccontextmanager

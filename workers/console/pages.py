@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from workers.console.access import visit_of
-from workers.console.app import console_of, render
 from workers.console.charts import StagePoint, stage_chart
+from workers.console.rendering import console_of, render
 from workers.database.connections import fetch_all, fetch_one
 from workers.database.sql import q
 from workers.errors import RequestRefused

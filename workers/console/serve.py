@@ -129,6 +129,6 @@ def serve(url: str, settings: Settings, host: str, port: int) -> int:
         who = f"nobody may act until an operator is added: {ADD_OPERATOR}"
     reading = "reading needs no sign-in on loopback" if loopback else "every page needs sign-in"
     log.info("console on http://%s:%d/ (%s; %s)", shown, port, reading, who)
-    # log_config=None: uvicorn's loggers use the pipeline's format (workers.ops.cli).
+    # log_config=None: uvicorn's loggers use the pipeline's format (workers.cli).
     uvicorn.run(app, host=host, port=port, log_config=None, server_header=False)
     return 0

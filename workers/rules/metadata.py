@@ -233,7 +233,8 @@ def _start_date(value: object) -> date:
         raise ValueError(f"{value!r} is not a real calendar date") from None
 
 
-# Mode words, compared without case or separators ("Sunday-Only" = "sunday_only" = "SUNDAY ONLY").
+# Mode words, compared without case or separators ("Sunday-Only" = "sunday_only" = "SUNDAY ONLY"),
+# in ASCII only (the SQL half, kc_mode_of, reads them for a reschedule; tests/test_rule_pairs.py).
 # WEEKDAY_DAILY is every day, as the old booking service's schedule generator had it.
 MODE_WORDS: dict[str, ScheduleMode] = {
     "daily": ScheduleMode.DAILY,
@@ -261,9 +262,20 @@ _SEPARATORS = re.compile(r"[\s_\-]+", re.ASCII)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
 
 
+def mode_of(word: str) -> ScheduleMode | None:
+    """The schedule mode a word names (MODE_WORDS), None for any other text; kc_mode_of in SQL.
+
+    ASCII only: str.lower() and str.strip() know Unicode (the Kelvin sign lowers to 'k',
+    U+00A0 is stripped), kc_mode_of does not, and the two must read the same words.
+    """
+    if len(word) > MAX_TEXT or not word.isascii():
+        return None
+    return MODE_WORDS.get(_SEPARATORS.sub("", word.lower()))
+
+
 def _schedule_mode(value: object) -> ScheduleMode:
-    if isinstance(value, str) and len(value) <= MAX_TEXT:
-        mode = MODE_WORDS.get(_SEPARATORS.sub("", value.strip().lower()))
+    if isinstance(value, str):
+        mode = mode_of(value)
         if mode is not None:
             return mode
     raise ValueError(

@@ -71,10 +71,12 @@ from workers.rules.schedule import (
     resume_from,
     slot_end,
 )
-from workers.runtime.runner import (
+from workers.stages.contract import (
     Outcome,
     Results,
+    Stage,
     StageContext,
+    StageSpec,
     load_holidays,
     together_or_one_by_one,
 )
@@ -126,13 +128,22 @@ def _overlaps(a: list[PlannedSession], b: list[PlannedSession]) -> bool:
 
 async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
     """Purchases one after the other. The worker gives this stage one purchase per
-    transaction (worker.ONE_TRANSACTION_PER_ROW), so a trainer's lock is held only while
+    transaction (`SPEC.one_transaction_per_row`), so a trainer's lock is held only while
     one purchase books them; given several in one transaction, a later purchase sees the
     trainers the earlier ones took, and when one raises, every one runs again in a savepoint
     of its own so that only that one fails. (The lock order above is that of one purchase
     per transaction: with several, a trainer kept for one is held while the next purchase's
     row is locked.)"""
     return await together_or_one_by_one(conn, sorted(refs), ctx, together=_in_turn, one=allocate)
+
+
+# Each purchase commits on its own, its job done (and its place among the worker's claimed
+# jobs free) as soon as it commits. The stage holds a trainer's lock from the re-check to the
+# commit: in a transaction for the whole batch, every trainer a batch booked stayed locked
+# until the batch ended, so other batches passed over the best trainer or waited for it. And a
+# batch of 20 rows whose jobs were all done only when the last was kept the worker's places
+# taken, while the sessions of approved purchases waited for one (issue 22).
+SPEC = StageSpec(Stage.ALLOCATION, handle, one_transaction_per_row=True)
 
 
 async def _in_turn(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:

@@ -32,9 +32,9 @@ from workers.database.sql import q
 from workers.errors import InconsistentStateError
 from workers.rules.matching import Decision, Reason
 from workers.rules.schedule import PlannedSession
-from workers.runtime.runner import Outcome, StageContext
 from workers.settings import Settings
 from workers.stages.allocation import allocate_best, remaining_plan, search
+from workers.stages.contract import Outcome, StageContext
 
 log = logging.getLogger(__name__)
 

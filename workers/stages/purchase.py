@@ -32,10 +32,12 @@ from workers.rules.metadata import (
     plan_purchase,
 )
 from workers.rules.schedule import zone_named
-from workers.runtime.runner import (
+from workers.stages.contract import (
     Outcome,
     Results,
+    Stage,
     StageContext,
+    StageSpec,
     load_holidays,
     one_of,
     together_or_one_by_one,
@@ -58,6 +60,9 @@ def zone_or_rejection(name: str) -> ZoneInfo:
 
 async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
     return await together_or_one_by_one(conn, refs, ctx, together=_together, one=one_of(_together))
+
+
+SPEC = StageSpec(Stage.PURCHASE, handle)
 
 
 async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:

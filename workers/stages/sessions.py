@@ -20,10 +20,12 @@ from psycopg.rows import DictRow
 from workers.database.connections import AsyncConn, fetch_all
 from workers.database.sql import q
 from workers.rules.schedule import PlannedSession, local_tomorrow, plan_sessions, resume_from
-from workers.runtime.runner import (
+from workers.stages.contract import (
     Outcome,
     Results,
+    Stage,
     StageContext,
+    StageSpec,
     load_holidays,
     one_of,
     together_or_one_by_one,
@@ -32,6 +34,9 @@ from workers.runtime.runner import (
 
 async def handle(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
     return await together_or_one_by_one(conn, refs, ctx, together=_together, one=one_of(_together))
+
+
+SPEC = StageSpec(Stage.SESSIONS, handle)
 
 
 async def _together(conn: AsyncConn, refs: list[UUID], ctx: StageContext) -> Results:
