@@ -777,3 +777,28 @@ def test_two_moves_to_one_trainer_s_hour_at_once_one_is_refused_with_the_rule(
         r["id"]: r["status"] for r in conn.execute("SELECT id, status FROM trainer_reschedules")
     }
     assert statuses == {asha: "approved", bela: "pending"}
+
+
+@pytest.mark.parametrize("change", ["cancelled", "refunded", "decided"])
+def test_an_approval_checks_again_and_its_refusal_changes_nothing(
+    conn: Conn, world: World, change: str
+) -> None:
+    """What held at the request may not hold at the approval: checked again, refused, and
+    nothing changes (the request stays as it was)."""
+    asked = request(conn, world.session, SUN, "10:00")
+    if change == "cancelled":
+        _cancel_asha_session(conn, world)
+        match = "is cancelled: only a scheduled session moves"
+    elif change == "refunded":
+        conn.execute(
+            "UPDATE payments SET status = 'refunded' WHERE student_id = %s", (world.student,)
+        )
+        match = r"is not live \(refunded\)"
+    else:
+        conn.execute("SELECT reject_session_move(%s, 'no')", (asked,))
+        match = "is rejected already"
+    before = everything(conn)
+    for substitute in (False, True):
+        with pytest.raises(psycopg.Error, match=match):
+            approve(conn, asked, substitute)
+    assert everything(conn) == before
