@@ -16,8 +16,8 @@ from bench.pipeline import percentiles
 from workers.database.connections import fetch_all, fetch_one
 from workers.database.sql import q
 from workers.settings import Settings
-from workers.stages.allocation import remaining_plan, search, search_ranked
 from workers.stages.contract import StageContext, load_holidays
+from workers.stages.search import remaining_plan, search, search_ranked
 
 # Purchases to search for: the fixed world's students without a payment, by their number
 # (`Student <n>`), each with a course, slot (07:00-19:00) and mode that follow from n, so

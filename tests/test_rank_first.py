@@ -24,9 +24,9 @@ from tests import factories as f
 from tests.helpers import drain, one, worker_settings
 from workers.database.sql import all_queries, q
 from workers.rules.matching import Decision, capacity_for
-from workers.stages import allocation
-from workers.stages.allocation import remaining_plan, search, search_ranked
+from workers.stages import search as search_module
 from workers.stages.contract import StageContext, load_holidays
+from workers.stages.search import remaining_plan, search, search_ranked
 
 Conn = psycopg.Connection[DictRow]
 AsyncConn = psycopg.AsyncConnection[DictRow]
@@ -230,7 +230,7 @@ async def compare_worlds(db_url: str, seeds: range) -> dict[str, int]:
                     plan = await remaining_plan(conn, purchase, replacing=None, holidays=holidays)
                     full = await search(conn, purchase, plan, ctx)
                     for batch in BATCHES:
-                        allocation.FIRST_BATCH = batch
+                        search_module.FIRST_BATCH = batch
                         ranked = await search_ranked(conn, purchase, plan, ctx)
                         _same(full, ranked, f"seed {seed}, purchase {purchase_id}, batch {batch}")
                         assert ranked.search is not None
@@ -242,7 +242,7 @@ async def compare_worlds(db_url: str, seeds: range) -> dict[str, int]:
 def test_the_ranked_search_finds_the_full_searchs_winner_in_random_worlds(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(allocation, "FIRST_BATCH", allocation.FIRST_BATCH)  # restored after
+    monkeypatch.setattr(search_module, "FIRST_BATCH", search_module.FIRST_BATCH)  # restored after
     seen = asyncio.run(compare_worlds(db_url, range(WORLDS)))
     # The worlds exercise both outcomes and searches of more than one batch.
     assert seen["worlds"] == WORLDS

@@ -22,8 +22,8 @@ from workers.database.sql import q
 from workers.rules.matching import RULE_ORDER, CandidateFacts, Decision, Reason
 from workers.rules.schedule import PlannedSession
 from workers.settings import REPO_ROOT
-from workers.stages.allocation import remaining_plan, search, search_ranked
 from workers.stages.contract import Stage, StageContext, load_holidays
+from workers.stages.search import remaining_plan, search, search_ranked
 
 Conn = psycopg.Connection[DictRow]
 AsyncConn = psycopg.AsyncConnection[DictRow]

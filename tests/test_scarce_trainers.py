@@ -30,7 +30,7 @@ from workers.database.sql import q
 from workers.rules.matching import Reason
 from workers.runtime.worker import run_worker
 from workers.settings import Settings
-from workers.stages.allocation import remaining_plan, still_fits
+from workers.stages.search import remaining_plan, still_fits
 
 Conn = psycopg.Connection[DictRow]
 METADATA = {"sessionCount": 10, "scheduleMode": "daily"}

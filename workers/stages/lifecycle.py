@@ -33,8 +33,8 @@ from workers.errors import InconsistentStateError
 from workers.rules.matching import Decision, Reason
 from workers.rules.schedule import PlannedSession
 from workers.settings import Settings
-from workers.stages.allocation import allocate_best, remaining_plan, search
 from workers.stages.contract import Outcome, StageContext
+from workers.stages.search import allocate_best, remaining_plan, search
 
 log = logging.getLogger(__name__)
 
