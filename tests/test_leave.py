@@ -849,3 +849,40 @@ def test_the_commands_request_approve_list_cancel_and_substitute(
     cancelled = kc("leave", "cancel", "1")
     assert cancelled.returncode == 0 and "cancelled: 18 given back, 0 kept" in cancelled.stdout
     assert one(conn, "SELECT approved_by FROM trainer_leaves")["approved_by"] == conn.info.user
+
+
+def test_a_session_written_into_a_leave_later_is_covered_by_the_sweep(
+    conn: Conn, db_url: str, week: dict[str, Any]
+) -> None:
+    """The course matching does not read leave: a new course written for Ravi after his leave
+    was approved has sessions in it; the lifecycle sweep covers them as the approval would."""
+    from tests.helpers import run_periodic
+    from workers.stages import lifecycle
+
+    ravi, first, last = week["ravi"], week["first"], week["last"]
+    leave = request(conn, ravi, first, last)
+    approve(conn, leave)
+    newcomer = f.student(conn, name="late")
+    buy(
+        conn,
+        db_url,
+        newcomer,
+        week["course"],
+        scheduleMode="daily",
+        timeSlot="17:00",
+        startDate=week["first"].isoformat(),
+        trainerId=str(ravi),
+    )
+    assert allocation_of(conn, newcomer)["trainer_id"] == ravi
+    assert len(in_days(conn, ravi, first, last)) == 7  # written into his leave
+    run_periodic(db_url, lifecycle.sweep)
+    assert in_days(conn, ravi, first, last) == []
+    outcomes = conn.execute(
+        "SELECT event FROM stage_history WHERE event IN ('substituted', 'leave') "
+        "AND detail LIKE %s",
+        ("%at 17:00%",),
+    ).fetchall()
+    assert [o["event"] for o in outcomes] == ["leave"] * 7  # nobody else at 17:00
+    drain(db_url)  # the make-ups, after the course, with Ravi
+    assert in_days(conn, ravi, first, last) == []
+    assert violations(conn) == {}

@@ -66,3 +66,8 @@ SELECT (SELECT count(*) FROM tutoring_sessions
            AS courses_completed_24h,
        (SELECT count(*) FROM unfit_allocations) AS unfit_allocations,
        (SELECT count(*) FROM schedule_changes WHERE status = 'open') AS open_reschedules;
+
+-- name: cover_leaves
+-- Sessions written for a trainer on approved leave after its approval get a substitute or are
+-- cancelled with their make-up, as the approval would have done (migration 0022).
+SELECT cover_leaves(%(limit)s::integer) AS covered;

@@ -65,10 +65,20 @@ async def complete(pool: AsyncConnectionPool[AsyncConn], settings: Settings) -> 
 
 async def sweep(pool: AsyncConnectionPool[AsyncConn], settings: Settings) -> int:
     """sweep_lifecycle() (every ten minutes: it reads every live allocation's sessions ahead,
-    ~0.45 s for 5,000 allocations with 100k sessions, and the triggers do the real work)."""
+    ~0.45 s for 5,000 allocations with 100k sessions, and the triggers do the real work);
+    then, in a transaction of its own, cover_leaves(): sessions written for a trainer on
+    approved leave after its approval get a substitute or are cancelled (migration 0022)."""
     async with transaction(pool) as conn:
         row = await fetch_one(conn, q("sweep_lifecycle"), {"limit": settings.lifecycle_batch})
     assert row is not None
+    async with transaction(pool) as conn:
+        covered = await fetch_one(conn, q("cover_leaves"), {"limit": 200})
+    if covered is not None and covered["covered"]:
+        log.warning(
+            "leave sweep: %d session(s) written for a trainer on leave got a substitute or "
+            "were cancelled",
+            covered["covered"],
+        )
     return int(row["enqueued"])
 
 
