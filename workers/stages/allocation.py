@@ -6,7 +6,12 @@
    is complete ends the job; one that is short of sessions (an upgrade, a make-up) keeps its
    trainer when free.
 2. Plan the remaining schedule (the same generator and rules the sessions stage uses).
-3. Measure every candidate in one set-based query; `matching.decide` applies the rules.
+3. Rank first, then check (`search_ranked`): the candidates who pass the cheap rules are
+   ranked in SQL and the costly rules measured for the top of the ranking, a batch at a time,
+   until one passes every rule (everyone, when nobody does); `matching.decide` applies the
+   rules. The full search (`search`: every candidate measured in one query) serves a
+   student's or an admin's choice, moves and reschedules, and the rest of the ranking when
+   the batches' eligible trainers were all taken meanwhile.
 4. For the best candidate: lock the trainer and re-check capacity and overlaps (including
    approved allocations whose sessions are not written yet). The first that still fits wins.
 5. Nobody fits: the one pending row is written or updated in place, with reason and sentence.
