@@ -162,7 +162,7 @@ operator-revoke: $(STAMP) ## revoke a console operator: make operator-revoke NAM
 	@$(PY) -m workers operator revoke "$$NAME"
 
 screenshots: $(STAMP) ## docs/console-overview.png and docs/console-trace.png, taken by the console's browser test (headless chromium)
-	KC_SCREENSHOT_DIR=docs $(MAKE) --no-print-directory test PYTEST_ARGS="-q -p no:cacheprovider tests/test_console_browser.py"
+	KC_SCREENSHOT_DIR=docs $(MAKE) --no-print-directory test PYTEST_ARGS="-q -p no:cacheprovider tests/browser/test_console_browser.py"
 
 bench: $(STAMP) ## benchmark on a fresh database: table, bench-out/results.json and bench.png (QUICK=1: small; BACKLOGS="1000 10000"; SCARCE=1: only the scarce-trainer burst)
 	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'

@@ -22,7 +22,7 @@ class Reason(StrEnum):
     """Why a trainer (or, for a pending allocation, every trainer) was not chosen, or why an
     allocation ended. The matching rules among them are applied in RULE_ORDER (below), not in
     this order. Every value must be allowed by the CHECK constraint on
-    trainer_allocations.reason (tests/test_schema.py keeps them in step).
+    trainer_allocations.reason (tests/database/test_schema.py keeps them in step).
     """
 
     NO_TRAINER = "no_trainer"
@@ -159,7 +159,8 @@ class Rule:
 # The matching rules in the order they are applied: a trainer is out at the first one they
 # fail. The candidate search (candidate_facts in sql/queries/allocation.sql) measures the
 # costly facts (overlapping sessions, far neighbours) only for trainers who pass every rule
-# before the one that reads them; tests/test_rule_order.py fails when the two disagree.
+# before the one that reads them; tests/database/test_allocation_rule_order.py fails when
+# the two disagree.
 RULES: tuple[Rule, ...] = (
     Rule(
         Reason.TRAINER_INACTIVE,

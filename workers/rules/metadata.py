@@ -234,7 +234,8 @@ def _start_date(value: object) -> date:
 
 
 # Mode words, compared without case or separators ("Sunday-Only" = "sunday_only" = "SUNDAY ONLY"),
-# in ASCII only (the SQL half, kc_mode_of, reads them for a reschedule; tests/test_rule_pairs.py).
+# in ASCII only (the SQL half, kc_mode_of, reads them for a reschedule;
+# tests/database/test_rule_pairs.py).
 # WEEKDAY_DAILY is every day, as the old booking service's schedule generator had it.
 MODE_WORDS: dict[str, ScheduleMode] = {
     "daily": ScheduleMode.DAILY,

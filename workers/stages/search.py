@@ -12,7 +12,8 @@ is rolled back when the trainer does not fit, so the lock is released before the
 trainer's is asked for. Once a trainer's lock is kept, the transaction only writes its own
 allocation and enqueues its sessions (a job no other transaction can be enqueuing), then
 commits. A transaction waiting for a trainer therefore holds no trainer's lock, and the one
-holding it waits for nobody (tests/test_scarce_trainers.py runs real workers against this).
+holding it waits for nobody (tests/processes/test_allocation_scarce_trainers.py runs real
+workers against this).
 """
 
 from __future__ import annotations

@@ -316,7 +316,11 @@ HOSTILE = [
     ("psql", "PSQL_ARGS", "-c 'select 1'; touch {marker}"),
     ("psql", "PSQL_ARGS", "$(touch {marker})"),
     ("psql", "PSQL_ARGS", "$(shell touch {marker})"),
-    ("test", "PYTEST_ARGS", "--collect-only -q tests/test_lifecycle_rules.py; touch {marker}"),
+    (
+        "test",
+        "PYTEST_ARGS",
+        "--collect-only -q tests/database/test_lifecycle_rules.py; touch {marker}",
+    ),
     ("test", "PYTEST_ARGS", "$(shell touch {marker})"),
     ("-n bench", "QUICK", "$(shell touch {marker})"),
     ("-n run-workers", "WORKERS", "$(shell touch {marker})"),

@@ -218,7 +218,7 @@ def test_hybrid_schedule_is_18_online_and_12_at_home(conn: Conn, db_url: str) ->
 
 
 def test_database_keeps_the_hybrid_split(conn: Conn, db_url: str) -> None:
-    # kc_session_delivery agrees with delivery_for: tests/test_rule_pairs.py.
+    # kc_session_delivery agrees with delivery_for: tests/database/test_rule_pairs.py.
     course = f.course(conn)
     f.trainer(conn)
     student = f.student(conn)

@@ -23,8 +23,8 @@ from psycopg import sql
 from psycopg.rows import DictRow
 
 from tests import factories as f
+from tests.database.test_security_roles import as_user, cannot_connect, refused
 from tests.helpers import drain, one, spawn_worker, wait_for
-from tests.test_roles import as_user, cannot_connect, refused
 from workers.rules.metadata import latest_start
 
 Conn = psycopg.Connection[DictRow]

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_metadata import plan
+from tests.pure.test_metadata import plan
 from workers.errors import InvalidPurchaseError
 from workers.rules.metadata import (
     APP_MODE_LABELS,

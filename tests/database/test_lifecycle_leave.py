@@ -529,7 +529,7 @@ def test_concurrent_substitutions_never_double_book(conn: Conn, db_url: str) -> 
 def test_the_app_may_ask_for_leave_but_only_an_operator_approves(
     conn: Conn, db_url: str, admin_url: str, week: dict[str, Any]
 ) -> None:
-    from tests.test_roles import as_user, refused
+    from tests.database.test_security_roles import as_user, refused
 
     name = f"kc_test_app_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:

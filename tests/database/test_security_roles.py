@@ -174,7 +174,8 @@ def test_each_role_may_run_only_its_functions(
         "(SELECT count(*) FROM pgqueuer) AS jobs, (SELECT count(*) FROM stage_history) AS h"
     ).fetchone()
 
-    # A login with no grants does not get as far as a statement (tests/test_access.py).
+    # A login with no grants does not get as far as a statement
+    # (tests/database/test_security_access.py).
     assert cannot_connect(as_user(db_url, login["nobody"]))
     url = as_user(db_url, login["operator"])
     assert refused(url, "SELECT apply_refund(%s)", payment)

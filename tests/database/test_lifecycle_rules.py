@@ -51,7 +51,7 @@ def test_prefer_puts_the_trainer_first_and_keeps_the_rest_in_order(
 
 
 # The agreement of each Python rule with its SQL half (schedule mode weekdays, clock times):
-# tests/test_rule_pairs.py. These are the SQL half's own examples and messages.
+# tests/database/test_rule_pairs.py. These are the SQL half's own examples and messages.
 def python_clock(text: str) -> str:
     try:
         return parse_clock(text).isoformat()

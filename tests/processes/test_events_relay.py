@@ -30,8 +30,8 @@ from psycopg.types.json import Jsonb
 from bench import world
 from tests import factories as f
 from tests.helpers import drain, one, spawn_worker, wait_for, worker_settings
+from tests.project.test_readme import readme_block
 from tests.redis_server import RedisServer
-from tests.test_readme import readme_block
 from workers.events.relay import CHANNEL, CONSUMER, STREAM, Relay, register
 from workers.events.shapes import parse_event
 from workers.settings import REPO_ROOT, Settings

@@ -1,0 +1,1 @@
+"""Tests of this kind: the console in a real browser (chromium)."""
