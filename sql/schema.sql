@@ -208,6 +208,9 @@ CREATE UNIQUE INDEX kc_acting_pkey ON public.kc_acting USING btree (pid);
 -- SQL, with no worker environment in between. The owner changes them.
 TABLE kc_settings (
     singleton boolean NOT NULL DEFAULT true,
+    -- How far apart (km, between the students' homes) a trainer's home sessions in the hour
+    -- before and after a session may be: the neighbours rule of every search (the allocation
+    -- stage's, moves and substitutes). The one home of this value.
     max_sequential_km double precision NOT NULL DEFAULT 5,
     updated_at timestamp with time zone NOT NULL DEFAULT now(),
     move_cutoff interval NOT NULL DEFAULT '12:00:00'::interval,

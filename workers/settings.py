@@ -27,11 +27,12 @@ class Settings(BaseSettings):
         validation_alias="KC_DEFAULT_TIME_SLOT",
         description="Session start used when a payment's metadata has no timeSlot.",
     )
-    max_sequential_distance_km: float = Field(
-        default=5.0,
-        gt=0,
+    retired_max_sequential_distance_km: str | None = Field(
+        # Read only to refuse it (below): the value lives in the database now.
+        default=None,
         validation_alias="MAX_SEQUENTIAL_DISTANCE_KM",
-        description="Max distance between a trainer's back-to-back students (hour before/after).",
+        description="Retired: the distance between a trainer's neighbouring home sessions is "
+        "kc_settings.max_sequential_km, the one value every search reads; set, it is an error.",
     )
     batch_size: int = Field(
         default=10,
@@ -212,6 +213,18 @@ class Settings(BaseSettings):
             ("redis://", "rediss://", "unix://")
         ):
             raise ValueError("REDIS_URL is redis://host:port/db (rediss:// with TLS, unix://path)")
+        return value
+
+    @field_validator("retired_max_sequential_distance_km")
+    @classmethod
+    def _retired_distance(cls, value: str | None) -> str | None:
+        if value is not None:
+            raise ValueError(
+                "MAX_SEQUENTIAL_DISTANCE_KM is no longer read: the distance between a "
+                "trainer's neighbouring home sessions is kept in the database, one value for "
+                "the allocation stage, moves and substitutes. Unset it, and set the value with "
+                f"make psql: UPDATE kc_settings SET max_sequential_km = {value};"
+            )
         return value
 
     @field_validator("log_level", mode="before")

@@ -183,7 +183,7 @@ SELECT t.trainer_id, t.specialty_match, t.gender_ok, t.distance_km, t.service_ra
                 AND ts.ends_at > b.first_start - interval '1 hour'
                 AND tstzrange(ts.starts_at, ts.ends_at) && b.near
                 AND kc_haversine_km(other.home_lat, other.home_lng, t.home_lat, t.home_lng)
-                    > %(max_sequential_km)s::float8)
+                    > (SELECT s.max_sequential_km FROM kc_settings s))
        END AS far_neighbours,
        t.active,
        1 AS trainers
@@ -318,7 +318,7 @@ SELECT t.trainer_id, t.specialty_match, t.gender_ok, t.distance_km, t.service_ra
                 AND ts.ends_at > b.first_start - interval '1 hour'
                 AND tstzrange(ts.starts_at, ts.ends_at) && b.near
                 AND kc_haversine_km(other.home_lat, other.home_lng, t.home_lat, t.home_lng)
-                    > %(max_sequential_km)s::float8)
+                    > (SELECT s.max_sequential_km FROM kc_settings s))
        END AS far_neighbours,
        true AS active,
        1 AS trainers,

@@ -194,7 +194,6 @@ def test_candidate_facts_columns_are_the_dataclass_fields(conn: Conn) -> None:
             "weekdays": [1],
             "slot_start": "16:00",
             "slot_end": "17:00",
-            "max_sequential_km": 5.0,
             "only_trainer": None,
             "count_far": True,
         },

@@ -9,10 +9,12 @@ from uuid import UUID
 import psycopg
 import pytest
 from psycopg.rows import DictRow
+from pydantic import ValidationError
 
 from tests import factories as f
 from tests.helpers import allocation_of, drain, one
 from workers.database.sql import all_queries
+from workers.settings import Settings
 
 Conn = psycopg.Connection[DictRow]
 GOOD = {"sessionCount": 10, "timeSlot": "4:00 PM", "scheduleMode": "daily"}
@@ -258,7 +260,6 @@ def test_candidate_search_uses_its_indexes(conn: Conn) -> None:
         "weekdays": "'{1,2,3,4,5,6,7}'",
         "slot_start": "'16:00'",
         "slot_end": "'17:00'",
-        "max_sequential_km": "5.0",
         "only_trainer": "NULL",
         "count_far": "false",
     }
@@ -301,3 +302,24 @@ def test_candidate_search_uses_its_indexes(conn: Conn) -> None:
 
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+def test_the_neighbours_distance_is_the_databases_one_value(conn: Conn, db_url: str) -> None:
+    """kc_settings.max_sequential_km is the distance every search reads (the allocation stage's,
+    moves and substitutes): raised to 30 km, the student 22 km away is no longer too far."""
+    course = f.course(conn)
+    trainer = f.trainer(conn, radius_km=100)
+    first = f.student(conn, name="First")
+    f.payment(conn, first, course, {**GOOD, "timeSlot": "3:00 PM"})
+    drain(db_url)
+    conn.execute("UPDATE kc_settings SET max_sequential_km = 30")
+    far = f.student(conn, name="Far", lat=f.HOME[0] + 0.2)  # ~22 km away
+    f.payment(conn, far, course, GOOD)  # 16:00, right after the 15:00 session
+    drain(db_url)
+    assert allocation_of(conn, far)["trainer_id"] == trainer
+
+
+def test_the_retired_distance_setting_is_refused_with_where_it_went() -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(MAX_SEQUENTIAL_DISTANCE_KM="7")  # type: ignore[call-arg]
+    assert "UPDATE kc_settings SET max_sequential_km = 7;" in str(refused.value)

@@ -348,7 +348,6 @@ def _search_params(
         "weekdays": sorted(allowed_weekdays(ScheduleMode(purchase["schedule_mode"]))),
         "slot_start": slot,
         "slot_end": end,
-        "max_sequential_km": ctx.settings.max_sequential_distance_km,
     }
 
 
